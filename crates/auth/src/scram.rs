@@ -1,0 +1,744 @@
+//! SCRAM-SHA-256 (RFC 5802 / RFC 7677) the way PostgreSQL speaks it.
+//!
+//! [`ScramServer`] runs the exchange toward a client, [`ScramClient`] toward a backend. Both are
+//! small state machines fed with the SASL payloads (the bytes inside SASLInitialResponse,
+//! SASLResponse, AuthenticationSASLContinue and AuthenticationSASLFinal); any error ends the
+//! exchange, and later calls return [`ScramError::OutOfOrder`].
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+use zeroize::{Zeroize, Zeroizing};
+
+/// The only mechanism we accept. We never advertise `SCRAM-SHA-256-PLUS`.
+pub const MECHANISM: &str = "SCRAM-SHA-256";
+
+/// Prefix of a verifier as stored in `pg_authid.rolpassword`.
+const VERIFIER_PREFIX: &str = "SCRAM-SHA-256$";
+
+/// PostgreSQL's default iteration count (`scram_iterations`), used for derived and mock verifiers.
+pub const DEFAULT_ITERATIONS: u32 = 4096;
+
+/// Salt length used by PostgreSQL (`SCRAM_DEFAULT_SALT_LEN`).
+pub const DEFAULT_SALT_LEN: usize = 16;
+
+/// Raw nonce bytes before base64; 18 like PostgreSQL and libpq (`SCRAM_RAW_NONCE_LEN`).
+const RAW_NONCE_LEN: usize = 18;
+
+const KEY_LEN: usize = 32;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Errors of a SCRAM exchange or of parsing a verifier.
+#[derive(Debug, thiserror::Error)]
+pub enum ScramError {
+    /// Wrong password OR unknown user: indistinguishable on purpose.
+    #[error("authentication failed")]
+    AuthFailed,
+    #[error("unsupported SASL mechanism {0:?}")]
+    UnsupportedMechanism(String),
+    #[error("malformed SCRAM message: {0}")]
+    Malformed(&'static str),
+    #[error("channel binding is not supported")]
+    ChannelBindingUnsupported,
+    #[error("server's SCRAM salt or iteration count differs from the userlist verifier")]
+    VerifierMismatch,
+    #[error("server signature mismatch")]
+    ServerSignatureMismatch,
+    #[error("invalid SCRAM verifier: {0}")]
+    InvalidVerifier(&'static str),
+    #[error("SCRAM exchange out of order")]
+    OutOfOrder,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Primitives
+// ---------------------------------------------------------------------------------------------
+
+/// HMAC-SHA-256 keyed with a 32-byte key over the concatenation of `parts`.
+fn hmac(key: &[u8; KEY_LEN], parts: &[&[u8]]) -> [u8; KEY_LEN] {
+    // HMAC zero-pads keys shorter than the block size, so keying with the 32 bytes padded to
+    // the 64-byte block is the same MAC; it lets us use the infallible `KeyInit::new` instead
+    // of `new_from_slice`, which would need an unwrap.
+    let mut block = Zeroizing::new([0u8; 64]);
+    for (dst, src) in block.iter_mut().zip(key.iter()) {
+        *dst = *src;
+    }
+    let mut mac = <HmacSha256 as hmac::digest::KeyInit>::new(&(*block).into());
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn sha256(data: &[u8]) -> [u8; KEY_LEN] {
+    Sha256::digest(data).into()
+}
+
+fn xor(a: &[u8; KEY_LEN], b: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
+    let mut out = [0u8; KEY_LEN];
+    for ((o, x), y) in out.iter_mut().zip(a.iter()).zip(b.iter()) {
+        *o = x ^ y;
+    }
+    out
+}
+
+/// SASLprep the password; like PostgreSQL, fall back to the raw bytes when SASLprep rejects it
+/// (prohibited characters etc.) so such passwords still work, just unnormalized.
+fn normalize_password(password: &str) -> Zeroizing<Vec<u8>> {
+    match stringprep::saslprep(password) {
+        Ok(prepped) => Zeroizing::new(prepped.as_bytes().to_vec()),
+        Err(_) => Zeroizing::new(password.as_bytes().to_vec()),
+    }
+}
+
+fn salted_password(password: &str, salt: &[u8], iterations: u32) -> Zeroizing<[u8; KEY_LEN]> {
+    let normalized = normalize_password(password);
+    let mut out = Zeroizing::new([0u8; KEY_LEN]);
+    pbkdf2::pbkdf2_hmac::<Sha256>(&normalized, salt, iterations, &mut *out);
+    out
+}
+
+fn random_nonce() -> String {
+    let mut raw = [0u8; RAW_NONCE_LEN];
+    rand::rng().fill_bytes(&mut raw);
+    B64.encode(raw)
+}
+
+fn decode_key(b64: &[u8]) -> Option<[u8; KEY_LEN]> {
+    let bytes = Zeroizing::new(B64.decode(b64).ok()?);
+    bytes.as_slice().try_into().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verifier and ClientKey
+// ---------------------------------------------------------------------------------------------
+
+/// What PostgreSQL stores for a SCRAM-SHA-256 role: enough to check a client's proof and to
+/// prove the server's identity, not enough to log in by itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramVerifier {
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub stored_key: [u8; KEY_LEN],
+    pub server_key: [u8; KEY_LEN],
+}
+
+impl fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are secret (StoredKey plus one sniffed exchange yields the ClientKey).
+        f.debug_struct("ScramVerifier")
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ScramVerifier {
+    fn drop(&mut self) {
+        self.stored_key.zeroize();
+        self.server_key.zeroize();
+    }
+}
+
+impl ScramVerifier {
+    /// Parses `SCRAM-SHA-256$<iter>:<salt b64>$<StoredKey b64>:<ServerKey b64>` (as in
+    /// `pg_authid.rolpassword`).
+    pub fn parse(s: &str) -> Result<Self, ScramError> {
+        let rest = s
+            .strip_prefix(VERIFIER_PREFIX)
+            .ok_or(ScramError::InvalidVerifier(
+                "does not start with SCRAM-SHA-256$",
+            ))?;
+        let (params, keys) = rest
+            .split_once('$')
+            .ok_or(ScramError::InvalidVerifier("missing '$' before the keys"))?;
+        let (iter_str, salt_b64) = params.split_once(':').ok_or(ScramError::InvalidVerifier(
+            "missing ':' between iterations and salt",
+        ))?;
+        let (stored_b64, server_b64) = keys.split_once(':').ok_or(ScramError::InvalidVerifier(
+            "missing ':' between StoredKey and ServerKey",
+        ))?;
+        let iterations = parse_iterations(iter_str.as_bytes())
+            .ok_or(ScramError::InvalidVerifier("bad iteration count"))?;
+        let salt = B64
+            .decode(salt_b64)
+            .map_err(|_| ScramError::InvalidVerifier("salt is not valid base64"))?;
+        if salt.is_empty() {
+            return Err(ScramError::InvalidVerifier("empty salt"));
+        }
+        let stored_key = decode_key(stored_b64.as_bytes()).ok_or(ScramError::InvalidVerifier(
+            "StoredKey is not 32 bytes of base64",
+        ))?;
+        let server_key = decode_key(server_b64.as_bytes()).ok_or(ScramError::InvalidVerifier(
+            "ServerKey is not 32 bytes of base64",
+        ))?;
+        Ok(Self {
+            iterations,
+            salt,
+            stored_key,
+            server_key,
+        })
+    }
+
+    /// Derives a verifier from a plaintext password (SASLprep, PBKDF2-HMAC-SHA-256).
+    pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> Self {
+        let salted = salted_password(password, salt, iterations);
+        let client_key = Zeroizing::new(hmac(&salted, &[b"Client Key"]));
+        Self {
+            iterations,
+            salt: salt.to_vec(),
+            stored_key: sha256(&*client_key),
+            server_key: hmac(&salted, &[b"Server Key"]),
+        }
+    }
+
+    /// Mock verifier for a user that does not exist. Deterministic per user within this process
+    /// (salt = HMAC(per-process secret, user) truncated to 16 bytes) so repeated probes see a
+    /// stable salt, like a real user's. Its keys are HMAC outputs nobody can invert to a
+    /// ClientKey; [`ScramServer`] additionally refuses it via `known_user == false`.
+    pub fn mock(user: &str) -> Self {
+        static SECRET: OnceLock<[u8; KEY_LEN]> = OnceLock::new();
+        let secret = SECRET.get_or_init(|| {
+            let mut s = [0u8; KEY_LEN];
+            rand::rng().fill_bytes(&mut s);
+            s
+        });
+        let salt_full = hmac(secret, &[b"mock salt\0", user.as_bytes()]);
+        Self {
+            iterations: DEFAULT_ITERATIONS,
+            salt: salt_full.iter().take(DEFAULT_SALT_LEN).copied().collect(),
+            stored_key: hmac(secret, &[b"mock stored key\0", user.as_bytes()]),
+            server_key: hmac(secret, &[b"mock server key\0", user.as_bytes()]),
+        }
+    }
+
+    /// Inverse of [`ScramVerifier::parse`].
+    pub fn to_pg_string(&self) -> String {
+        format!(
+            "{VERIFIER_PREFIX}{}:{}${}:{}",
+            self.iterations,
+            B64.encode(&self.salt),
+            B64.encode(self.stored_key),
+            B64.encode(self.server_key)
+        )
+    }
+
+    /// Whether `client_key` belongs to this verifier (H(ClientKey) == StoredKey), constant time.
+    pub fn matches_client_key(&self, client_key: &ClientKey) -> bool {
+        sha256(&client_key.0[..]).ct_eq(&self.stored_key).into()
+    }
+}
+
+/// Decimal iteration count, 1..=u32::MAX, digits only (no sign, no spaces).
+fn parse_iterations(s: &[u8]) -> Option<u32> {
+    if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u32 = std::str::from_utf8(s).ok()?.parse().ok()?;
+    (n > 0).then_some(n)
+}
+
+/// Login-equivalent secret recovered from a successful client exchange. Zeroed on drop.
+/// Cloning is allowed because the proxy needs one per backend dial.
+#[derive(Clone)]
+pub struct ClientKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientKey(..)")
+    }
+}
+
+impl ClientKey {
+    /// Derives the ClientKey from a plaintext password and a verifier's salt and iterations.
+    pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> Self {
+        let salted = salted_password(password, salt, iterations);
+        Self(Zeroizing::new(hmac(&salted, &[b"Client Key"])))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Message parsing helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Splits `input` at the first ','; the second half is `None` when there is no comma.
+fn split_field(input: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match input.iter().position(|&b| b == b',') {
+        Some(i) => (
+            input.get(..i).unwrap_or_default(),
+            Some(input.get(i + 1..).unwrap_or_default()),
+        ),
+        None => (input, None),
+    }
+}
+
+/// Value of a `<attr>=<value>` field, or `None` if the field is a different attribute.
+fn attr_value(field: &[u8], attr: u8) -> Option<&[u8]> {
+    match field {
+        [a, b'=', value @ ..] if *a == attr => Some(value),
+        _ => None,
+    }
+}
+
+/// RFC 5802 `attr-val`: one ASCII letter, '=', value.
+fn is_attr(field: &[u8]) -> bool {
+    matches!(field, [a, b'=', ..] if a.is_ascii_alphabetic())
+}
+
+/// RFC 5802 `printable`: %x21-2B / %x2D-7E (printable ASCII except ',').
+fn is_printable_nonce(nonce: &[u8]) -> bool {
+    !nonce.is_empty()
+        && nonce
+            .iter()
+            .all(|&b| (0x21..=0x7e).contains(&b) && b != b',')
+}
+
+/// PostgreSQL reads SASL payloads as C strings; an embedded NUL is a protocol violation.
+fn reject_nul(data: &[u8]) -> Result<(), ScramError> {
+    if data.contains(&0) {
+        return Err(ScramError::Malformed("message contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// The nonces we generate and accept are ASCII, so this never loses bytes.
+fn ascii_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| char::from(b)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------------------
+
+enum ServerState {
+    Initial,
+    SentFirst {
+        /// base64 of the gs2 header, which the client must echo in `c=`.
+        cbind_b64: String,
+        client_first_bare: Vec<u8>,
+        server_first: Vec<u8>,
+        combined_nonce: Vec<u8>,
+    },
+    Done,
+}
+
+/// Server side of one SCRAM-SHA-256 exchange with a client.
+pub struct ScramServer {
+    verifier: ScramVerifier,
+    known_user: bool,
+    state: ServerState,
+}
+
+impl fmt::Debug for ScramServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScramServer").finish_non_exhaustive()
+    }
+}
+
+/// Result of a successful client exchange.
+#[derive(Debug)]
+pub struct ScramServerFinal {
+    /// server-final-message (`v=...`) to send in AuthenticationSASLFinal.
+    pub server_final: Vec<u8>,
+    /// The client's ClientKey, usable for SCRAM pass-through to backends.
+    pub client_key: ClientKey,
+}
+
+impl ScramServer {
+    /// `known_user == false` means `verifier` is a mock: the exchange runs fully but always fails
+    /// at the final step, so a probe cannot tell unknown users from wrong passwords.
+    pub fn new(verifier: ScramVerifier, known_user: bool) -> Self {
+        Self {
+            verifier,
+            known_user,
+            state: ServerState::Initial,
+        }
+    }
+
+    /// `mechanism` is the name from SASLInitialResponse; must be "SCRAM-SHA-256" (we do not
+    /// advertise -PLUS). `data` is the client-first-message. Returns the server-first-message.
+    pub fn handle_client_first(
+        &mut self,
+        mechanism: &str,
+        data: &[u8],
+    ) -> Result<Vec<u8>, ScramError> {
+        self.handle_client_first_with_nonce(mechanism, data, &random_nonce())
+    }
+
+    /// [`ScramServer::handle_client_first`] with a caller-chosen server nonce; for test vectors.
+    pub(crate) fn handle_client_first_with_nonce(
+        &mut self,
+        mechanism: &str,
+        data: &[u8],
+        server_nonce: &str,
+    ) -> Result<Vec<u8>, ScramError> {
+        if !matches!(self.state, ServerState::Initial) {
+            self.state = ServerState::Done;
+            return Err(ScramError::OutOfOrder);
+        }
+        // Any failure below ends the exchange.
+        self.state = ServerState::Done;
+        if mechanism != MECHANISM {
+            return Err(ScramError::UnsupportedMechanism(mechanism.to_owned()));
+        }
+        reject_nul(data)?;
+
+        // gs2-header = gs2-cbind-flag "," [ authzid ] ","
+        let (flag, rest) = split_field(data);
+        match flag {
+            b"n" | b"y" => {}
+            [b'p', b'=', ..] => return Err(ScramError::ChannelBindingUnsupported),
+            _ => return Err(ScramError::Malformed("bad channel binding flag")),
+        }
+        let rest = rest.ok_or(ScramError::Malformed("truncated gs2 header"))?;
+        let (authzid, bare) = split_field(rest);
+        // An authzid may be present; PostgreSQL uses the startup user, so we ignore it.
+        if !authzid.is_empty() && attr_value(authzid, b'a').is_none() {
+            return Err(ScramError::Malformed("bad authzid in gs2 header"));
+        }
+        let bare = bare.ok_or(ScramError::Malformed("truncated gs2 header"))?;
+        let gs2_len = data.len().saturating_sub(bare.len());
+        let gs2_header = data.get(..gs2_len).unwrap_or_default();
+
+        // client-first-message-bare = [reserved-mext ","] username "," nonce ["," extensions]
+        let (user_field, rest) = split_field(bare);
+        if attr_value(user_field, b'm').is_some() {
+            return Err(ScramError::Malformed("SCRAM extensions are not supported"));
+        }
+        // The username is ignored: PostgreSQL authenticates the user from the startup packet.
+        attr_value(user_field, b'n').ok_or(ScramError::Malformed("expected username (n=)"))?;
+        let rest = rest.ok_or(ScramError::Malformed("missing client nonce"))?;
+        let (nonce_field, mut extensions) = split_field(rest);
+        let client_nonce =
+            attr_value(nonce_field, b'r').ok_or(ScramError::Malformed("expected nonce (r=)"))?;
+        if !is_printable_nonce(client_nonce) {
+            return Err(ScramError::Malformed(
+                "client nonce is empty or not printable",
+            ));
+        }
+        // Optional trailing extensions are ignored, as PostgreSQL does, but must be well-formed.
+        while let Some(ext) = extensions {
+            let (field, next) = split_field(ext);
+            if !is_attr(field) {
+                return Err(ScramError::Malformed(
+                    "bad attribute in client-first-message",
+                ));
+            }
+            extensions = next;
+        }
+
+        let mut combined_nonce = client_nonce.to_vec();
+        combined_nonce.extend_from_slice(server_nonce.as_bytes());
+        let mut server_first = b"r=".to_vec();
+        server_first.extend_from_slice(&combined_nonce);
+        server_first.extend_from_slice(
+            format!(
+                ",s={},i={}",
+                B64.encode(&self.verifier.salt),
+                self.verifier.iterations
+            )
+            .as_bytes(),
+        );
+
+        self.state = ServerState::SentFirst {
+            cbind_b64: B64.encode(gs2_header),
+            client_first_bare: bare.to_vec(),
+            server_first: server_first.clone(),
+            combined_nonce,
+        };
+        Ok(server_first)
+    }
+
+    /// `data` is the client-final-message. On a correct proof returns the server-final-message
+    /// (`v=...`) and the recovered ClientKey.
+    pub fn handle_client_final(&mut self, data: &[u8]) -> Result<ScramServerFinal, ScramError> {
+        let ServerState::SentFirst {
+            cbind_b64,
+            client_first_bare,
+            server_first,
+            combined_nonce,
+        } = std::mem::replace(&mut self.state, ServerState::Done)
+        else {
+            return Err(ScramError::OutOfOrder);
+        };
+        reject_nul(data)?;
+
+        // client-final-message = channel-binding "," nonce ["," extensions] "," proof
+        // The proof is last and its base64 has no ',', so split at the last comma.
+        let split = data
+            .iter()
+            .rposition(|&b| b == b',')
+            .ok_or(ScramError::Malformed("truncated client-final-message"))?;
+        let without_proof = data.get(..split).unwrap_or_default();
+        let proof_field = data.get(split + 1..).unwrap_or_default();
+        let proof_b64 =
+            attr_value(proof_field, b'p').ok_or(ScramError::Malformed("expected proof (p=)"))?;
+
+        let (cbind_field, rest) = split_field(without_proof);
+        let cbind = attr_value(cbind_field, b'c')
+            .ok_or(ScramError::Malformed("expected channel binding (c=)"))?;
+        if cbind != cbind_b64.as_bytes() {
+            return Err(ScramError::Malformed(
+                "channel binding data does not match gs2 header",
+            ));
+        }
+        let rest = rest.ok_or(ScramError::Malformed(
+            "missing nonce in client-final-message",
+        ))?;
+        let (nonce_field, mut extensions) = split_field(rest);
+        let nonce =
+            attr_value(nonce_field, b'r').ok_or(ScramError::Malformed("expected nonce (r=)"))?;
+        if nonce != combined_nonce.as_slice() {
+            return Err(ScramError::Malformed("nonce does not match"));
+        }
+        while let Some(ext) = extensions {
+            let (field, next) = split_field(ext);
+            if !is_attr(field) {
+                return Err(ScramError::Malformed(
+                    "bad attribute in client-final-message",
+                ));
+            }
+            extensions = next;
+        }
+        let proof = decode_key(proof_b64)
+            .ok_or(ScramError::Malformed("proof is not 32 bytes of base64"))?;
+
+        let auth_message = [
+            client_first_bare.as_slice(),
+            b",",
+            &server_first,
+            b",",
+            without_proof,
+        ];
+        let client_signature = hmac(&self.verifier.stored_key, &auth_message);
+        let client_key = ClientKey(Zeroizing::new(xor(&proof, &client_signature)));
+        // Computed for mock users too, so the failing path costs the same as the succeeding one.
+        let server_signature = hmac(&self.verifier.server_key, &auth_message);
+        let key_ok = sha256(&client_key.0[..]).ct_eq(&self.verifier.stored_key);
+        if !bool::from(key_ok & Choice::from(u8::from(self.known_user))) {
+            return Err(ScramError::AuthFailed);
+        }
+        let mut server_final = b"v=".to_vec();
+        server_final.extend_from_slice(B64.encode(server_signature).as_bytes());
+        Ok(ScramServerFinal {
+            server_final,
+            client_key,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------------------
+
+/// What the proxy authenticates to a backend with.
+#[derive(Clone)]
+pub enum ScramCredential {
+    /// Plaintext password (zeroed on drop).
+    Password(String),
+    /// SCRAM pass-through: the client's ClientKey plus the verifier it was checked against,
+    /// whose salt/iterations the backend must use and whose ServerKey checks the backend.
+    ClientKey {
+        client_key: ClientKey,
+        verifier: ScramVerifier,
+    },
+}
+
+impl Drop for ScramCredential {
+    fn drop(&mut self) {
+        if let ScramCredential::Password(p) = self {
+            p.zeroize();
+        }
+    }
+}
+
+impl fmt::Debug for ScramCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScramCredential::Password(_) => f.write_str("Password(..)"),
+            ScramCredential::ClientKey { verifier, .. } => f
+                .debug_struct("ClientKey")
+                .field("verifier", verifier)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+enum ClientState {
+    Initial,
+    SentFirst {
+        client_nonce: String,
+        client_first_bare: String,
+    },
+    SentFinal {
+        server_signature: [u8; KEY_LEN],
+    },
+    Done,
+}
+
+/// Client side of one SCRAM-SHA-256 exchange with a backend.
+pub struct ScramClient {
+    credential: ScramCredential,
+    state: ClientState,
+}
+
+impl fmt::Debug for ScramClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScramClient")
+            .field("credential", &self.credential)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScramClient {
+    pub fn new(credential: ScramCredential) -> Self {
+        Self {
+            credential,
+            state: ClientState::Initial,
+        }
+    }
+
+    /// client-first-message: gs2 header `n,,` (no channel binding toward backends) and an empty
+    /// username `n=` like libpq (the backend uses the startup user). Calling it again restarts
+    /// the exchange with a fresh nonce.
+    pub fn client_first(&mut self) -> Vec<u8> {
+        self.client_first_with("", &random_nonce())
+    }
+
+    /// [`ScramClient::client_first`] with a caller-chosen username and nonce; for test vectors.
+    pub(crate) fn client_first_with(&mut self, user: &str, nonce: &str) -> Vec<u8> {
+        // RFC 5802 saslname: ',' and '=' are escaped.
+        let user = user.replace('=', "=3D").replace(',', "=2C");
+        let client_first_bare = format!("n={user},r={nonce}");
+        let msg = format!("n,,{client_first_bare}").into_bytes();
+        self.state = ClientState::SentFirst {
+            client_nonce: nonce.to_owned(),
+            client_first_bare,
+        };
+        msg
+    }
+
+    /// server-first-message -> client-final-message. In ClientKey mode the server's salt and
+    /// iteration count must equal the verifier's, else [`ScramError::VerifierMismatch`] (the
+    /// backend's verifier differs from the userlist's).
+    pub fn handle_server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, ScramError> {
+        let ClientState::SentFirst {
+            client_nonce,
+            client_first_bare,
+        } = std::mem::replace(&mut self.state, ClientState::Done)
+        else {
+            return Err(ScramError::OutOfOrder);
+        };
+        reject_nul(data)?;
+
+        // server-first-message = [reserved-mext ","] nonce "," salt "," iteration-count
+        let (nonce_field, rest) = split_field(data);
+        if attr_value(nonce_field, b'm').is_some() {
+            return Err(ScramError::Malformed("SCRAM extensions are not supported"));
+        }
+        let nonce =
+            attr_value(nonce_field, b'r').ok_or(ScramError::Malformed("expected nonce (r=)"))?;
+        // The server must extend our nonce, or the exchange could be a replay.
+        if nonce.len() <= client_nonce.len()
+            || !nonce.starts_with(client_nonce.as_bytes())
+            || !is_printable_nonce(nonce)
+        {
+            return Err(ScramError::Malformed(
+                "server nonce does not extend the client nonce",
+            ));
+        }
+        let rest = rest.ok_or(ScramError::Malformed("missing salt"))?;
+        let (salt_field, rest) = split_field(rest);
+        let salt_b64 =
+            attr_value(salt_field, b's').ok_or(ScramError::Malformed("expected salt (s=)"))?;
+        let salt = B64
+            .decode(salt_b64)
+            .map_err(|_| ScramError::Malformed("salt is not valid base64"))?;
+        if salt.is_empty() {
+            return Err(ScramError::Malformed("empty salt"));
+        }
+        let rest = rest.ok_or(ScramError::Malformed("missing iteration count"))?;
+        let (iter_field, trailing) = split_field(rest);
+        if trailing.is_some() {
+            // libpq rejects anything after the iteration count too.
+            return Err(ScramError::Malformed("garbage after iteration count"));
+        }
+        let iterations = attr_value(iter_field, b'i')
+            .and_then(parse_iterations)
+            .ok_or(ScramError::Malformed("bad iteration count (i=)"))?;
+
+        let (client_key, stored_key, server_key) = match &self.credential {
+            ScramCredential::Password(password) => {
+                let salted = salted_password(password, &salt, iterations);
+                let client_key = Zeroizing::new(hmac(&salted, &[b"Client Key"]));
+                let stored_key = sha256(&client_key[..]);
+                let server_key = Zeroizing::new(hmac(&salted, &[b"Server Key"]));
+                (client_key, stored_key, server_key)
+            }
+            ScramCredential::ClientKey {
+                client_key,
+                verifier,
+            } => {
+                if salt != verifier.salt || iterations != verifier.iterations {
+                    return Err(ScramError::VerifierMismatch);
+                }
+                (
+                    client_key.0.clone(),
+                    sha256(&client_key.0[..]),
+                    Zeroizing::new(verifier.server_key),
+                )
+            }
+        };
+
+        let nonce_str = ascii_string(nonce);
+        let without_proof = format!("c=biws,r={nonce_str}");
+        let auth_message = [
+            client_first_bare.as_bytes(),
+            b",",
+            data,
+            b",",
+            without_proof.as_bytes(),
+        ];
+        let client_signature = hmac(&stored_key, &auth_message);
+        let proof = xor(&client_key, &client_signature);
+        let server_signature = hmac(&server_key, &auth_message);
+
+        self.state = ClientState::SentFinal { server_signature };
+        Ok(format!("{without_proof},p={}", B64.encode(proof)).into_bytes())
+    }
+
+    /// Verifies the server signature in the server-final-message. `e=<error>` -> AuthFailed.
+    pub fn handle_server_final(&mut self, data: &[u8]) -> Result<(), ScramError> {
+        let ClientState::SentFinal { server_signature } =
+            std::mem::replace(&mut self.state, ClientState::Done)
+        else {
+            return Err(ScramError::OutOfOrder);
+        };
+        reject_nul(data)?;
+        if attr_value(data, b'e').is_some() {
+            return Err(ScramError::AuthFailed);
+        }
+        let (field, trailing) = split_field(data);
+        if trailing.is_some() {
+            return Err(ScramError::Malformed("garbage after server signature"));
+        }
+        let verifier_b64 = attr_value(field, b'v')
+            .ok_or(ScramError::Malformed("expected server signature (v=)"))?;
+        let received = decode_key(verifier_b64).ok_or(ScramError::Malformed(
+            "server signature is not 32 bytes of base64",
+        ))?;
+        if !bool::from(received.ct_eq(&server_signature)) {
+            return Err(ScramError::ServerSignatureMismatch);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,259 @@
+//! Opening a server connection: TCP, optional TLS, StartupMessage, login,
+//! and the startup chatter up to the first ReadyForQuery.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use pgferry_wire::messages::{
+    decode_backend_key_data, decode_parameter_status, decode_ready_for_query, take_message,
+    AuthRequest,
+};
+use pgferry_wire::startup::ssl_request_packet;
+use pgferry_wire::{tag, CancelKey, ErrorFields, StartupMessage};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::login::{BackendCredentials, Login, LoginStep};
+use super::{Backend, BackendLease};
+use crate::config::BackendTlsMode;
+use crate::stream::{tune_socket, Stream};
+
+/// How to reach backends, shared by every dial.
+#[derive(Clone)]
+pub struct DialSettings {
+    pub tls_mode: BackendTlsMode,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+    pub keepalive: Duration,
+    pub max_message_len: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Login(String),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("backend error {}", .0.message().unwrap_or(""))]
+    Server(ErrorFields),
+}
+
+/// An authenticated server connection, ready for queries.
+pub struct ServerConnection {
+    pub stream: Stream,
+    pub lease: BackendLease,
+    pub peer: SocketAddr,
+    /// The backend's own cancel key.
+    pub key: CancelKey,
+    /// ParameterStatus values in the order received.
+    pub parameters: Vec<(String, String)>,
+    pub ready_status: u8,
+}
+
+impl ServerConnection {
+    pub fn backend(&self) -> &Arc<Backend> {
+        self.lease.backend()
+    }
+}
+
+/// Dials `backend` and logs in as the client. ParameterStatus and
+/// NoticeResponse messages are appended, raw, to `relay` for the client.
+pub async fn connect(
+    backend: Arc<Backend>,
+    settings: &DialSettings,
+    startup: &StartupMessage,
+    credentials: &BackendCredentials,
+    relay: &mut BytesMut,
+) -> Result<ServerConnection, DialError> {
+    let fut = connect_inner(backend, settings, startup, credentials, relay);
+    match tokio::time::timeout(settings.connect_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Unreachable(format!(
+            "timed out after {:?}",
+            settings.connect_timeout
+        ))),
+    }
+}
+
+async fn connect_inner(
+    backend: Arc<Backend>,
+    settings: &DialSettings,
+    startup: &StartupMessage,
+    credentials: &BackendCredentials,
+    relay: &mut BytesMut,
+) -> Result<ServerConnection, DialError> {
+    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
+        .await
+        .map_err(|e| DialError::Unreachable(e.to_string()))?;
+    let peer = tcp
+        .peer_addr()
+        .map_err(|e| DialError::Unreachable(e.to_string()))?;
+    tune_socket(&tcp, settings.keepalive);
+    let mut stream = match (&settings.tls, settings.tls_mode) {
+        (Some(cfg), BackendTlsMode::Require | BackendTlsMode::VerifyFull) => {
+            start_tls(tcp, cfg.clone(), &backend.host).await?
+        }
+        _ => Stream::Plain(tcp),
+    };
+
+    let mut out = BytesMut::with_capacity(256);
+    startup.encode_for_backend(&mut out);
+    write(&mut stream, &mut out).await?;
+
+    let mut login = Login::new(startup.user(), credentials);
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let mut key = None;
+    let mut parameters = Vec::new();
+    let mut authenticated = false;
+    loop {
+        let msg = read_message(&mut stream, &mut inbuf, settings.max_message_len).await?;
+        match msg.tag {
+            tag::AUTHENTICATION => {
+                if authenticated {
+                    return Err(DialError::Protocol(
+                        "authentication request after AuthenticationOk".into(),
+                    ));
+                }
+                let req = AuthRequest::decode(&msg.body)
+                    .map_err(|e| DialError::Protocol(e.to_string()))?;
+                match login.respond(req, &mut out).map_err(DialError::Login)? {
+                    LoginStep::Authenticated => authenticated = true,
+                    LoginStep::Continue => write(&mut stream, &mut out).await?,
+                }
+            }
+            tag::PARAMETER_STATUS => {
+                let p = decode_parameter_status(&msg.body)
+                    .map_err(|e| DialError::Protocol(e.to_string()))?;
+                parameters.push(p);
+                put_raw(relay, msg.tag, &msg.body);
+            }
+            tag::NOTICE_RESPONSE => put_raw(relay, msg.tag, &msg.body),
+            tag::BACKEND_KEY_DATA => {
+                key = Some(
+                    decode_backend_key_data(&msg.body)
+                        .map_err(|e| DialError::Protocol(e.to_string()))?,
+                );
+            }
+            tag::ERROR_RESPONSE => {
+                let fields = ErrorFields::decode(&msg.body)
+                    .map_err(|e| DialError::Protocol(e.to_string()))?;
+                return Err(DialError::Server(fields));
+            }
+            tag::NEGOTIATE_PROTOCOL_VERSION => {}
+            tag::READY_FOR_QUERY if authenticated => {
+                let ready_status = decode_ready_for_query(&msg.body)
+                    .map_err(|e| DialError::Protocol(e.to_string()))?;
+                let key = key.ok_or_else(|| {
+                    DialError::Protocol("no BackendKeyData before ReadyForQuery".into())
+                })?;
+                if !inbuf.is_empty() {
+                    return Err(DialError::Protocol(
+                        "data after the first ReadyForQuery".into(),
+                    ));
+                }
+                return Ok(ServerConnection {
+                    stream,
+                    lease: BackendLease::new(backend),
+                    peer,
+                    key,
+                    parameters,
+                    ready_status,
+                });
+            }
+            other => {
+                return Err(DialError::Protocol(format!(
+                    "unexpected message {:?} during startup",
+                    other as char
+                )))
+            }
+        }
+    }
+}
+
+async fn start_tls(
+    mut tcp: TcpStream,
+    cfg: Arc<rustls::ClientConfig>,
+    host: &str,
+) -> Result<Stream, DialError> {
+    tcp.write_all(&ssl_request_packet())
+        .await
+        .map_err(|e| DialError::Unreachable(e.to_string()))?;
+    // Exactly one byte: anything the server sends after it belongs to the
+    // TLS handshake (CVE-2021-23222).
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(|e| DialError::Unreachable(e.to_string()))?;
+    match answer[0] {
+        b'S' => {
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|e| DialError::Login(format!("invalid TLS server name {host:?}: {e}")))?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| DialError::Login(format!("TLS handshake with backend failed: {e}")))?;
+            Ok(Stream::ClientTls(Box::new(tls)))
+        }
+        b'N' => Err(DialError::Login(
+            "backend does not support TLS, and backend_tls requires it".into(),
+        )),
+        other => Err(DialError::Protocol(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
+    }
+}
+
+async fn write(stream: &mut Stream, out: &mut BytesMut) -> Result<(), DialError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    stream
+        .write_all(out)
+        .await
+        .map_err(|e| DialError::Unreachable(e.to_string()))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| DialError::Unreachable(e.to_string()))?;
+    out.clear();
+    Ok(())
+}
+
+/// Reads one whole message (control path only).
+pub async fn read_message(
+    stream: &mut Stream,
+    inbuf: &mut BytesMut,
+    max_len: u32,
+) -> Result<pgferry_wire::RawMessage, DialError> {
+    loop {
+        if let Some(m) =
+            take_message(inbuf, max_len).map_err(|e| DialError::Protocol(e.to_string()))?
+        {
+            return Ok(m);
+        }
+        if inbuf.capacity() - inbuf.len() < 512 {
+            inbuf.reserve(4096);
+        }
+        let n = stream
+            .read_buf(inbuf)
+            .await
+            .map_err(|e| DialError::Unreachable(e.to_string()))?;
+        if n == 0 {
+            return Err(DialError::Unreachable(
+                "backend closed the connection during startup".into(),
+            ));
+        }
+    }
+}
+
+/// Appends a message, framed, to `buf`.
+pub fn put_raw(buf: &mut BytesMut, tag: u8, body: &[u8]) {
+    buf.put_u8(tag);
+    buf.put_u32(body.len() as u32 + 4);
+    buf.put_slice(body);
+}

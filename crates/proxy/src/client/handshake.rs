@@ -1,0 +1,158 @@
+//! SSLRequest / GSSENCRequest / CancelRequest / StartupMessage negotiation.
+//!
+//! Packets are read with exact-length reads straight from the socket, never
+//! through a buffer, so no plaintext byte can be carried over into a TLS
+//! session (the CVE-2021-23214 class): whatever a client sends after
+//! SSLRequest is handed to the TLS handshake, which rejects anything that
+//! is not a ClientHello.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use pgferry_wire::messages::encode_negotiate_protocol_version;
+use pgferry_wire::startup::{parse_startup_body, startup_body_len};
+use pgferry_wire::{CancelKey, StartupError, StartupMessage, StartupPacket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::errors::SessionError;
+use crate::stream::Stream;
+
+/// How a negotiation ended.
+pub enum Negotiated {
+    /// A client that wants a session, on a plain or TLS stream.
+    Session {
+        stream: Stream,
+        startup: StartupMessage,
+    },
+    /// A cancel request; the connection carries nothing else.
+    Cancel(CancelKey),
+}
+
+/// Failures before the client speaks the protocol properly.
+pub enum NegotiationFailure {
+    /// Close without a word (garbage, bad length, TLS failure, EOF): the
+    /// peer may not speak PostgreSQL at all, as PostgreSQL itself does.
+    Silent(String),
+    /// Tell the client why, then close.
+    Reply(Stream, SessionError),
+}
+
+pub struct TlsPolicy {
+    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub require: bool,
+}
+
+pub async fn negotiate(tcp: TcpStream, tls: &TlsPolicy) -> Result<Negotiated, NegotiationFailure> {
+    let mut stream = Stream::Plain(tcp);
+    let mut offered_encryption = false;
+    loop {
+        let packet = match read_startup_packet(&mut stream).await {
+            Ok(p) => p,
+            Err(ReadFailure::Silent(why)) => return Err(NegotiationFailure::Silent(why)),
+            Err(ReadFailure::Invalid(e)) => {
+                let err = match e {
+                    StartupError::UnsupportedProtocol { .. } => {
+                        SessionError::UnsupportedProtocol(e.to_string())
+                    }
+                    StartupError::NoUser => SessionError::NoUser,
+                    other => SessionError::ClientProtocol(other.to_string()),
+                };
+                return Err(NegotiationFailure::Reply(stream, err));
+            }
+        };
+        match packet {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest
+                if offered_encryption && stream.is_tls() =>
+            {
+                return Err(NegotiationFailure::Reply(
+                    stream,
+                    SessionError::ClientProtocol(
+                        "SSL negotiation inside an encrypted session".into(),
+                    ),
+                ));
+            }
+            StartupPacket::SslRequest => {
+                offered_encryption = true;
+                let Stream::Plain(mut tcp) = stream else {
+                    return Err(NegotiationFailure::Silent(
+                        "SSLRequest on a TLS stream".into(),
+                    ));
+                };
+                let Some(acceptor) = &tls.acceptor else {
+                    write_byte(&mut tcp, b'N').await?;
+                    stream = Stream::Plain(tcp);
+                    continue;
+                };
+                write_byte(&mut tcp, b'S').await?;
+                match acceptor.accept(tcp).await {
+                    Ok(t) => stream = Stream::ServerTls(Box::new(t)),
+                    Err(e) => {
+                        return Err(NegotiationFailure::Silent(format!(
+                            "TLS handshake failed: {e}"
+                        )))
+                    }
+                }
+            }
+            StartupPacket::GssEncRequest => {
+                let Stream::Plain(mut tcp) = stream else {
+                    return Err(NegotiationFailure::Silent(
+                        "GSSENCRequest on a TLS stream".into(),
+                    ));
+                };
+                write_byte(&mut tcp, b'N').await?;
+                stream = Stream::Plain(tcp);
+            }
+            StartupPacket::CancelRequest(key) => return Ok(Negotiated::Cancel(key)),
+            StartupPacket::Startup(startup) => {
+                if tls.require && !stream.is_tls() {
+                    return Err(NegotiationFailure::Reply(stream, SessionError::TlsRequired));
+                }
+                if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
+                    let mut out = BytesMut::new();
+                    if encode_negotiate_protocol_version(&mut out, 0, &startup.protocol_options)
+                        .is_ok()
+                    {
+                        if let Err(e) = stream.write_all(&out).await {
+                            return Err(NegotiationFailure::Silent(e.to_string()));
+                        }
+                    }
+                }
+                return Ok(Negotiated::Session { stream, startup });
+            }
+        }
+    }
+}
+
+async fn write_byte(tcp: &mut TcpStream, b: u8) -> Result<(), NegotiationFailure> {
+    tcp.write_all(&[b])
+        .await
+        .map_err(|e| NegotiationFailure::Silent(e.to_string()))
+}
+
+enum ReadFailure {
+    Silent(String),
+    Invalid(StartupError),
+}
+
+async fn read_startup_packet<S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<StartupPacket, ReadFailure> {
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix)
+        .await
+        .map_err(|e| ReadFailure::Silent(format!("no startup packet: {e}")))?;
+    // A bad length means we cannot trust anything that follows: close
+    // without answering, as PostgreSQL does.
+    let body_len = startup_body_len(prefix).map_err(|e| ReadFailure::Silent(e.to_string()))?;
+    let mut body = vec![0u8; body_len];
+    s.read_exact(&mut body)
+        .await
+        .map_err(|e| ReadFailure::Silent(format!("incomplete startup packet: {e}")))?;
+    parse_startup_body(&body).map_err(ReadFailure::Invalid)
+}
+
+/// The rustls acceptor for the configured certificate.
+pub fn acceptor(cfg: Arc<rustls::ServerConfig>) -> tokio_rustls::TlsAcceptor {
+    tokio_rustls::TlsAcceptor::from(cfg)
+}

@@ -1,0 +1,330 @@
+//! The `pgferry.toml` file: shape, defaults and validation.
+//!
+//! Errors name the file, the key and the reason. Relative paths inside the
+//! file are resolved against the file's own directory, so a config works
+//! wherever pgferry is started from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+use pgferry_wire::DEFAULT_MAX_MESSAGE_LEN;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub backend_tls: BackendTlsSection,
+    #[serde(rename = "backend", default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    pub listen: SocketAddr,
+    /// HTTP admin API (`/healthz`, `/metrics`); off when absent.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    #[serde(default = "defaults::max_client_connections")]
+    pub max_client_connections: usize,
+    /// Deadline for a client to finish TLS, startup and authentication.
+    #[serde(default = "defaults::startup_timeout", deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+    /// Deadline for dialing and authenticating to a backend.
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Largest message accepted from a client or a backend, in bytes.
+    #[serde(default = "defaults::max_message_length")]
+    pub max_message_length: u32,
+    /// TCP keepalive idle time on client and backend sockets.
+    #[serde(default = "defaults::tcp_keepalive", deserialize_with = "duration")]
+    pub tcp_keepalive: Duration,
+    /// How long SIGTERM/SIGINT lets sessions finish before closing them.
+    #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Refuse clients that do not ask for TLS (SQLSTATE 28000).
+    #[serde(default)]
+    pub require: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// PgBouncer-format userlist: `"user" "password-or-SCRAM-verifier"`.
+    pub userlist: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTlsMode {
+    #[default]
+    Disable,
+    /// Encrypt, do not verify the certificate (like libpq's sslmode=require).
+    Require,
+    /// Encrypt, verify the chain against `ca` and the host name.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsSection {
+    #[serde(default)]
+    pub mode: BackendTlsMode,
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    /// `host:port`; the host is also the name checked under verify-full.
+    pub address: String,
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn max_client_connections() -> usize {
+        10_000
+    }
+    pub fn startup_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn max_message_length() -> u32 {
+        super::DEFAULT_MAX_MESSAGE_LEN
+    }
+    pub fn tcp_keepalive() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"10s\": {e}")))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses and validates; `origin` names the file in errors, `base` is
+    /// where relative paths point from.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            file: origin.to_owned(),
+            key,
+            reason,
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| invalid("(syntax)".into(), one_line(&e.to_string())))?;
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(
+                if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                one_line(&e.into_inner().to_string()),
+            )
+        })?;
+        cfg.resolve_paths(base);
+        cfg.validate().map_err(|(k, r)| invalid(k, r))?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.auth.userlist);
+        if let Some(tls) = &mut self.tls {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+        }
+        if let Some(ca) = &mut self.backend_tls.ca {
+            fix(ca);
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.backends.is_empty() {
+            return Err((
+                "backend".into(),
+                "at least one [[backend]] is required".into(),
+            ));
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.name.is_empty() {
+                return Err((format!("backend[{i}].name"), "must not be empty".into()));
+            }
+            if self.backends[..i].iter().any(|o| o.name == b.name) {
+                return Err((
+                    format!("backend[{i}].name"),
+                    format!("duplicate backend name {:?}", b.name),
+                ));
+            }
+            split_host_port(&b.address).map_err(|r| (format!("backend[{i}].address"), r))?;
+        }
+        if self.proxy.max_client_connections == 0 {
+            return Err((
+                "proxy.max_client_connections".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.proxy.max_message_length < 1024 {
+            return Err((
+                "proxy.max_message_length".into(),
+                "must be at least 1024 bytes".into(),
+            ));
+        }
+        if self.backend_tls.mode == BackendTlsMode::VerifyFull && self.backend_tls.ca.is_none() {
+            return Err((
+                "backend_tls.ca".into(),
+                "verify-full needs a CA file".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `host:port` (IPv6 as `[::1]:5432`).
+pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{address:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{address:?}: port {port:?} is not a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(format!("{address:?}: port must not be 0"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{address:?}: host is empty"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+admin_listen = "127.0.0.1:9930"
+startup_timeout = "3s"
+[tls]
+cert = "certs/server.crt"
+key = "/abs/server.key"
+[auth]
+userlist = "users.txt"
+[[backend]]
+name = "pg1"
+address = "127.0.0.1:5432"
+[[backend]]
+name = "pg2"
+address = "localhost:5433"
+"#;
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let c = Config::parse(GOOD, "t.toml", Path::new("/etc/pgferry")).unwrap();
+        assert_eq!(c.proxy.startup_timeout, Duration::from_secs(3));
+        assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.max_client_connections, 10_000);
+        assert_eq!(c.auth.userlist, Path::new("/etc/pgferry/users.txt"));
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.cert, Path::new("/etc/pgferry/certs/server.crt"));
+        assert_eq!(tls.key, Path::new("/abs/server.key"));
+        assert!(!tls.require);
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backend_tls.mode, BackendTlsMode::Disable);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t.toml", Path::new("."))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = err(&GOOD.replace("127.0.0.1:6432", "nope"));
+        assert!(e.starts_with("t.toml: proxy.listen: "), "{e}");
+        let e = err(&GOOD.replace("\"3s\"", "\"soon\""));
+        assert!(
+            e.contains("proxy.startup_timeout") && e.contains("soon"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("5433", "99999"));
+        assert!(e.contains("backend[1].address"), "{e}");
+        let e = err(&GOOD.replace("name = \"pg2\"", "name = \"pg1\""));
+        assert!(e.contains("duplicate backend name"), "{e}");
+        let e = err(&GOOD.replace("[auth]", "[auth]\nbogus = 1"));
+        assert!(e.contains("auth") && e.contains("bogus"), "{e}");
+        let e = err("[proxy\n");
+        assert!(e.starts_with("t.toml: (syntax)"), "{e}");
+        let e = err(&GOOD
+            .replace("[backend_tls]", "")
+            .replace("[auth]", "[backend_tls]\nmode = \"verify-full\"\n[auth]"));
+        assert!(e.contains("backend_tls.ca"), "{e}");
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("[::1]:5432").unwrap(), ("::1".into(), 5432));
+        assert!(split_host_port("host").is_err());
+        assert!(split_host_port(":5").is_err());
+    }
+}

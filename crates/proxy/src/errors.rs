@@ -1,0 +1,153 @@
+//! What a client sees when something fails: the one place that decides the
+//! SQLSTATE and message of every error the proxy itself reports.
+
+use bytes::BytesMut;
+use pgferry_wire::messages::{encode_error_fields, encode_error_response};
+use pgferry_wire::{ErrorFields, Severity};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// Every configured backend refused or timed out.
+    #[error("could not connect to backend {backend} ({address}): {reason}")]
+    BackendUnreachable {
+        backend: String,
+        address: String,
+        reason: String,
+    },
+    /// The backend went away in the middle of the session.
+    #[error("server closed the connection unexpectedly (backend {backend})")]
+    BackendClosed { backend: String },
+    /// The backend broke the protocol (bad frame, unexpected message).
+    #[error("backend {backend} sent an invalid message: {reason}")]
+    BackendProtocol { backend: String, reason: String },
+    /// The backend refused the proxy's login.
+    #[error("backend {backend} rejected the login: {reason}")]
+    BackendLogin { backend: String, reason: String },
+    /// An ErrorResponse from the backend during startup, relayed as is.
+    #[error("backend error: {}", .0.message().unwrap_or("(no message)"))]
+    BackendError(ErrorFields),
+    #[error("invalid frontend message: {0}")]
+    ClientProtocol(String),
+    #[error("{0}")]
+    UnsupportedProtocol(String),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    #[error("password authentication failed for user \"{user}\"")]
+    AuthFailed { user: String },
+    #[error("TLS is required: connect with sslmode=require")]
+    TlsRequired,
+    #[error("sorry, too many clients already (max_client_connections)")]
+    TooManyConnections,
+    #[error("terminating connection due to administrator command")]
+    AdminShutdown,
+    #[error("internal proxy error: {0}")]
+    Internal(String),
+}
+
+impl SessionError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            SessionError::BackendUnreachable { .. } | SessionError::BackendClosed { .. } => "08006",
+            SessionError::BackendProtocol { .. } | SessionError::ClientProtocol(_) => "08P01",
+            SessionError::BackendLogin { .. } => "08004",
+            SessionError::BackendError(f) => match f.sqlstate() {
+                Some(s) if s.len() == 5 => "relayed",
+                _ => "XX000",
+            },
+            SessionError::UnsupportedProtocol(_) => "0A000",
+            SessionError::AuthFailed { .. } => "28P01",
+            SessionError::TlsRequired | SessionError::NoUser => "28000",
+            SessionError::TooManyConnections => "53300",
+            SessionError::AdminShutdown => "57P01",
+            SessionError::Internal(_) => "XX000",
+        }
+    }
+
+    /// Appends the FATAL ErrorResponse the client should receive.
+    pub fn encode_for_client(&self, buf: &mut BytesMut) {
+        let res = match self {
+            SessionError::BackendError(fields) if self.sqlstate() == "relayed" => {
+                encode_error_fields(buf, fields)
+            }
+            _ => encode_error_response(buf, Severity::Fatal, self.sqlstate(), &self.to_string()),
+        };
+        if let Err(e) = res {
+            // Only an absurdly long message can fail to encode; say less.
+            tracing::warn!(error = %e, "could not encode error for client");
+            let _ = encode_error_response(buf, Severity::Fatal, "XX000", "internal proxy error");
+        }
+    }
+
+    /// Name used in logs and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SessionError::BackendUnreachable { .. } => "backend_unreachable",
+            SessionError::BackendClosed { .. } => "backend_closed",
+            SessionError::BackendProtocol { .. } => "backend_protocol",
+            SessionError::BackendLogin { .. } => "backend_login",
+            SessionError::BackendError(_) => "backend_error",
+            SessionError::ClientProtocol(_) => "client_protocol",
+            SessionError::UnsupportedProtocol(_) => "unsupported_protocol",
+            SessionError::NoUser => "no_user",
+            SessionError::AuthFailed { .. } => "auth_failed",
+            SessionError::TlsRequired => "tls_required",
+            SessionError::TooManyConnections => "too_many_connections",
+            SessionError::AdminShutdown => "admin_shutdown",
+            SessionError::Internal(_) => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgferry_wire::messages::take_message;
+
+    fn client_sees(e: SessionError) -> ErrorFields {
+        let mut buf = BytesMut::new();
+        e.encode_for_client(&mut buf);
+        let m = take_message(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(m.tag, b'E');
+        ErrorFields::decode(&m.body).unwrap()
+    }
+
+    #[test]
+    fn sqlstates() {
+        let f = client_sees(SessionError::AuthFailed { user: "bob".into() });
+        assert_eq!(f.sqlstate(), Some("28P01"));
+        assert_eq!(
+            f.message(),
+            Some("password authentication failed for user \"bob\"")
+        );
+        assert_eq!(
+            client_sees(SessionError::TlsRequired).sqlstate(),
+            Some("28000")
+        );
+        let f = client_sees(SessionError::BackendUnreachable {
+            backend: "pg1".into(),
+            address: "127.0.0.1:1".into(),
+            reason: "refused".into(),
+        });
+        assert_eq!(f.sqlstate(), Some("08006"));
+        assert!(f
+            .message()
+            .unwrap()
+            .starts_with("could not connect to backend pg1"));
+        assert_eq!(
+            client_sees(SessionError::ClientProtocol("x".into())).sqlstate(),
+            Some("08P01")
+        );
+        let relayed = ErrorFields {
+            fields: vec![
+                (b'S', "FATAL".into()),
+                (b'C', "3D000".into()),
+                (b'M', "no db".into()),
+            ],
+        };
+        assert_eq!(
+            client_sees(SessionError::BackendError(relayed.clone())),
+            relayed
+        );
+    }
+}

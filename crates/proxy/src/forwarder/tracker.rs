@@ -1,0 +1,226 @@
+//! What the forwarder knows about a session from the headers it has seen:
+//! sync points outstanding, transaction status, COPY, parameter status and
+//! a logical clock. This is what decides whether a session is at a safe
+//! point for a transfer.
+
+use pgferry_wire::messages::decode_parameter_status;
+use pgferry_wire::{tag, Flow, FrameVisitor};
+
+/// The last ReadyForQuery's transaction status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyState {
+    None,
+    In,
+    Out,
+    Both,
+}
+
+/// A message's type byte and the logical-clock tick at which its header
+/// passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub tag: u8,
+    pub tick: u64,
+}
+
+/// ParameterStatus bodies longer than this are not tracked (they are still
+/// forwarded); real ones are tens of bytes.
+const MAX_PARAMETER_STATUS: usize = 8 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct SessionTracker {
+    clock: u64,
+    last_request: Option<Stamp>,
+    last_response: Option<Stamp>,
+    /// Sync points (Query, Sync, FunctionCall) forwarded minus
+    /// ReadyForQuery received.
+    outstanding: u32,
+    tx_status: TxStatus,
+    copy: CopyState,
+    /// Syncs sent since the client's last message that was not Sync, Flush
+    /// or CopyData: if that message started a COPY FROM STDIN, the server
+    /// ignores those Syncs (it is in copy-in mode), so they are taken back
+    /// when the client ends the COPY.
+    syncs_in_copy: u32,
+    client_terminated: bool,
+    parameters: Vec<(String, String)>,
+    capture: Vec<u8>,
+}
+
+impl SessionTracker {
+    pub fn new(initial_status: u8, parameters: Vec<(String, String)>) -> Self {
+        Self {
+            clock: 0,
+            last_request: None,
+            last_response: None,
+            outstanding: 0,
+            tx_status: TxStatus::from_byte(initial_status).unwrap_or(TxStatus::Idle),
+            copy: CopyState::None,
+            syncs_in_copy: 0,
+            client_terminated: false,
+            parameters,
+            capture: Vec::new(),
+        }
+    }
+
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding
+    }
+    pub fn tx_status(&self) -> TxStatus {
+        self.tx_status
+    }
+    pub fn copy(&self) -> CopyState {
+        self.copy
+    }
+    pub fn last_request(&self) -> Option<Stamp> {
+        self.last_request
+    }
+    pub fn last_response(&self) -> Option<Stamp> {
+        self.last_response
+    }
+    pub fn clock(&self) -> u64 {
+        self.clock
+    }
+    /// The client sent Terminate ('X').
+    pub fn client_terminated(&self) -> bool {
+        self.client_terminated
+    }
+    /// ParameterStatus values as the client last saw them.
+    pub fn parameters(&self) -> &[(String, String)] {
+        &self.parameters
+    }
+
+    /// No request is waiting for an answer, no transaction is open and no
+    /// COPY runs. (Whether a message is half-forwarded is the pumps' part.)
+    pub fn is_quiescent(&self) -> bool {
+        self.outstanding == 0 && self.tx_status == TxStatus::Idle && self.copy == CopyState::None
+    }
+
+    fn tick(&mut self, tag: u8) -> Stamp {
+        self.clock += 1;
+        Stamp {
+            tag,
+            tick: self.clock,
+        }
+    }
+
+    pub fn request_side(&mut self) -> RequestSide<'_> {
+        RequestSide(self)
+    }
+    pub fn response_side(&mut self) -> ResponseSide<'_> {
+        ResponseSide(self)
+    }
+}
+
+/// Visitor for client -> server messages.
+pub struct RequestSide<'a>(&'a mut SessionTracker);
+
+impl FrameVisitor for RequestSide<'_> {
+    fn start(&mut self, t: u8, _len: u32) -> bool {
+        let s = &mut *self.0;
+        s.last_request = Some(s.tick(t));
+        match t {
+            tag::QUERY | tag::FUNCTION_CALL => {
+                s.outstanding += 1;
+                s.syncs_in_copy = 0;
+            }
+            tag::SYNC => {
+                s.outstanding += 1;
+                s.syncs_in_copy += 1;
+            }
+            b'H' | tag::COPY_DATA => {}
+            tag::COPY_DONE | tag::COPY_FAIL => {
+                if s.copy == CopyState::In {
+                    s.outstanding = s.outstanding.saturating_sub(s.syncs_in_copy);
+                }
+                s.syncs_in_copy = 0;
+            }
+            tag::TERMINATE => s.client_terminated = true,
+            _ => s.syncs_in_copy = 0,
+        }
+        false
+    }
+
+    fn end(&mut self, _tag: u8) -> Flow {
+        Flow::Continue
+    }
+}
+
+/// Visitor for server -> client messages.
+pub struct ResponseSide<'a>(&'a mut SessionTracker);
+
+impl FrameVisitor for ResponseSide<'_> {
+    fn start(&mut self, t: u8, _len: u32) -> bool {
+        let s = &mut *self.0;
+        s.last_response = Some(s.tick(t));
+        match t {
+            tag::READY_FOR_QUERY | tag::PARAMETER_STATUS => {
+                s.capture.clear();
+                true
+            }
+            tag::COPY_IN_RESPONSE => {
+                s.copy = CopyState::In;
+                false
+            }
+            tag::COPY_OUT_RESPONSE => {
+                s.copy = CopyState::Out;
+                false
+            }
+            tag::COPY_BOTH_RESPONSE => {
+                s.copy = CopyState::Both;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn body(&mut self, _tag: u8, chunk: &[u8]) {
+        let s = &mut *self.0;
+        if s.capture.len() + chunk.len() <= MAX_PARAMETER_STATUS {
+            s.capture.extend_from_slice(chunk);
+        }
+    }
+
+    fn end(&mut self, t: u8) -> Flow {
+        let s = &mut *self.0;
+        match t {
+            tag::READY_FOR_QUERY => {
+                s.outstanding = s.outstanding.saturating_sub(1);
+                if let [b] = s.capture[..] {
+                    if let Some(st) = TxStatus::from_byte(b) {
+                        s.tx_status = st;
+                    }
+                }
+                s.copy = CopyState::None;
+            }
+            tag::PARAMETER_STATUS => {
+                if let Ok((name, value)) = decode_parameter_status(&s.capture) {
+                    match s.parameters.iter_mut().find(|(n, _)| *n == name) {
+                        Some(slot) => slot.1 = value,
+                        None => s.parameters.push((name, value)),
+                    }
+                }
+            }
+            _ => {}
+        }
+        Flow::Continue
+    }
+}

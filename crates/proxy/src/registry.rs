@@ -1,0 +1,113 @@
+//! Live sessions, for the admin API and for shutdown: who is connected and
+//! how to reach each session's control channel. Touched at connect and
+//! disconnect only, never while forwarding.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, Notify};
+use uuid::Uuid;
+
+use crate::errors::SessionError;
+use crate::forwarder::ControlCommand;
+
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: Uuid,
+    pub client_addr: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub application_name: Option<String>,
+    pub backend: String,
+    pub connected_at: SystemTime,
+}
+
+struct Entry {
+    info: SessionInfo,
+    control: mpsc::Sender<ControlCommand>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<Uuid, Entry>>,
+    emptied: Notify,
+}
+
+/// Removes the session from the registry when dropped.
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: Uuid,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut map = self.registry.lock();
+        map.remove(&self.id);
+        if map.is_empty() {
+            self.registry.emptied.notify_waiters();
+        }
+    }
+}
+
+impl Registry {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Uuid, Entry>> {
+        // Single inserts/removes cannot leave the map half-updated.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(
+        self: &Arc<Self>,
+        info: SessionInfo,
+        control: mpsc::Sender<ControlCommand>,
+    ) -> Registration {
+        let id = info.id;
+        self.lock().insert(id, Entry { info, control });
+        Registration {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn list(&self) -> Vec<SessionInfo> {
+        self.lock().values().map(|e| e.info.clone()).collect()
+    }
+
+    pub fn get(&self, id: Uuid) -> Option<(SessionInfo, mpsc::Sender<ControlCommand>)> {
+        self.lock()
+            .get(&id)
+            .map(|e| (e.info.clone(), e.control.clone()))
+    }
+
+    /// Asks every session to close at its next message boundary.
+    pub fn terminate_all(&self, make: impl Fn() -> SessionError) {
+        let controls: Vec<_> = self.lock().values().map(|e| e.control.clone()).collect();
+        for c in controls {
+            let _ = c.try_send(ControlCommand::Terminate(make()));
+        }
+    }
+
+    /// Resolves once no session is registered.
+    pub async fn wait_empty(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            if self.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! One client session from accept to close: negotiate, authenticate, pick
+//! and dial a backend, forward, and say goodbye properly on every path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use pgferry_wire::messages::{encode_backend_key_data, encode_ready_for_query, encode_terminate};
+use pgferry_wire::{tag, CancelKey, StartupMessage};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::backend::dial::{self, DialError, ServerConnection};
+use crate::backend::login::BackendCredentials;
+use crate::cancel::{send_cancel, CancelTarget};
+use crate::client::auth::{authenticate, AuthOutcome};
+use crate::client::handshake::{negotiate, Negotiated, NegotiationFailure};
+use crate::errors::SessionError;
+use crate::forwarder::tracker::SessionTracker;
+use crate::forwarder::{ForwardEnd, Forwarder};
+use crate::registry::SessionInfo;
+use crate::stream::{tune_socket, Stream};
+use crate::ProxyContext;
+
+/// Time allowed for last words (an ErrorResponse, a Terminate, TLS
+/// close_notify) to a peer that may not be reading.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keeps `pgferry_client_connections` right on every exit path.
+struct ClientGauge<'a>(&'a prometheus::IntGauge);
+impl Drop for ClientGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
+    ctx.metrics.client_connections.inc();
+    let _gauge = ClientGauge(&ctx.metrics.client_connections);
+    tune_socket(&tcp, ctx.config.proxy.tcp_keepalive);
+
+    let setup =
+        tokio::time::timeout(ctx.config.proxy.startup_timeout, login(&ctx, tcp, peer)).await;
+    let (client, startup, credentials) = match setup {
+        Err(_) => {
+            debug!(%peer, "startup deadline passed; closing");
+            return;
+        }
+        Ok(None) => return,
+        Ok(Some(x)) => x,
+    };
+    let Some((client, server)) = connect_backend(&ctx, client, &startup, &credentials, peer).await
+    else {
+        return;
+    };
+    run_session(&ctx, client, server, startup, peer).await;
+}
+
+/// A connection refused because `max_client_connections` is reached: it
+/// still gets a proper answer (and cancel requests are still honoured).
+pub async fn serve_over_limit(ctx: Arc<ProxyContext>, tcp: TcpStream) {
+    let fut = async {
+        match negotiate(tcp, &ctx.tls).await {
+            Ok(Negotiated::Cancel(key)) => forward_cancel(&ctx, key).await,
+            Ok(Negotiated::Session { stream, .. }) | Err(NegotiationFailure::Reply(stream, _)) => {
+                goodbye(stream, &SessionError::TooManyConnections).await
+            }
+            Err(NegotiationFailure::Silent(_)) => {}
+        }
+    };
+    let _ = tokio::time::timeout(ctx.config.proxy.startup_timeout, fut).await;
+}
+
+/// Negotiation and client authentication. `None`: the connection is done
+/// (cancel request, client left, or an error already reported).
+async fn login(
+    ctx: &ProxyContext,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Stream, StartupMessage, BackendCredentials)> {
+    let (mut stream, startup) = match negotiate(tcp, &ctx.tls).await {
+        Ok(Negotiated::Session { stream, startup }) => (stream, startup),
+        Ok(Negotiated::Cancel(key)) => {
+            forward_cancel(ctx, key).await;
+            return None;
+        }
+        Err(NegotiationFailure::Silent(why)) => {
+            debug!(%peer, %why, "closing connection during negotiation");
+            return None;
+        }
+        Err(NegotiationFailure::Reply(stream, err)) => {
+            info!(%peer, error = %err, "refusing connection");
+            goodbye(stream, &err).await;
+            return None;
+        }
+    };
+    match authenticate(&mut stream, startup.user(), &ctx.users).await {
+        Ok(AuthOutcome::Authenticated(creds)) => Some((stream, startup, creds)),
+        Ok(AuthOutcome::ClientLeft) => None,
+        Err(err) => {
+            if matches!(err, SessionError::AuthFailed { .. }) {
+                ctx.metrics.auth_failures.inc();
+                warn!(%peer, user = startup.user(), "password authentication failed");
+            } else {
+                info!(%peer, error = %err, "authentication aborted");
+            }
+            goodbye(stream, &err).await;
+            None
+        }
+    }
+}
+
+async fn forward_cancel(ctx: &ProxyContext, key: CancelKey) {
+    // Unknown keys are ignored silently, as PostgreSQL does.
+    let Some(target) = ctx.cancel_map.lookup(key) else {
+        debug!("cancel request with unknown key");
+        return;
+    };
+    if let Err(e) = send_cancel(&target, ctx.config.proxy.connect_timeout).await {
+        warn!(backend = %target.backend, error = %e, "could not forward cancel request");
+    }
+}
+
+/// Tries backends in least-connections order until one accepts the login.
+async fn connect_backend(
+    ctx: &ProxyContext,
+    mut client: Stream,
+    startup: &StartupMessage,
+    credentials: &BackendCredentials,
+    peer: SocketAddr,
+) -> Option<(Stream, (ServerConnection, BytesMut))> {
+    let mut first_failure: Option<SessionError> = None;
+    for backend in ctx.backends.candidates() {
+        let mut relay = BytesMut::new();
+        let name = backend.name.clone();
+        let address = backend.address.clone();
+        let err = match dial::connect(backend, &ctx.dial, startup, credentials, &mut relay).await {
+            Ok(server) => return Some((client, (server, relay))),
+            Err(DialError::Unreachable(reason)) => {
+                ctx.metrics
+                    .backend_dial_errors
+                    .with_label_values(&[name.as_str()])
+                    .inc();
+                warn!(backend = %name, %address, %reason, "backend unreachable");
+                first_failure.get_or_insert(SessionError::BackendUnreachable {
+                    backend: name,
+                    address,
+                    reason,
+                });
+                continue;
+            }
+            Err(DialError::Login(reason)) => SessionError::BackendLogin {
+                backend: name,
+                reason,
+            },
+            Err(DialError::Protocol(reason)) => SessionError::BackendProtocol {
+                backend: name,
+                reason,
+            },
+            Err(DialError::Server(fields)) => SessionError::BackendError(fields),
+        };
+        info!(%peer, error = %err, "backend refused the session");
+        goodbye_ref(&mut client, &err).await;
+        return None;
+    }
+    let err =
+        first_failure.unwrap_or_else(|| SessionError::Internal("no backends configured".into()));
+    goodbye(client, &err).await;
+    None
+}
+
+async fn run_session(
+    ctx: &ProxyContext,
+    mut client: Stream,
+    (server, relay): (ServerConnection, BytesMut),
+    startup: StartupMessage,
+    peer: SocketAddr,
+) {
+    let backend_name = server.backend().name.clone();
+    let cancel_key = ctx.cancel_map.register(CancelTarget {
+        backend: backend_name.clone(),
+        address: server.peer,
+        key: server.key,
+    });
+    let _cancel_guard = CancelGuard(ctx, cancel_key);
+
+    let mut hello = relay;
+    if encode_backend_key_data(&mut hello, cancel_key).is_err()
+        || encode_ready_for_query(&mut hello, server.ready_status).is_err()
+    {
+        return;
+    }
+    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+        return;
+    }
+
+    let id = Uuid::new_v4();
+    let (control_tx, control_rx) = mpsc::channel(8);
+    let _registration = ctx.registry.register(
+        SessionInfo {
+            id,
+            client_addr: peer,
+            user: startup.user().to_owned(),
+            database: startup.database().to_owned(),
+            application_name: startup.param("application_name").map(str::to_owned),
+            backend: backend_name.clone(),
+            connected_at: SystemTime::now(),
+        },
+        control_tx,
+    );
+    debug!(%id, %peer, user = startup.user(), backend = %backend_name, "session started");
+
+    let ServerConnection {
+        stream: server_stream,
+        lease: _lease,
+        parameters,
+        ready_status,
+        ..
+    } = server;
+    let tracker = SessionTracker::new(ready_status, parameters);
+    let mut fwd = Forwarder::new(
+        client,
+        server_stream,
+        tracker,
+        control_rx,
+        ctx.config.proxy.max_message_length,
+        &ctx.metrics,
+    );
+    let end = fwd.run().await;
+    finish(&mut fwd, end, &backend_name, id).await;
+}
+
+/// Last words on both sockets, according to why forwarding stopped.
+async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uuid) {
+    match &end {
+        ForwardEnd::ClientClosed | ForwardEnd::ServerClosed => debug!(%id, ?end, "session ended"),
+        _ => info!(%id, ?end, "session ended"),
+    }
+    let server_alive = !matches!(end, ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_));
+    let client_error = match end {
+        ForwardEnd::ClientClosed | ForwardEnd::ClientIo(_) => None,
+        ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_) => {
+            // PostgreSQL usually says why itself (FATAL 57P01 ...) before
+            // closing; one error is enough.
+            let server_said_why =
+                fwd.tracker.last_response().map(|s| s.tag) == Some(tag::ERROR_RESPONSE);
+            (!fwd.tracker.client_terminated() && !server_said_why).then(|| {
+                SessionError::BackendClosed {
+                    backend: backend.to_owned(),
+                }
+            })
+        }
+        ForwardEnd::ClientProtocol(e) => Some(SessionError::ClientProtocol(e.to_string())),
+        ForwardEnd::ServerProtocol(e) => Some(SessionError::BackendProtocol {
+            backend: backend.to_owned(),
+            reason: e.to_string(),
+        }),
+        ForwardEnd::Terminated(err) => Some(err),
+    };
+    // An ErrorResponse may only go between two messages.
+    if let Some(err) = client_error {
+        if fwd.response.at_boundary() {
+            goodbye_ref(&mut fwd.client, &err).await;
+        }
+    }
+    if server_alive && !fwd.tracker.client_terminated() && fwd.request.at_boundary() {
+        let mut x = BytesMut::new();
+        if encode_terminate(&mut x).is_ok() {
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fwd.server.write_all(&x)).await;
+        }
+    }
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fwd.server.shutdown()).await;
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fwd.client.shutdown()).await;
+}
+
+struct CancelGuard<'a>(&'a ProxyContext, CancelKey);
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        self.0.cancel_map.remove(self.1);
+    }
+}
+
+/// Sends a FATAL ErrorResponse and closes.
+async fn goodbye(mut stream: Stream, err: &SessionError) {
+    goodbye_ref(&mut stream, err).await;
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, stream.shutdown()).await;
+}
+
+async fn goodbye_ref(stream: &mut Stream, err: &SessionError) {
+    let mut buf = BytesMut::new();
+    err.encode_for_client(&mut buf);
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        stream.write_all(&buf).await?;
+        stream.flush().await
+    })
+    .await;
+}

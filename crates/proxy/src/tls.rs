@@ -1,0 +1,130 @@
+//! TLS configuration: the proxy's server side (clients) and its client side
+//! (backends).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use thiserror::Error;
+
+use crate::config::{BackendTlsMode, BackendTlsSection, TlsSection};
+
+#[derive(Debug, Error)]
+pub enum TlsConfigError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn file_err(path: &Path, reason: impl ToString) -> TlsConfigError {
+    TlsConfigError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+/// The rustls server config for client connections.
+pub fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let certs = load_certs(&tls.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_err(&tls.key, e))?;
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(cfg))
+}
+
+/// The rustls client config for backend connections; `None` when disabled.
+pub fn backend_client_config(
+    section: &BackendTlsSection,
+) -> Result<Option<Arc<ClientConfig>>, TlsConfigError> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let cfg = match section.mode {
+        BackendTlsMode::Disable => return Ok(None),
+        BackendTlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
+            .with_no_client_auth(),
+        BackendTlsMode::VerifyFull => {
+            let ca = section.ca.as_deref().ok_or_else(|| {
+                file_err(Path::new("backend_tls.ca"), "verify-full needs a CA file")
+            })?;
+            let mut roots = RootCertStore::empty();
+            for c in load_certs(ca)? {
+                roots.add(c).map_err(|e| file_err(ca, e))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Some(Arc::new(cfg)))
+}
+
+/// `sslmode=require` semantics: encrypt, accept any certificate, but still
+/// check that the handshake signatures are valid.
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,304 @@
+//! The untagged packets a client may send first: StartupMessage,
+//! SSLRequest, GSSENCRequest and CancelRequest.
+
+use bytes::{BufMut, BytesMut};
+use thiserror::Error;
+
+/// PostgreSQL's limit for a startup packet (MAX_STARTUP_PACKET_LENGTH).
+pub const MAX_STARTUP_PACKET_LEN: usize = 10_000;
+
+pub const SSL_REQUEST_CODE: u32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+pub const PROTOCOL_3_0: u32 = 196_608;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StartupError {
+    #[error("invalid startup packet length {0}")]
+    InvalidLength(u32),
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
+    UnsupportedProtocol { major: u16, minor: u16 },
+    #[error("invalid startup packet layout: {0}")]
+    Malformed(&'static str),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupPacket {
+    SslRequest,
+    GssEncRequest,
+    CancelRequest(CancelKey),
+    Startup(StartupMessage),
+}
+
+/// A cancel key: the (process id, secret) pair of BackendKeyData.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CancelKey {
+    pub pid: i32,
+    pub secret: i32,
+}
+
+impl CancelKey {
+    /// The complete CancelRequest packet for this key.
+    pub fn request_packet(&self) -> [u8; 16] {
+        let mut p = [0u8; 16];
+        p[0..4].copy_from_slice(&16u32.to_be_bytes());
+        p[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        p[8..12].copy_from_slice(&self.pid.to_be_bytes());
+        p[12..16].copy_from_slice(&self.secret.to_be_bytes());
+        p
+    }
+}
+
+/// A protocol 3.x StartupMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupMessage {
+    pub minor_version: u16,
+    /// Parameters in the order the client sent them (user, database,
+    /// options, application_name, GUCs ...). `_pq_.` protocol options are
+    /// kept apart in `protocol_options`.
+    pub params: Vec<(String, String)>,
+    pub protocol_options: Vec<String>,
+}
+
+impl StartupMessage {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn user(&self) -> &str {
+        self.param("user").unwrap_or_default()
+    }
+
+    /// The database, defaulting to the user name as PostgreSQL does.
+    pub fn database(&self) -> &str {
+        match self.param("database") {
+            Some(db) if !db.is_empty() => db,
+            _ => self.user(),
+        }
+    }
+
+    /// Encodes a protocol 3.0 StartupMessage with the same parameters,
+    /// for the backend (protocol options are not passed on).
+    pub fn encode_for_backend(&self, buf: &mut BytesMut) {
+        let body_len: usize = 4
+            + self
+                .params
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum::<usize>()
+            + 1;
+        buf.put_u32((body_len + 4) as u32);
+        buf.put_u32(PROTOCOL_3_0);
+        for (k, v) in &self.params {
+            buf.put_slice(k.as_bytes());
+            buf.put_u8(0);
+            buf.put_slice(v.as_bytes());
+            buf.put_u8(0);
+        }
+        buf.put_u8(0);
+    }
+}
+
+/// Validates the 4-byte length prefix of a startup packet and returns how
+/// many bytes follow it.
+pub fn startup_body_len(prefix: [u8; 4]) -> Result<usize, StartupError> {
+    let len = u32::from_be_bytes(prefix);
+    // 8 = length + code: the smallest well-formed packet.
+    if !(8..=MAX_STARTUP_PACKET_LEN as u32).contains(&len) {
+        return Err(StartupError::InvalidLength(len));
+    }
+    Ok(len as usize - 4)
+}
+
+/// Parses what follows the length prefix.
+pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, StartupError> {
+    let code_bytes: [u8; 4] = body
+        .get(0..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(StartupError::Malformed("missing protocol code"))?;
+    let code = u32::from_be_bytes(code_bytes);
+    let rest = &body[4..];
+    match code {
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
+            if !rest.is_empty() {
+                return Err(StartupError::Malformed("trailing bytes after request code"));
+            }
+            Ok(if code == SSL_REQUEST_CODE {
+                StartupPacket::SslRequest
+            } else {
+                StartupPacket::GssEncRequest
+            })
+        }
+        CANCEL_REQUEST_CODE => {
+            if rest.len() != 8 {
+                return Err(StartupError::Malformed("cancel request must carry 8 bytes"));
+            }
+            let pid = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            let secret = i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            Ok(StartupPacket::CancelRequest(CancelKey { pid, secret }))
+        }
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != 3 {
+                return Err(StartupError::UnsupportedProtocol { major, minor });
+            }
+            parse_params(rest, minor).map(StartupPacket::Startup)
+        }
+    }
+}
+
+fn parse_params(mut rest: &[u8], minor_version: u16) -> Result<StartupMessage, StartupError> {
+    let mut params = Vec::new();
+    let mut protocol_options = Vec::new();
+    loop {
+        let key = take_cstr(&mut rest)?;
+        if key.is_empty() {
+            break;
+        }
+        let value = take_cstr(&mut rest)?;
+        if let Some(opt) = key.strip_prefix("_pq_.") {
+            protocol_options.push(format!("_pq_.{opt}"));
+        } else {
+            params.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    if !rest.is_empty() {
+        return Err(StartupError::Malformed("bytes after the final terminator"));
+    }
+    let msg = StartupMessage {
+        minor_version,
+        params,
+        protocol_options,
+    };
+    if msg.user().is_empty() {
+        return Err(StartupError::NoUser);
+    }
+    Ok(msg)
+}
+
+fn take_cstr<'a>(rest: &mut &'a [u8]) -> Result<&'a str, StartupError> {
+    let nul = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(StartupError::Malformed("missing string terminator"))?;
+    let s = std::str::from_utf8(&rest[..nul])
+        .map_err(|_| StartupError::Malformed("parameter is not valid UTF-8"))?;
+    *rest = &rest[nul + 1..];
+    Ok(s)
+}
+
+/// The 8-byte SSLRequest packet the proxy sends to a backend.
+pub fn ssl_request_packet() -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p[0..4].copy_from_slice(&8u32.to_be_bytes());
+    p[4..8].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(code: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = code.to_be_bytes().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn parses_startup_and_roundtrips() {
+        let body = packet(
+            PROTOCOL_3_0,
+            b"user\0alice\0database\0shop\0application_name\0psql\0_pq_.x\0\x31\0\0",
+        );
+        let StartupPacket::Startup(m) = parse_startup_body(&body).unwrap() else {
+            panic!("not a startup message")
+        };
+        assert_eq!(m.user(), "alice");
+        assert_eq!(m.database(), "shop");
+        assert_eq!(m.param("application_name"), Some("psql"));
+        assert_eq!(m.protocol_options, vec!["_pq_.x".to_owned()]);
+        let mut buf = BytesMut::new();
+        m.encode_for_backend(&mut buf);
+        let len = startup_body_len(buf[0..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, buf.len() - 4);
+        let StartupPacket::Startup(again) = parse_startup_body(&buf[4..]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(again.params, m.params);
+        assert!(again.protocol_options.is_empty());
+    }
+
+    #[test]
+    fn database_defaults_to_user() {
+        let body = packet(PROTOCOL_3_0, b"user\0bob\0\0");
+        let StartupPacket::Startup(m) = parse_startup_body(&body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.database(), "bob");
+    }
+
+    #[test]
+    fn special_requests() {
+        assert_eq!(
+            parse_startup_body(&packet(SSL_REQUEST_CODE, b"")),
+            Ok(StartupPacket::SslRequest)
+        );
+        assert_eq!(
+            parse_startup_body(&packet(GSSENC_REQUEST_CODE, b"")),
+            Ok(StartupPacket::GssEncRequest)
+        );
+        let key = CancelKey {
+            pid: 42,
+            secret: -7,
+        };
+        let p = key.request_packet();
+        assert_eq!(startup_body_len(p[0..4].try_into().unwrap()), Ok(12));
+        assert_eq!(
+            parse_startup_body(&p[4..]),
+            Ok(StartupPacket::CancelRequest(key))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_packets() {
+        assert_eq!(
+            startup_body_len(4u32.to_be_bytes()),
+            Err(StartupError::InvalidLength(4))
+        );
+        assert!(startup_body_len(0x7fff_ffffu32.to_be_bytes()).is_err());
+        assert!(startup_body_len(10_001u32.to_be_bytes()).is_err());
+        assert_eq!(startup_body_len(10_000u32.to_be_bytes()), Ok(9_996));
+        assert!(matches!(
+            parse_startup_body(&packet(0x0002_0000, b"")),
+            Err(StartupError::UnsupportedProtocol { major: 2, .. })
+        ));
+        assert_eq!(
+            parse_startup_body(&packet(PROTOCOL_3_0, b"database\0x\0\0")),
+            Err(StartupError::NoUser)
+        );
+        assert!(parse_startup_body(&packet(PROTOCOL_3_0, b"user\0x")).is_err());
+        assert!(parse_startup_body(&packet(PROTOCOL_3_0, b"user\0x\0\0junk")).is_err());
+        assert!(parse_startup_body(&packet(CANCEL_REQUEST_CODE, b"1234")).is_err());
+        assert!(parse_startup_body(&[1, 2]).is_err());
+        // Never panics on arbitrary bytes.
+        let mut seed = 0x1234_5678u32;
+        for len in 0..200 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    (seed & 0xff) as u8
+                })
+                .collect();
+            let _ = parse_startup_body(&bytes);
+        }
+    }
+}
