@@ -1,1 +1,76 @@
-fn main() {}
+//! The `pgferry` command: `run` serves from a config file, `sandbox` starts
+//! two local PostgreSQL clusters with the proxy in front.
+
+mod sandbox;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pgferry",
+    version,
+    about = "PostgreSQL wire-protocol proxy that moves live sessions between backends",
+    long_about = "pgferry sits between PostgreSQL clients and a set of interchangeable \
+PostgreSQL backends. Clients connect to it as to PostgreSQL (TLS, SCRAM-SHA-256); it \
+authenticates them itself, picks the backend with the fewest sessions and forwards \
+the protocol byte for byte.\n\nLogging follows RUST_LOG (default: info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve clients as described by a config file.
+    Run(RunArgs),
+    /// Start two local PostgreSQL clusters and pgferry in front of them,
+    /// print a psql connection string, and stop everything on Ctrl-C.
+    Sandbox(sandbox::SandboxArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Path to pgferry.toml ([proxy], [tls], [auth], [backend_tls],
+    /// [[backend]]; see docs/configuration.md).
+    #[arg(short, long, default_value = "pgferry.toml", env = "PGFERRY_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgferry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => serve::run_from_file(&args.config).await,
+            Command::Sandbox(args) => sandbox::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
