@@ -1,0 +1,357 @@
+//! Test harness: two real PostgreSQL clusters shared by every test of one
+//! test binary, and pgferry started as the built binary with a config made
+//! for each test.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
+
+pub const USER: &str = "app";
+pub const PASSWORD: &str = "app-secret";
+pub const DB: &str = "app";
+/// A user whose userlist entry is only the SCRAM verifier (pass-through).
+pub const PT_USER: &str = "ptuser";
+pub const PT_PASSWORD: &str = "pt-secret";
+
+pub struct Env {
+    pub pg1: Cluster,
+    pub pg2: Cluster,
+    /// ptuser's verifier, identical on both clusters.
+    pub pt_verifier: String,
+}
+
+/// The clusters, started once per test binary.
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
+        let b2 = bins.clone();
+        let second =
+            std::thread::spawn(move || Cluster::start_temp(&b2, ClusterOptions::named("pg2")));
+        let pg1 = Cluster::start_temp(&bins, ClusterOptions::named("pg1")).expect("start pg1");
+        let pg2 = second.join().expect("pg2 thread").expect("start pg2");
+        for c in [&pg1, &pg2] {
+            c.ensure_user_and_database(USER, PASSWORD, DB)
+                .expect("create app user");
+        }
+        pg1.ensure_user_and_database(PT_USER, PT_PASSWORD, PT_USER)
+            .expect("create ptuser");
+        let pt_verifier = pg1.scram_verifier(PT_USER).expect("ptuser verifier");
+        // pg2 gets the very same verifier (same salt and iterations), as a
+        // replica or a copied role would have.
+        pg2.ensure_user_and_database(PT_USER, "placeholder", PT_USER)
+            .expect("create ptuser on pg2");
+        pg2.psql(
+            "postgres",
+            &format!("ALTER ROLE {PT_USER} PASSWORD '{pt_verifier}'"),
+        )
+        .expect("copy verifier");
+        assert_eq!(
+            pg2.scram_verifier(PT_USER).expect("pg2 verifier"),
+            pt_verifier
+        );
+        Env {
+            pg1,
+            pg2,
+            pt_verifier,
+        }
+    })
+}
+
+pub fn psql_bin() -> PathBuf {
+    env().pg1.bins().path("psql")
+}
+
+/// Runs psql with a connection string; `PGPASSWORD` may be in `envs`.
+pub fn psql(conninfo: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(psql_bin());
+    cmd.arg(conninfo)
+        .arg("-X")
+        .args(args)
+        .env_remove("PGPASSWORD");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run psql")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub struct ProxyOptions {
+    /// (name, address) pairs; defaults to pg1 and pg2.
+    pub backends: Vec<(String, String)>,
+    pub tls: bool,
+    pub require_tls: bool,
+    /// Extra lines for the [proxy] section.
+    pub proxy_extra: String,
+    /// Userlist file contents; defaults to app's plaintext password and
+    /// ptuser's verifier.
+    pub userlist: Option<String>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        let e = env();
+        Self {
+            backends: vec![
+                ("pg1".into(), e.pg1.addr().to_string()),
+                ("pg2".into(), e.pg2.addr().to_string()),
+            ],
+            tls: true,
+            require_tls: false,
+            proxy_extra: String::new(),
+            userlist: None,
+        }
+    }
+}
+
+/// pgferry, run as the built binary, killed on drop.
+pub struct ProxyProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+}
+
+impl ProxyProcess {
+    pub fn start(opts: ProxyOptions) -> Self {
+        let e = env();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let userlist = opts.userlist.unwrap_or_else(|| {
+            format!(
+                "\"{USER}\" \"{PASSWORD}\"\n\"{PT_USER}\" \"{}\"\n",
+                e.pt_verifier
+            )
+        });
+        std::fs::write(dir.path().join("users.txt"), userlist).expect("write userlist");
+        let mut toml = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_timeout = \"1s\"\n{}\n\
+             [auth]\nuserlist = \"users.txt\"\n",
+            opts.proxy_extra
+        );
+        if opts.tls {
+            let ck =
+                rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+                    .expect("certificate");
+            std::fs::write(dir.path().join("server.crt"), ck.cert.pem()).expect("write cert");
+            std::fs::write(
+                dir.path().join("server.key"),
+                ck.signing_key.serialize_pem(),
+            )
+            .expect("write key");
+            toml.push_str(&format!(
+                "[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nrequire = {}\n",
+                opts.require_tls
+            ));
+        }
+        for (name, address) in &opts.backends {
+            toml.push_str(&format!(
+                "[[backend]]\nname = \"{name}\"\naddress = \"{address}\"\n"
+            ));
+        }
+        let config = dir.path().join("pgferry.toml");
+        std::fs::write(&config, toml).expect("write config");
+
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info,pgferry_proxy=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pgferry");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                for (marker, kind) in [
+                    ("admin API listening", "admin"),
+                    ("pgferry listening", "proxy"),
+                ] {
+                    if line.contains(marker) {
+                        if let Some(addr) = field(&line, "address") {
+                            let _ = tx.send((kind, addr));
+                        }
+                    }
+                }
+                let mut l = log2.lock().unwrap_or_else(|p| p.into_inner());
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut addr = None;
+        let mut admin = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while addr.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(("proxy", a)) => addr = Some(a),
+                Ok((_, a)) => admin = Some(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "pgferry did not start; log:\n{}",
+                        log.lock().unwrap_or_else(|p| p.into_inner())
+                    );
+                }
+            }
+        }
+        ProxyProcess {
+            child,
+            addr: addr.expect("proxy address"),
+            admin: admin.expect("admin address"),
+            dir,
+            log,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn url(&self, user: &str, password: &str, params: &str) -> String {
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/{DB}?{params}",
+            self.port()
+        )
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// GET on the admin server: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin).expect("admin connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read");
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// A metric's value (first sample whose line starts with `series`).
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgferry did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` from a tracing line.
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn tokio_config(proxy: &ProxyProcess, user: &str, password: &str) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host("127.0.0.1")
+        .port(proxy.port())
+        .user(user)
+        .password(password)
+        .dbname(DB)
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
+        .connect_timeout(Duration::from_secs(10));
+    c
+}
+
+/// Connects through the proxy; the connection task's result comes back
+/// through the join handle.
+pub async fn connect(
+    proxy: &ProxyProcess,
+    user: &str,
+    password: &str,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    tokio_postgres::Error,
+> {
+    let (client, conn) = tokio_config(proxy, user, password)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    Ok((client, tokio::spawn(conn)))
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_owned())
+}
+
+/// Which cluster a port belongs to.
+pub fn cluster_by_port(port: u16) -> &'static Cluster {
+    let e = env();
+    if e.pg1.port() == port {
+        &e.pg1
+    } else {
+        assert_eq!(e.pg2.port(), port, "unknown backend port");
+        &e.pg2
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds, failing after `limit`.
+/// For conditions with no event to await (state in another process).
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
