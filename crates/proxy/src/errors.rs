@@ -46,13 +46,14 @@ pub enum SessionError {
 }
 
 impl SessionError {
-    pub fn sqlstate(&self) -> &'static str {
+    /// The SQLSTATE the client receives.
+    pub fn sqlstate(&self) -> &str {
         match self {
             SessionError::BackendUnreachable { .. } | SessionError::BackendClosed { .. } => "08006",
             SessionError::BackendProtocol { .. } | SessionError::ClientProtocol(_) => "08P01",
             SessionError::BackendLogin { .. } => "08004",
             SessionError::BackendError(f) => match f.sqlstate() {
-                Some(s) if s.len() == 5 => "relayed",
+                Some(s) if s.len() == 5 => s,
                 _ => "XX000",
             },
             SessionError::UnsupportedProtocol(_) => "0A000",
@@ -67,7 +68,10 @@ impl SessionError {
     /// Appends the FATAL ErrorResponse the client should receive.
     pub fn encode_for_client(&self, buf: &mut BytesMut) {
         let res = match self {
-            SessionError::BackendError(fields) if self.sqlstate() == "relayed" => {
+            // Relayed exactly as the backend sent it (severity, detail, hint).
+            SessionError::BackendError(fields)
+                if fields.sqlstate().is_some_and(|s| s.len() == 5) =>
+            {
                 encode_error_fields(buf, fields)
             }
             _ => encode_error_response(buf, Severity::Fatal, self.sqlstate(), &self.to_string()),

@@ -66,6 +66,10 @@ impl BackendSet {
         let mut backends = Vec::with_capacity(configs.len());
         for c in configs {
             let (host, port) = split_host_port(&c.address)?;
+            // Create the series now so they read 0 rather than be absent.
+            metrics
+                .backend_dial_errors
+                .with_label_values(&[c.name.as_str()]);
             backends.push(Arc::new(Backend {
                 name: c.name.clone(),
                 address: c.address.clone(),

@@ -79,6 +79,17 @@ pub async fn negotiate(tcp: TcpStream, tls: &TlsPolicy) -> Result<Negotiated, Ne
                         "SSLRequest on a TLS stream".into(),
                     ));
                 };
+                // A client must wait for our answer before it says more;
+                // bytes already here were sent in plaintext and must not
+                // be taken as part of what follows (CVE-2021-23214).
+                if sent_early(&tcp) {
+                    return Err(NegotiationFailure::Reply(
+                        Stream::Plain(tcp),
+                        SessionError::ClientProtocol(
+                            "received unencrypted data after SSL request".into(),
+                        ),
+                    ));
+                }
                 let Some(acceptor) = &tls.acceptor else {
                     write_byte(&mut tcp, b'N').await?;
                     stream = Stream::Plain(tcp);
@@ -122,6 +133,13 @@ pub async fn negotiate(tcp: TcpStream, tls: &TlsPolicy) -> Result<Negotiated, Ne
             }
         }
     }
+}
+
+/// True when the peer has sent bytes we have not asked for yet. The socket
+/// is non-blocking, so the peek returns at once.
+fn sent_early(tcp: &TcpStream) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(tcp).peek(&mut probe), Ok(n) if n > 0)
 }
 
 async fn write_byte(tcp: &mut TcpStream, b: u8) -> Result<(), NegotiationFailure> {
