@@ -537,12 +537,70 @@ fn newer_protocol_minor_gets_negotiate_protocol_version() {
     assert_eq!(next[0], b'R');
 }
 
-#[test]
-fn sigterm_stops_accepting_and_exits_zero() {
-    let proxy = ProxyProcess::start(ProxyOptions::default());
-    assert_serves(&proxy);
+#[tokio::test]
+async fn sigterm_lets_sessions_finish_then_closes_them_with_57p01_and_exits_zero() {
+    let proxy = ProxyProcess::start(ProxyOptions::default()); // shutdown_timeout = 1s
+    let (client, conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
     let addr = proxy.addr;
-    let status = proxy.terminate();
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .expect("join");
     assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "did not wait for the session"
+    );
     assert!(TcpStream::connect(addr).is_err(), "still accepting");
+    // The open session was told why, with PostgreSQL's admin_shutdown code.
+    let end = conn.await.expect("join");
+    let e = end.expect_err("session closed without an error");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
+    assert!(client.is_closed());
+}
+
+#[test]
+fn psql_ctrl_c_cancels_through_the_proxy() {
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let child = std::process::Command::new(psql_bin())
+        .arg(proxy.url(
+            USER,
+            PASSWORD,
+            "sslmode=disable&application_name=ctrl-c-test",
+        ))
+        .args(["-X", "-c", "select pg_sleep(60)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let e = env();
+    wait_until(Duration::from_secs(10), "pg_sleep to run", || {
+        [&e.pg1, &e.pg2].iter().any(|c| {
+            c.psql(
+                "postgres",
+                "select count(*) from pg_stat_activity where application_name = 'ctrl-c-test' and state = 'active'",
+            )
+            .map(|n| n.trim() == "1")
+            .unwrap_or(false)
+        })
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = tx.send((out, Instant::now()));
+    });
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let (out, exited) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("psql did not exit");
+    let out = out.expect("psql output");
+    let took = exited.duration_since(sent);
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    assert!(
+        stderr(&out).contains("canceling statement due to user request"),
+        "psql said: {}",
+        stderr(&out)
+    );
 }

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -98,15 +98,16 @@ fn sandbox_prints_a_working_connection_string_and_cleans_up_on_ctrl_c() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app@app");
 
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).expect("SIGINT");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "sandbox did not exit on SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let pid = Pid::from_raw(child.id() as i32);
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    kill(pid, Signal::SIGINT).expect("SIGINT");
+    let status = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("sandbox did not exit on SIGINT")
+        .expect("wait");
     assert!(status.success(), "{status:?}");
     for pid in pids {
         // The postmaster is a child of the sandbox and has been reaped, so

@@ -193,3 +193,136 @@ impl<'m> Forwarder<'m> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgferry_wire::messages::{tag, take_message};
+    use pgferry_wire::ErrorFields;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Two connected loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    fn msg(t: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![t];
+        v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[tokio::test]
+    async fn control_channel_inspect_transfer_stub_and_terminate() {
+        let metrics = Metrics::new();
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_server, mut db) = pair().await;
+        let (tx, rx) = mpsc::channel(4);
+        let mut fwd = Forwarder::new(
+            Stream::Plain(proxy_client),
+            Stream::Plain(proxy_server),
+            SessionTracker::new(b'I', vec![]),
+            rx,
+            1 << 20,
+            &metrics,
+        );
+        let driver = async {
+            // A query and its answer pass through; then the session is idle.
+            app.write_all(&msg(b'Q', b"select 1\0")).await.unwrap();
+            let mut got = vec![0u8; 14];
+            db.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, msg(b'Q', b"select 1\0"));
+            db.write_all(&[msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat())
+                .await
+                .unwrap();
+            let mut answer = vec![0u8; 14 + 6];
+            app.read_exact(&mut answer).await.unwrap();
+
+            let (stx, srx) = oneshot::channel();
+            tx.send(ControlCommand::Inspect(stx)).await.unwrap();
+            let snap = srx.await.unwrap();
+            assert_eq!(snap.outstanding, 0);
+            assert_eq!(snap.tx_status, TxStatus::Idle);
+            assert!(snap.at_message_boundary);
+            assert!(
+                !snap.request_buffer_held && !snap.response_buffer_held,
+                "idle session holds a buffer"
+            );
+            assert_eq!(snap.last_request.map(|s| s.tag), Some(b'Q'));
+            assert_eq!(snap.last_response.map(|s| s.tag), Some(b'Z'));
+
+            let (ttx, trx) = oneshot::channel();
+            tx.send(ControlCommand::Transfer {
+                to: None,
+                reply: ttx,
+            })
+            .await
+            .unwrap();
+            assert_eq!(
+                trx.await.unwrap(),
+                TransferOutcome::RecoverableError("transfer not supported yet".into())
+            );
+            tx.send(ControlCommand::Terminate(SessionError::AdminShutdown))
+                .await
+                .unwrap();
+        };
+        let (end, ()) = tokio::join!(fwd.run(), driver);
+        assert!(
+            matches!(end, ForwardEnd::Terminated(SessionError::AdminShutdown)),
+            "{end:?}"
+        );
+        assert_eq!(metrics.bytes_client_to_server.get(), 14);
+        assert_eq!(metrics.bytes_server_to_client.get(), 20);
+        // What the session layer then sends is decided by errors.rs.
+        let mut buf = bytes::BytesMut::new();
+        SessionError::AdminShutdown.encode_for_client(&mut buf);
+        let m = take_message(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(m.tag, tag::ERROR_RESPONSE);
+        assert_eq!(
+            ErrorFields::decode(&m.body).unwrap().sqlstate(),
+            Some("57P01")
+        );
+    }
+
+    #[tokio::test]
+    async fn terminate_waits_for_a_message_boundary() {
+        let metrics = Metrics::new();
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_server, mut db) = pair().await;
+        let (tx, rx) = mpsc::channel(4);
+        let mut fwd = Forwarder::new(
+            Stream::Plain(proxy_client),
+            Stream::Plain(proxy_server),
+            SessionTracker::new(b'I', vec![]),
+            rx,
+            1 << 20,
+            &metrics,
+        );
+        let row = msg(b'D', &[7u8; 100]);
+        let driver = async {
+            // Half a DataRow from the server, then the terminate request.
+            db.write_all(&row[..40]).await.unwrap();
+            let mut first = vec![0u8; 40];
+            app.read_exact(&mut first).await.unwrap();
+            tx.send(ControlCommand::Terminate(SessionError::AdminShutdown))
+                .await
+                .unwrap();
+            // Let the forwarder see the command while mid-message.
+            let (stx, srx) = oneshot::channel();
+            tx.send(ControlCommand::Inspect(stx)).await.unwrap();
+            assert!(!srx.await.unwrap().at_message_boundary);
+            db.write_all(&row[40..]).await.unwrap();
+            let mut rest = vec![0u8; row.len() - 40];
+            app.read_exact(&mut rest).await.unwrap();
+            assert_eq!([first, rest].concat(), row, "the row arrived whole");
+        };
+        let (end, ()) = tokio::join!(fwd.run(), driver);
+        assert!(matches!(end, ForwardEnd::Terminated(_)), "{end:?}");
+        assert!(fwd.response.at_boundary());
+    }
+}
