@@ -230,7 +230,7 @@ async fn run_session(
         ctx.config.proxy.max_message_length,
         &ctx.metrics,
     );
-    let end = fwd.run().await;
+    let end = fwd.run_to_end().await;
     finish(&mut fwd, end, &backend_name, id).await;
 }
 

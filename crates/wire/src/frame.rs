@@ -44,6 +44,15 @@ pub trait FrameVisitor {
     fn end(&mut self, tag: u8) -> Flow;
 }
 
+/// What one [`FrameScanner::scan`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// Bytes consumed: all of the input unless the visitor paused.
+    pub consumed: usize,
+    /// The visitor paused after a message that ended at `consumed`.
+    pub paused: bool,
+}
+
 /// Walks message boundaries over a stream delivered in arbitrary pieces.
 #[derive(Debug, Clone)]
 pub struct FrameScanner {
@@ -85,13 +94,14 @@ impl FrameScanner {
         }
     }
 
-    /// Scans `data`, reporting events to `visitor`. Returns how many bytes
-    /// were consumed: all of `data` unless the visitor paused.
+    /// Scans `data`, reporting events to `visitor`, until its end or until
+    /// the visitor pauses.
     pub fn scan<V: FrameVisitor>(
         &mut self,
         data: &[u8],
         visitor: &mut V,
-    ) -> Result<usize, FrameError> {
+    ) -> Result<Scan, FrameError> {
+        let done = |consumed, paused| Ok(Scan { consumed, paused });
         let mut pos = 0;
         while pos < data.len() {
             if self.body_left > 0 {
@@ -103,7 +113,7 @@ impl FrameScanner {
                 // `take` <= body_left, which is a u32.
                 self.body_left -= take as u32;
                 if self.body_left == 0 && visitor.end(self.tag) == Flow::Pause {
-                    return Ok(pos);
+                    return done(pos, true);
                 }
                 continue;
             }
@@ -120,7 +130,7 @@ impl FrameScanner {
                 pos += take;
                 self.header_have += take as u8;
                 if (self.header_have as usize) < HEADER_LEN {
-                    return Ok(pos);
+                    return done(pos, false);
                 }
                 self.header_have = 0;
                 let h = self.header;
@@ -140,10 +150,10 @@ impl FrameScanner {
             self.capture = visitor.start(tag, len);
             self.body_left = len - 4;
             if self.body_left == 0 && visitor.end(tag) == Flow::Pause {
-                return Ok(pos);
+                return done(pos, true);
             }
         }
-        Ok(pos)
+        done(pos, false)
     }
 }
 
@@ -207,7 +217,7 @@ mod tests {
             ..Default::default()
         };
         let mut sc = FrameScanner::new(DEFAULT_MAX_MESSAGE_LEN);
-        assert_eq!(sc.scan(&s, &mut whole).unwrap(), s.len());
+        assert_eq!(sc.scan(&s, &mut whole).unwrap().consumed, s.len());
         assert_eq!(whole.events.len(), 5);
         assert_eq!(whole.events[3], (b'Z', 5, b"I".to_vec()));
         assert_eq!(whole.events[2].2, b"SELECT 1\0".to_vec());
@@ -220,7 +230,12 @@ mod tests {
         let mut sc = FrameScanner::new(DEFAULT_MAX_MESSAGE_LEN);
         for b in &s {
             assert!(sc.current_tag().is_some() || sc.at_boundary());
-            assert_eq!(sc.scan(std::slice::from_ref(b), &mut bytewise).unwrap(), 1);
+            assert_eq!(
+                sc.scan(std::slice::from_ref(b), &mut bytewise)
+                    .unwrap()
+                    .consumed,
+                1
+            );
         }
         assert!(sc.at_boundary());
         assert_eq!(bytewise.events, whole.events);
@@ -244,12 +259,21 @@ mod tests {
             ..Default::default()
         };
         let mut sc = FrameScanner::new(DEFAULT_MAX_MESSAGE_LEN);
-        let used = sc.scan(&s, &mut r).unwrap();
+        let scan = sc.scan(&s, &mut r).unwrap();
+        let used = scan.consumed;
         let expected = msg(b'T', b"rowdesc").len() + msg(b'D', &[7u8; 300]).len() + 14;
         assert_eq!(used, expected);
+        assert!(scan.paused);
         assert!(sc.at_boundary());
         r.pause_on = None;
-        assert_eq!(sc.scan(&s[used..], &mut r).unwrap(), s.len() - used);
+        let rest = sc.scan(&s[used..], &mut r).unwrap();
+        assert_eq!(
+            rest,
+            Scan {
+                consumed: s.len() - used,
+                paused: false
+            }
+        );
         assert_eq!(r.events.len(), 5);
     }
 
@@ -261,7 +285,22 @@ mod tests {
             ..Default::default()
         };
         let mut sc = FrameScanner::new(DEFAULT_MAX_MESSAGE_LEN);
-        assert_eq!(sc.scan(&s, &mut r).unwrap(), 5);
+        assert_eq!(
+            sc.scan(&s, &mut r).unwrap(),
+            Scan {
+                consumed: 5,
+                paused: true
+            }
+        );
+        // A pause on the very last byte of the input is still reported.
+        let mut sc = FrameScanner::new(DEFAULT_MAX_MESSAGE_LEN);
+        assert_eq!(
+            sc.scan(&s[..5], &mut r).unwrap(),
+            Scan {
+                consumed: 5,
+                paused: true
+            }
+        );
     }
 
     #[test]
@@ -283,7 +322,7 @@ mod tests {
         );
         // Split header still checked.
         let mut sc = FrameScanner::new(1000);
-        assert_eq!(sc.scan(&[b'Q', 0x7f], &mut r), Ok(2));
+        assert_eq!(sc.scan(&[b'Q', 0x7f], &mut r).map(|s| s.consumed), Ok(2));
         assert!(!sc.at_boundary());
         assert_eq!(sc.current_tag(), Some(b'Q'));
         assert!(matches!(

@@ -10,9 +10,10 @@ pub mod buffer_pool;
 pub mod pump;
 pub mod tracker;
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,10 +28,12 @@ use tracker::{CopyState, SessionTracker, Stamp, TxStatus};
 pub enum ControlCommand {
     /// Reply with a snapshot of the session's protocol state.
     Inspect(oneshot::Sender<SessionSnapshot>),
-    /// Move the session to another backend. Not supported yet: answered
-    /// with a recoverable error until live migration lands.
+    /// Move the session to another backend (`to`: a backend name, or the
+    /// least-loaded other one) at its next safe point, waiting at most
+    /// `timeout` for one.
     Transfer {
         to: Option<String>,
+        timeout: Duration,
         reply: oneshot::Sender<TransferOutcome>,
     },
     /// Close the session at the next message boundary with this error.
@@ -39,9 +42,43 @@ pub enum ControlCommand {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TransferOutcome {
-    Success { from: String, to: String },
+    Success {
+        from: String,
+        to: String,
+        duration: Duration,
+    },
+    /// Nothing changed for the session; it stays where it was.
     RecoverableError(String),
+    /// The session could not be kept and was closed.
     FatalError(String),
+}
+
+/// A transfer that has found its safe point, handed to the session layer.
+#[derive(Debug)]
+pub struct TransferRequest {
+    pub to: Option<String>,
+    pub requested_at: Instant,
+    pub reply: oneshot::Sender<TransferOutcome>,
+}
+
+/// Why `Forwarder::run` returned.
+#[derive(Debug)]
+pub enum Interrupt {
+    /// Forwarding is over.
+    Ended(ForwardEnd),
+    /// A requested transfer may run now: no request outstanding, idle, no
+    /// COPY, nothing half-forwarded either way. The request direction is
+    /// held until `resume_after_transfer`.
+    SafePoint(TransferRequest),
+}
+
+/// A transfer waiting for its safe point (an explicit state, not flags).
+enum TransferWait {
+    None,
+    Waiting {
+        request: TransferRequest,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +92,14 @@ pub struct SessionSnapshot {
     pub at_message_boundary: bool,
     pub request_buffer_held: bool,
     pub response_buffer_held: bool,
+    /// A transfer is waiting for a safe point.
+    pub transfer_pending: bool,
+}
+
+enum WaitStep {
+    Ready(TransferRequest),
+    Resumed,
+    Waiting,
 }
 
 /// Why forwarding stopped.
@@ -81,6 +126,7 @@ pub struct Forwarder<'m> {
     control: mpsc::Receiver<ControlCommand>,
     control_open: bool,
     pending_terminate: Option<SessionError>,
+    transfer: TransferWait,
     metrics: &'m Metrics,
 }
 
@@ -102,14 +148,43 @@ impl<'m> Forwarder<'m> {
             control,
             control_open: true,
             pending_terminate: None,
+            transfer: TransferWait::None,
             metrics,
         }
     }
 
-    /// Forwards until one side ends; the sockets stay in `self` so the
-    /// caller can say goodbye properly.
-    pub async fn run(&mut self) -> ForwardEnd {
+    /// Forwards until one side ends or a transfer reaches its safe point;
+    /// the sockets stay in `self` so the caller can transfer or say goodbye.
+    pub async fn run(&mut self) -> Interrupt {
         poll_fn(|cx| self.poll_session(cx)).await
+    }
+
+    /// Forwards until the session ends, refusing transfers (for callers
+    /// with no transfer machinery, such as tests of the pumps).
+    pub async fn run_to_end(&mut self) -> ForwardEnd {
+        loop {
+            match self.run().await {
+                Interrupt::Ended(end) => return end,
+                Interrupt::SafePoint(req) => {
+                    let _ = req.reply.send(TransferOutcome::RecoverableError(
+                        "transfers are not available".into(),
+                    ));
+                    self.resume_after_transfer();
+                }
+            }
+        }
+    }
+
+    /// Releases the request direction held for a transfer: bytes the
+    /// client sent meanwhile go to whatever server is now in `self.server`.
+    pub fn resume_after_transfer(&mut self) {
+        self.tracker.set_hold_at_sync(false);
+        self.request.resume();
+    }
+
+    /// True when a transfer may run right now.
+    fn at_safe_point(&self) -> bool {
+        self.request.is_drained() && self.response.at_boundary() && self.tracker.is_quiescent()
     }
 
     fn snapshot(&self) -> SessionSnapshot {
@@ -122,6 +197,7 @@ impl<'m> Forwarder<'m> {
             at_message_boundary: self.request.at_boundary() && self.response.at_boundary(),
             request_buffer_held: self.request.holds_buffer(),
             response_buffer_held: self.response.holds_buffer(),
+            transfer_pending: matches!(self.transfer, TransferWait::Waiting { .. }),
         }
     }
 
@@ -130,16 +206,28 @@ impl<'m> Forwarder<'m> {
             ControlCommand::Inspect(reply) => {
                 let _ = reply.send(self.snapshot());
             }
-            ControlCommand::Transfer { reply, .. } => {
-                let _ = reply.send(TransferOutcome::RecoverableError(
-                    "transfer not supported yet".into(),
-                ));
+            ControlCommand::Transfer { to, timeout, reply } => {
+                if matches!(self.transfer, TransferWait::Waiting { .. }) {
+                    let _ = reply.send(TransferOutcome::RecoverableError(
+                        "another transfer of this session is in progress".into(),
+                    ));
+                    return;
+                }
+                self.tracker.set_hold_at_sync(true);
+                self.transfer = TransferWait::Waiting {
+                    request: TransferRequest {
+                        to,
+                        requested_at: Instant::now(),
+                        reply,
+                    },
+                    deadline: Box::pin(tokio::time::sleep(timeout)),
+                };
             }
             ControlCommand::Terminate(err) => self.pending_terminate = Some(err),
         }
     }
 
-    fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<ForwardEnd> {
+    fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<Interrupt> {
         while self.control_open {
             match self.control.poll_recv(cx) {
                 Poll::Ready(Some(cmd)) => self.handle(cmd),
@@ -147,22 +235,80 @@ impl<'m> Forwarder<'m> {
                 Poll::Pending => break,
             }
         }
-        let end = self.poll_pumps(cx);
-        self.metrics
-            .bytes_client_to_server
-            .inc_by(self.request.take_bytes());
-        self.metrics
-            .bytes_server_to_client
-            .inc_by(self.response.take_bytes());
-        if end.is_pending() && self.response.at_boundary() {
-            if let Some(err) = self.pending_terminate.take() {
-                return Poll::Ready(ForwardEnd::Terminated(err));
+        loop {
+            let end = self.poll_pumps(cx);
+            self.metrics
+                .bytes_client_to_server
+                .inc_by(self.request.take_bytes());
+            self.metrics
+                .bytes_server_to_client
+                .inc_by(self.response.take_bytes());
+            if let Poll::Ready(end) = end {
+                if let TransferWait::Waiting { request, .. } =
+                    std::mem::replace(&mut self.transfer, TransferWait::None)
+                {
+                    let _ = request.reply.send(TransferOutcome::RecoverableError(
+                        "session ended before a safe point".into(),
+                    ));
+                }
+                return Poll::Ready(Interrupt::Ended(end));
+            }
+            if self.response.at_boundary() {
+                if let Some(err) = self.pending_terminate.take() {
+                    return Poll::Ready(Interrupt::Ended(ForwardEnd::Terminated(err)));
+                }
+            }
+            match self.poll_transfer_wait(cx) {
+                WaitStep::Ready(req) => return Poll::Ready(Interrupt::SafePoint(req)),
+                // The request direction was released: poll it again now.
+                WaitStep::Resumed => continue,
+                WaitStep::Waiting => return Poll::Pending,
             }
         }
-        end
+    }
+
+    fn poll_transfer_wait(&mut self, cx: &mut Context<'_>) -> WaitStep {
+        if !matches!(self.transfer, TransferWait::Waiting { .. }) {
+            return WaitStep::Waiting;
+        }
+        if self.at_safe_point() {
+            if let TransferWait::Waiting { request, .. } =
+                std::mem::replace(&mut self.transfer, TransferWait::None)
+            {
+                return WaitStep::Ready(request);
+            }
+        }
+        let expired = match &mut self.transfer {
+            TransferWait::Waiting { deadline, .. } => deadline.as_mut().poll(cx).is_ready(),
+            TransferWait::None => false,
+        };
+        if expired {
+            if let TransferWait::Waiting { request, .. } =
+                std::mem::replace(&mut self.transfer, TransferWait::None)
+            {
+                let _ = request.reply.send(TransferOutcome::RecoverableError(
+                    "no safe point before deadline".into(),
+                ));
+            }
+            self.resume_after_transfer();
+            return WaitStep::Resumed;
+        }
+        // Held after a sync point whose answers have all arrived, but the
+        // session is inside a transaction (or COPY): let it go on until
+        // the next sync point.
+        if self.request.is_paused()
+            && self.tracker.outstanding() == 0
+            && self.response.at_boundary()
+        {
+            self.request.resume();
+            return WaitStep::Resumed;
+        }
+        WaitStep::Waiting
     }
 
     fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Poll<ForwardEnd> {
+        // (Request first: what the client sent should reach the server
+        // before we wait on the server's answer.)
         let mut side = self.tracker.request_side();
         match self.request.poll_forward(
             cx,
@@ -259,19 +405,22 @@ mod tests {
             let (ttx, trx) = oneshot::channel();
             tx.send(ControlCommand::Transfer {
                 to: None,
+                timeout: Duration::from_secs(5),
                 reply: ttx,
             })
             .await
             .unwrap();
+            // An idle session is at a safe point at once; this caller has
+            // no transfer machinery and refuses it.
             assert_eq!(
                 trx.await.unwrap(),
-                TransferOutcome::RecoverableError("transfer not supported yet".into())
+                TransferOutcome::RecoverableError("transfers are not available".into())
             );
             tx.send(ControlCommand::Terminate(SessionError::AdminShutdown))
                 .await
                 .unwrap();
         };
-        let (end, ()) = tokio::join!(fwd.run(), driver);
+        let (end, ()) = tokio::join!(fwd.run_to_end(), driver);
         assert!(
             matches!(end, ForwardEnd::Terminated(SessionError::AdminShutdown)),
             "{end:?}"
@@ -321,8 +470,128 @@ mod tests {
             app.read_exact(&mut rest).await.unwrap();
             assert_eq!([first, rest].concat(), row, "the row arrived whole");
         };
-        let (end, ()) = tokio::join!(fwd.run(), driver);
+        let (end, ()) = tokio::join!(fwd.run_to_end(), driver);
         assert!(matches!(end, ForwardEnd::Terminated(_)), "{end:?}");
         assert!(fwd.response.at_boundary());
+    }
+
+    async fn expect_bytes(s: &mut TcpStream, want: &[u8]) {
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn transfer_waits_for_commit_and_held_bytes_go_to_the_new_server() {
+        let metrics = Metrics::new();
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_server, mut db) = pair().await;
+        let (tx, rx) = mpsc::channel(4);
+        let mut fwd = Forwarder::new(
+            Stream::Plain(proxy_client),
+            Stream::Plain(proxy_server),
+            SessionTracker::new(b'I', vec![]),
+            rx,
+            1 << 20,
+            &metrics,
+        );
+        let (ttx, trx) = oneshot::channel();
+        let driver = async {
+            app.write_all(&msg(b'Q', b"begin\0")).await.unwrap();
+            expect_bytes(&mut db, &msg(b'Q', b"begin\0")).await;
+            db.write_all(&[msg(b'C', b"BEGIN\0"), msg(b'Z', b"T")].concat())
+                .await
+                .unwrap();
+            expect_bytes(&mut app, &[msg(b'C', b"BEGIN\0"), msg(b'Z', b"T")].concat()).await;
+            tx.send(ControlCommand::Transfer {
+                to: None,
+                timeout: Duration::from_secs(30),
+                reply: ttx,
+            })
+            .await
+            .unwrap();
+            // Inside the transaction: forwarded, answered, not a safe point.
+            app.write_all(&msg(b'Q', b"select 1\0")).await.unwrap();
+            expect_bytes(&mut db, &msg(b'Q', b"select 1\0")).await;
+            db.write_all(&msg(b'Z', b"T")).await.unwrap();
+            expect_bytes(&mut app, &msg(b'Z', b"T")).await;
+            app.write_all(&msg(b'Q', b"commit\0")).await.unwrap();
+            expect_bytes(&mut db, &msg(b'Q', b"commit\0")).await;
+            // Sent before COMMIT's answer: must wait for the transfer.
+            app.write_all(&msg(b'Q', b"after\0")).await.unwrap();
+            db.write_all(&msg(b'Z', b"I")).await.unwrap();
+            expect_bytes(&mut app, &msg(b'Z', b"I")).await;
+        };
+        let (interrupt, ()) = tokio::join!(fwd.run(), driver);
+        let Interrupt::SafePoint(req) = interrupt else {
+            panic!("expected a safe point, got {interrupt:?}")
+        };
+        assert!(fwd.tracker.is_quiescent());
+        // The session layer would dial and replay here; swap in a new server.
+        let (new_server, mut new_db) = pair().await;
+        let old = std::mem::replace(&mut fwd.server, Stream::Plain(new_server));
+        let _ = req.reply.send(TransferOutcome::Success {
+            from: "a".into(),
+            to: "b".into(),
+            duration: Duration::ZERO,
+        });
+        assert!(matches!(
+            trx.await.unwrap(),
+            TransferOutcome::Success { .. }
+        ));
+        fwd.resume_after_transfer();
+        drop(old);
+        let driver = async {
+            expect_bytes(&mut new_db, &msg(b'Q', b"after\0")).await;
+            new_db.write_all(&msg(b'Z', b"I")).await.unwrap();
+            expect_bytes(&mut app, &msg(b'Z', b"I")).await;
+            drop(app);
+        };
+        let (end, ()) = tokio::join!(fwd.run_to_end(), driver);
+        assert!(matches!(end, ForwardEnd::ClientClosed), "{end:?}");
+        // The old server never saw the held query.
+        let mut rest = Vec::new();
+        db.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "old server got {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn no_safe_point_before_deadline_is_recoverable_and_the_session_goes_on() {
+        let metrics = Metrics::new();
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_server, mut db) = pair().await;
+        let (tx, rx) = mpsc::channel(4);
+        let mut fwd = Forwarder::new(
+            Stream::Plain(proxy_client),
+            Stream::Plain(proxy_server),
+            SessionTracker::new(b'T', vec![]),
+            rx,
+            1 << 20,
+            &metrics,
+        );
+        let driver = async {
+            let (ttx, trx) = oneshot::channel();
+            tx.send(ControlCommand::Transfer {
+                to: None,
+                timeout: Duration::from_millis(50),
+                reply: ttx,
+            })
+            .await
+            .unwrap();
+            assert_eq!(
+                trx.await.unwrap(),
+                TransferOutcome::RecoverableError("no safe point before deadline".into())
+            );
+            app.write_all(&msg(b'Q', b"commit\0")).await.unwrap();
+            expect_bytes(&mut db, &msg(b'Q', b"commit\0")).await;
+            db.write_all(&msg(b'Z', b"I")).await.unwrap();
+            expect_bytes(&mut app, &msg(b'Z', b"I")).await;
+            drop(app);
+        };
+        let (interrupt, ()) = tokio::join!(fwd.run(), driver);
+        assert!(
+            matches!(interrupt, Interrupt::Ended(ForwardEnd::ClientClosed)),
+            "{interrupt:?}"
+        );
     }
 }

@@ -32,6 +32,9 @@ pub struct Pump {
     filled: usize,
     eof: bool,
     needs_flush: bool,
+    /// The visitor paused after a message; nothing more is scanned (so
+    /// nothing more is forwarded) until `resume`.
+    paused: bool,
     scanner: FrameScanner,
     /// Bytes written since the caller last took the count.
     pub(crate) bytes_unreported: u64,
@@ -46,6 +49,7 @@ impl Pump {
             filled: 0,
             eof: false,
             needs_flush: false,
+            paused: false,
             scanner: FrameScanner::new(max_message_len),
             bytes_unreported: 0,
         }
@@ -55,6 +59,21 @@ impl Pump {
     /// written: the peer has seen only whole messages.
     pub fn at_boundary(&self) -> bool {
         self.scanner.at_boundary() && self.filled == 0
+    }
+
+    /// Everything released has been written and no message is partly
+    /// forwarded; bytes held back after a pause may remain buffered.
+    pub fn is_drained(&self) -> bool {
+        self.scanner.at_boundary() && self.written == self.scanned
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Lets a paused pump go on with what it holds and then read again.
+    pub fn resume(&mut self) {
+        self.paused = false;
     }
 
     /// Holds a read buffer right now (for memory accounting and tests).
@@ -115,9 +134,23 @@ impl Pump {
                 self.written = 0;
                 self.scanned = 0;
                 self.filled = 0;
-            } else if self.scanned < self.filled {
-                // Held at a pause point; whoever paused resumes us.
+            }
+            if self.paused {
+                // Held at a pause point; the forwarder resumes us.
+                self.release();
                 return Poll::Pending;
+            }
+            if self.scanned < self.filled {
+                // Bytes held back by an earlier pause.
+                if let Some(buf) = &self.buf {
+                    let scan = self
+                        .scanner
+                        .scan(&buf[self.scanned..self.filled], visitor)
+                        .map_err(PumpError::Frame)?;
+                    self.scanned += scan.consumed;
+                    self.paused = scan.paused;
+                }
+                continue;
             }
             if self.eof {
                 self.release();
@@ -144,11 +177,12 @@ impl Pump {
                         continue;
                     }
                     self.filled += n;
-                    let used = self
+                    let scan = self
                         .scanner
                         .scan(&buf[self.scanned..self.filled], visitor)
                         .map_err(PumpError::Frame)?;
-                    self.scanned += used;
+                    self.scanned += scan.consumed;
+                    self.paused = scan.paused;
                 }
             }
         }

@@ -61,6 +61,9 @@ pub struct SessionTracker {
     /// when the client ends the COPY.
     syncs_in_copy: u32,
     client_terminated: bool,
+    /// A transfer waits for a safe point: stop the request direction right
+    /// after the next sync point, so its answer can drain.
+    hold_at_sync: bool,
     parameters: Vec<(String, String)>,
     capture: Vec<u8>,
 }
@@ -76,6 +79,7 @@ impl SessionTracker {
             copy: CopyState::None,
             syncs_in_copy: 0,
             client_terminated: false,
+            hold_at_sync: false,
             parameters,
             capture: Vec::new(),
         }
@@ -103,6 +107,16 @@ impl SessionTracker {
     pub fn client_terminated(&self) -> bool {
         self.client_terminated
     }
+    pub fn set_hold_at_sync(&mut self, hold: bool) {
+        self.hold_at_sync = hold;
+    }
+
+    /// Replaces the parameters after a transfer (the client has been told
+    /// about every difference).
+    pub fn set_parameters(&mut self, parameters: Vec<(String, String)>) {
+        self.parameters = parameters;
+    }
+
     /// ParameterStatus values as the client last saw them.
     pub fn parameters(&self) -> &[(String, String)] {
         &self.parameters
@@ -159,8 +173,13 @@ impl FrameVisitor for RequestSide<'_> {
         false
     }
 
-    fn end(&mut self, _tag: u8) -> Flow {
-        Flow::Continue
+    fn end(&mut self, t: u8) -> Flow {
+        let sync_point = matches!(t, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL);
+        if sync_point && self.0.hold_at_sync {
+            Flow::Pause
+        } else {
+            Flow::Continue
+        }
     }
 }
 
