@@ -37,6 +37,7 @@ pub async fn run(
             .with_context(|| format!("cannot listen on {admin_addr} (proxy.admin_listen)"))?;
         let state = AdminState {
             metrics: proxy.metrics(),
+            proxy: proxy.context().clone(),
         };
         let mut admin_stop = stop.clone();
         info!(address = %admin.local_addr()?, "admin API listening");

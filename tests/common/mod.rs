@@ -40,6 +40,12 @@ pub fn env() -> &'static Env {
         for c in [&pg1, &pg2] {
             c.ensure_user_and_database(USER, PASSWORD, DB)
                 .expect("create app user");
+            // A role app can SET ROLE to and a schema, present on both (same
+            // roles and schema on every backend, as in a real cluster).
+            c.psql("postgres", "CREATE ROLE reader NOLOGIN; GRANT reader TO app")
+                .expect("create reader role");
+            c.psql(DB, "CREATE SCHEMA IF NOT EXISTS shop AUTHORIZATION app; GRANT USAGE ON SCHEMA shop TO reader")
+                .expect("create schema");
         }
         pg1.ensure_user_and_database(PT_USER, PT_PASSWORD, PT_USER)
             .expect("create ptuser");
@@ -97,6 +103,8 @@ pub struct ProxyOptions {
     pub require_tls: bool,
     /// Extra lines for the [proxy] section.
     pub proxy_extra: String,
+    /// Lines for a [migration] section.
+    pub migration_extra: String,
     /// Userlist file contents; defaults to app's plaintext password and
     /// ptuser's verifier.
     pub userlist: Option<String>,
@@ -113,6 +121,7 @@ impl Default for ProxyOptions {
             tls: true,
             require_tls: false,
             proxy_extra: String::new(),
+            migration_extra: String::new(),
             userlist: None,
         }
     }
@@ -157,6 +166,9 @@ impl ProxyProcess {
                 "[tls]\ncert = \"server.crt\"\nkey = \"server.key\"\nrequire = {}\n",
                 opts.require_tls
             ));
+        }
+        if !opts.migration_extra.is_empty() {
+            toml.push_str(&format!("[migration]\n{}\n", opts.migration_extra));
         }
         for (name, address) in &opts.backends {
             toml.push_str(&format!(
@@ -255,6 +267,66 @@ impl ProxyProcess {
             .map(|x| x.1.to_owned())
             .unwrap_or_default();
         (status, body)
+    }
+
+    /// HTTP request with an optional JSON body and bearer token:
+    /// (status code, body).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin).expect("admin connect");
+        s.set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
+        let body = body.unwrap_or("");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read");
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The admin API's view of the session whose application_name is `app`.
+    pub fn connection_by_app(&self, app: &str) -> serde_json::Value {
+        let (status, body) = self.http("GET", "/v1/connections", None, None);
+        assert_eq!(status, 200, "{body}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");
+        list.into_iter()
+            .find(|c| c["application_name"] == app)
+            .unwrap_or_else(|| panic!("no connection with application_name {app}: {body}"))
+    }
+
+    /// POST /v1/connections/{id}/transfer: (status, parsed body).
+    pub fn transfer(&self, id: &str, body: &str) -> (u16, serde_json::Value) {
+        let (status, text) = self.http(
+            "POST",
+            &format!("/v1/connections/{id}/transfer"),
+            Some(body),
+            None,
+        );
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// A metric's value (first sample whose line starts with `series`).

@@ -1,31 +1,41 @@
 //! pgferry's HTTP admin server.
 //!
-//! Owns the HTTP surface: `GET /healthz` and `GET /metrics` (Prometheus
-//! text) now; the `/v1` connection and backend API later. It reads proxy
-//! state through the proxy crate's public handles and must never touch a
-//! session's sockets itself: it talks to sessions through their control
+//! Owns the HTTP surface: `GET /healthz`, `GET /metrics` (Prometheus text),
+//! and the `/v1` API for orchestrators (list sessions, move one). It reads
+//! proxy state through the registry and must never touch a session's
+//! sockets itself: it talks to sessions only through their control
 //! channels.
+
+mod connections;
 
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
-use pgferry_proxy::Metrics;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pgferry_proxy::{Metrics, ProxyContext};
 use tokio::net::TcpListener;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
+    pub proxy: Arc<ProxyContext>,
 }
 
 pub fn router(state: AdminState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/connections", get(connections::list))
+        .route("/v1/connections/{id}", get(connections::get_one))
+        .route("/v1/connections/{id}/transfer", post(connections::transfer))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(v1)
         .with_state(state)
 }
 
@@ -41,6 +51,30 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
+}
+
+/// `[proxy] admin_token`: every `/v1` route needs `Authorization: Bearer`.
+async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.proxy.config.proxy.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 /// Serves the admin API until `shutdown` resolves.

@@ -39,6 +39,17 @@ pub struct Config {
     pub backend_tls: BackendTlsSection,
     #[serde(rename = "backend", default)]
     pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub migration: MigrationSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSection {
+    /// Custom settings (placeholders such as `app.tenant`) to carry on
+    /// every migration, in addition to those seen in `SET`/`set_config`.
+    #[serde(default)]
+    pub carry_settings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +73,9 @@ pub struct ProxySection {
     /// TCP keepalive idle time on client and backend sockets.
     #[serde(default = "defaults::tcp_keepalive", deserialize_with = "duration")]
     pub tcp_keepalive: Duration,
+    /// When set, every `/v1` admin route needs `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub admin_token: Option<String>,
     /// How long SIGTERM/SIGINT lets sessions finish before closing them.
     #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
@@ -222,6 +236,18 @@ impl Config {
                 "proxy.max_message_length".into(),
                 "must be at least 1024 bytes".into(),
             ));
+        }
+        for (i, name) in self.migration.carry_settings.iter().enumerate() {
+            let ok = name.contains('.')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            if !ok {
+                return Err((
+                    format!("migration.carry_settings[{i}]"),
+                    format!("{name:?} is not a custom setting name like \"app.tenant\""),
+                ));
+            }
         }
         if self.backend_tls.mode == BackendTlsMode::VerifyFull && self.backend_tls.ca.is_none() {
             return Err((

@@ -41,6 +41,10 @@ pub enum SessionError {
     TooManyConnections,
     #[error("terminating connection due to administrator command")]
     AdminShutdown,
+    /// A migration failed after the old backend could no longer keep the
+    /// session.
+    #[error("terminating connection: migration to another backend failed: {0}")]
+    MigrationFailed(String),
     #[error("internal proxy error: {0}")]
     Internal(String),
 }
@@ -49,7 +53,9 @@ impl SessionError {
     /// The SQLSTATE the client receives.
     pub fn sqlstate(&self) -> &str {
         match self {
-            SessionError::BackendUnreachable { .. } | SessionError::BackendClosed { .. } => "08006",
+            SessionError::BackendUnreachable { .. }
+            | SessionError::BackendClosed { .. }
+            | SessionError::MigrationFailed(_) => "08006",
             SessionError::BackendProtocol { .. } | SessionError::ClientProtocol(_) => "08P01",
             SessionError::BackendLogin { .. } => "08004",
             SessionError::BackendError(f) => match f.sqlstate() {
@@ -98,6 +104,7 @@ impl SessionError {
             SessionError::TlsRequired => "tls_required",
             SessionError::TooManyConnections => "too_many_connections",
             SessionError::AdminShutdown => "admin_shutdown",
+            SessionError::MigrationFailed(_) => "migration_failed",
             SessionError::Internal(_) => "internal",
         }
     }

@@ -21,6 +21,7 @@ pub mod registry;
 pub mod session;
 pub mod stream;
 pub mod tls;
+pub mod transfer;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,6 +1,13 @@
 //! The proxy's Prometheus metrics, in one registry that `/metrics` serves.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -12,6 +19,92 @@ pub struct Metrics {
     pub backend_dial_errors: IntCounterVec,
     pub bytes_client_to_server: IntCounter,
     pub bytes_server_to_client: IntCounter,
+    pub migrations: Arc<MigrationOutcomes>,
+    pub migration_duration: Histogram,
+    pub migration_pause: Histogram,
+    pub migration_state_bytes: Histogram,
+}
+
+/// How a migration ended, for the outcome counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationResult {
+    Success,
+    Recoverable,
+    Fatal,
+}
+
+/// The migration outcome counters, exported together so that
+/// `attempted == success + recoverable + fatal` holds in every scrape
+/// (separate counters read at different moments could disagree).
+#[derive(Default)]
+pub struct MigrationOutcomes {
+    success: AtomicU64,
+    recoverable: AtomicU64,
+    fatal: AtomicU64,
+}
+
+impl MigrationOutcomes {
+    pub fn record(&self, result: MigrationResult) {
+        let c = match result {
+            MigrationResult::Success => &self.success,
+            MigrationResult::Recoverable => &self.recoverable,
+            MigrationResult::Fatal => &self.fatal,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (success, recoverable, fatal) read once.
+    pub fn read(&self) -> (u64, u64, u64) {
+        (
+            self.success.load(Ordering::Relaxed),
+            self.recoverable.load(Ordering::Relaxed),
+            self.fatal.load(Ordering::Relaxed),
+        )
+    }
+
+    const NAMES: [(&'static str, &'static str); 4] = [
+        (
+            "pgferry_conn_migration_attempted_total",
+            "Session migrations attempted",
+        ),
+        (
+            "pgferry_conn_migration_success_total",
+            "Session migrations that moved the session",
+        ),
+        (
+            "pgferry_conn_migration_error_recoverable_total",
+            "Session migrations that failed and left the session where it was",
+        ),
+        (
+            "pgferry_conn_migration_error_fatal_total",
+            "Session migrations that failed and closed the session",
+        ),
+    ];
+}
+
+struct MigrationCollector {
+    outcomes: Arc<MigrationOutcomes>,
+    descs: Vec<Desc>,
+}
+
+impl Collector for MigrationCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let (s, r, f) = self.outcomes.read();
+        let values = [s + r + f, s, r, f];
+        MigrationOutcomes::NAMES
+            .iter()
+            .zip(values)
+            .filter_map(|((name, help), v)| {
+                let c = IntCounter::new(*name, *help).ok()?;
+                c.inc_by(v);
+                c.collect().pop()
+            })
+            .collect()
+    }
 }
 
 impl Metrics {
@@ -61,6 +154,31 @@ impl Metrics {
             .expect("static metric definition"),
             bytes_client_to_server: bytes.with_label_values(&["client_to_server"]),
             bytes_server_to_client: bytes.with_label_values(&["server_to_client"]),
+            migrations: Arc::new(MigrationOutcomes::default()),
+            migration_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pgferry_conn_migration_duration_seconds",
+                    "Time from a transfer request to the session running on its new backend",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("static buckets")),
+            )
+            .expect("static metric definition"),
+            migration_pause: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pgferry_conn_migration_pause_seconds",
+                    "Time a migrating session's traffic was held",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets")),
+            )
+            .expect("static metric definition"),
+            migration_state_bytes: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pgferry_conn_migration_state_bytes",
+                    "Size of the session state captured for a migration",
+                )
+                .buckets(prometheus::exponential_buckets(64.0, 4.0, 10).expect("static buckets")),
+            )
+            .expect("static metric definition"),
             registry,
         };
         // Registration only fails on duplicate names, which are static here.
@@ -73,6 +191,18 @@ impl Metrics {
             Box::new(m.backend_connections.clone()),
             Box::new(m.backend_dial_errors.clone()),
             Box::new(bytes),
+            Box::new(m.migration_duration.clone()),
+            Box::new(m.migration_pause.clone()),
+            Box::new(m.migration_state_bytes.clone()),
+            Box::new(MigrationCollector {
+                outcomes: m.migrations.clone(),
+                descs: MigrationOutcomes::NAMES
+                    .iter()
+                    .filter_map(|(n, h)| {
+                        Desc::new((*n).into(), (*h).into(), vec![], Default::default()).ok()
+                    })
+                    .collect(),
+            }),
         ] {
             r.register(c).expect("unique metric names");
         }

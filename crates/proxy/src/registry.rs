@@ -22,6 +22,9 @@ pub struct SessionInfo {
     pub application_name: Option<String>,
     pub backend: String,
     pub connected_at: SystemTime,
+    pub migrations: u32,
+    /// A migration of this session is running right now.
+    pub transferring: bool,
 }
 
 struct Entry {
@@ -84,6 +87,21 @@ impl Registry {
 
     pub fn list(&self) -> Vec<SessionInfo> {
         self.lock().values().map(|e| e.info.clone()).collect()
+    }
+
+    /// The session is being moved (or has stopped being moved).
+    pub fn set_transferring(&self, id: Uuid, on: bool) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.info.transferring = on;
+        }
+    }
+
+    /// The session now runs on `backend`.
+    pub fn record_migration(&self, id: Uuid, backend: &str) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.info.backend = backend.to_owned();
+            e.info.migrations += 1;
+        }
     }
 
     pub fn get(&self, id: Uuid) -> Option<(SessionInfo, mpsc::Sender<ControlCommand>)> {

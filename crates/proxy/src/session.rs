@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use pgferry_wire::messages::{encode_backend_key_data, encode_ready_for_query, encode_terminate};
@@ -21,10 +21,13 @@ use crate::client::auth::{authenticate, AuthOutcome};
 use crate::client::handshake::{negotiate, Negotiated, NegotiationFailure};
 use crate::errors::SessionError;
 use crate::forwarder::tracker::SessionTracker;
-use crate::forwarder::{ForwardEnd, Forwarder};
+use crate::forwarder::{ForwardEnd, Forwarder, Interrupt, TransferOutcome, TransferRequest};
+use crate::metrics::MigrationResult;
 use crate::registry::SessionInfo;
 use crate::stream::{tune_socket, Stream};
+use crate::transfer::{self, ServerSide, SessionIdentity, TransferError};
 use crate::ProxyContext;
+use tracing::Instrument;
 
 /// Time allowed for last words (an ErrorResponse, a Terminate, TLS
 /// close_notify) to a peer that may not be reading.
@@ -57,7 +60,7 @@ pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
     else {
         return;
     };
-    run_session(&ctx, client, server, startup, peer).await;
+    run_session(&ctx, client, server, startup, credentials, peer).await;
 }
 
 /// A connection refused because `max_client_connections` is reached: it
@@ -178,11 +181,11 @@ async fn run_session(
     mut client: Stream,
     (server, relay): (ServerConnection, BytesMut),
     startup: StartupMessage,
+    credentials: BackendCredentials,
     peer: SocketAddr,
 ) {
-    let backend_name = server.backend().name.clone();
     let cancel_key = ctx.cancel_map.register(CancelTarget {
-        backend: backend_name.clone(),
+        backend: server.backend().name.clone(),
         address: server.peer,
         key: server.key,
     });
@@ -207,20 +210,34 @@ async fn run_session(
             user: startup.user().to_owned(),
             database: startup.database().to_owned(),
             application_name: startup.param("application_name").map(str::to_owned),
-            backend: backend_name.clone(),
+            backend: server.backend().name.clone(),
             connected_at: SystemTime::now(),
+            migrations: 0,
+            transferring: false,
         },
         control_tx,
     );
-    debug!(%id, %peer, user = startup.user(), backend = %backend_name, "session started");
+    debug!(%id, %peer, user = startup.user(), backend = %server.backend().name, "session started");
 
     let ServerConnection {
         stream: server_stream,
-        lease: _lease,
+        lease,
         parameters,
         ready_status,
-        ..
+        peer: server_peer,
+        key: server_key,
     } = server;
+    let mut server = ServerSide {
+        lease,
+        peer: server_peer,
+        key: server_key,
+    };
+    let identity = SessionIdentity {
+        id,
+        startup: &startup,
+        credentials: &credentials,
+        cancel_key,
+    };
     let tracker = SessionTracker::new(ready_status, parameters);
     let mut fwd = Forwarder::new(
         client,
@@ -230,8 +247,79 @@ async fn run_session(
         ctx.config.proxy.max_message_length,
         &ctx.metrics,
     );
-    let end = fwd.run_to_end().await;
-    finish(&mut fwd, end, &backend_name, id).await;
+    let end = loop {
+        match fwd.run().await {
+            Interrupt::Ended(end) => break end,
+            Interrupt::SafePoint(request) => {
+                if let Some(fatal) = migrate(ctx, &mut fwd, &mut server, &identity, request).await {
+                    break ForwardEnd::Terminated(fatal);
+                }
+            }
+        }
+    };
+    finish(&mut fwd, end, &server.backend().name, id).await;
+}
+
+/// Runs one transfer at a safe point and answers its requester. Returns
+/// the error to end the session with when the transfer was fatal.
+async fn migrate(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    server: &mut ServerSide,
+    identity: &SessionIdentity<'_>,
+    request: TransferRequest,
+) -> Option<SessionError> {
+    let from = server.backend().name.clone();
+    let span = tracing::info_span!(
+        "migration",
+        session = %identity.id,
+        from = %from,
+        to = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    );
+    let paused_at = Instant::now();
+    ctx.registry.set_transferring(identity.id, true);
+    let result = transfer::transfer(ctx, fwd, server, identity, request.to.as_deref())
+        .instrument(span.clone())
+        .await;
+    ctx.registry.set_transferring(identity.id, false);
+    let (outcome, fatal) = match result {
+        Ok(to) => {
+            fwd.resume_after_transfer();
+            ctx.registry.record_migration(identity.id, &to);
+            span.record("to", to.as_str());
+            span.record("outcome", "success");
+            ctx.metrics
+                .migration_pause
+                .observe(paused_at.elapsed().as_secs_f64());
+            let duration = request.requested_at.elapsed();
+            ctx.metrics
+                .migration_duration
+                .observe(duration.as_secs_f64());
+            ctx.metrics.migrations.record(MigrationResult::Success);
+            (TransferOutcome::Success { from, to, duration }, None)
+        }
+        Err(TransferError::Recoverable(reason)) => {
+            fwd.resume_after_transfer();
+            span.record("outcome", "recoverable_error");
+            span.record("reason", reason.as_str());
+            ctx.metrics.migrations.record(MigrationResult::Recoverable);
+            (TransferOutcome::RecoverableError(reason), None)
+        }
+        Err(TransferError::Fatal(reason)) => {
+            span.record("outcome", "fatal_error");
+            span.record("reason", reason.as_str());
+            ctx.metrics.migrations.record(MigrationResult::Fatal);
+            (
+                TransferOutcome::FatalError(reason.clone()),
+                Some(SessionError::MigrationFailed(reason)),
+            )
+        }
+    };
+    span.in_scope(|| info!("migration finished"));
+    let _ = request.reply.send(outcome);
+    fatal
 }
 
 /// Last words on both sockets, according to why forwarding stopped.

@@ -8,6 +8,7 @@
 
 pub mod buffer_pool;
 pub mod pump;
+pub mod setting_names;
 pub mod tracker;
 
 use std::future::{poll_fn, Future};

@@ -4,6 +4,8 @@
 //! point for a transfer.
 
 use pgferry_wire::messages::decode_parameter_status;
+
+use super::setting_names::find_custom_settings;
 use pgferry_wire::{tag, Flow, FrameVisitor};
 
 /// The last ReadyForQuery's transaction status.
@@ -44,6 +46,8 @@ pub struct Stamp {
 /// ParameterStatus bodies longer than this are not tracked (they are still
 /// forwarded); real ones are tens of bytes.
 const MAX_PARAMETER_STATUS: usize = 8 * 1024;
+/// How much of a Query or Parse text is scanned for setting names.
+const MAX_SCANNED_TEXT: usize = 4 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct SessionTracker {
@@ -66,6 +70,9 @@ pub struct SessionTracker {
     hold_at_sync: bool,
     parameters: Vec<(String, String)>,
     capture: Vec<u8>,
+    /// Start of each Query/Parse text, scanned for custom setting names.
+    request_text: Vec<u8>,
+    custom_settings: Vec<String>,
 }
 
 impl SessionTracker {
@@ -82,6 +89,8 @@ impl SessionTracker {
             hold_at_sync: false,
             parameters,
             capture: Vec::new(),
+            request_text: Vec::new(),
+            custom_settings: Vec::new(),
         }
     }
 
@@ -107,6 +116,12 @@ impl SessionTracker {
     pub fn client_terminated(&self) -> bool {
         self.client_terminated
     }
+    /// Custom settings (`app.tenant`) the client has named in SET or
+    /// set_config.
+    pub fn custom_settings(&self) -> &[String] {
+        &self.custom_settings
+    }
+
     pub fn set_hold_at_sync(&mut self, hold: bool) {
         self.hold_at_sync = hold;
     }
@@ -170,10 +185,31 @@ impl FrameVisitor for RequestSide<'_> {
             tag::TERMINATE => s.client_terminated = true,
             _ => s.syncs_in_copy = 0,
         }
+        if matches!(t, tag::QUERY | tag::PARSE) {
+            s.request_text.clear();
+            return true;
+        }
         false
     }
 
+    fn body(&mut self, _tag: u8, chunk: &[u8]) {
+        let s = &mut *self.0;
+        let room = MAX_SCANNED_TEXT.saturating_sub(s.request_text.len());
+        s.request_text
+            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
     fn end(&mut self, t: u8) -> Flow {
+        if matches!(t, tag::QUERY | tag::PARSE) {
+            let s = &mut *self.0;
+            // Cheap pre-check before the scan proper.
+            if s.request_text
+                .windows(3)
+                .any(|w| w.eq_ignore_ascii_case(b"set"))
+            {
+                find_custom_settings(&s.request_text, &mut s.custom_settings);
+            }
+        }
         let sync_point = matches!(t, tag::QUERY | tag::SYNC | tag::FUNCTION_CALL);
         if sync_point && self.0.hold_at_sync {
             Flow::Pause

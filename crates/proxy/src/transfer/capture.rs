@@ -1,0 +1,214 @@
+//! Capturing a PostgreSQL session's state in one round trip, while the
+//! session is at a safe point and its pumps are held.
+
+use serde::Deserialize;
+
+/// A prepared statement as `pg_prepared_statements` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PreparedStatement {
+    pub name: String,
+    pub statement: String,
+    /// Type names (`regtype` text), resolved to OIDs on the target: OIDs of
+    /// user-defined types differ between servers that are not copies.
+    pub parameter_types: Vec<String>,
+    /// Created by SQL `PREPARE` (replayed by running that text), not by a
+    /// protocol-level Parse.
+    pub from_sql: bool,
+}
+
+/// What moves with a session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// Settings changed in the session (`pg_settings.source = 'session'`).
+    pub settings: Vec<(String, String)>,
+    /// `SET ROLE`, if any.
+    pub role: Option<String>,
+    /// `SET SESSION AUTHORIZATION`, when it differs from the login user.
+    pub session_authorization: Option<String>,
+    /// Custom settings (placeholders) with a value in this session.
+    pub custom: Vec<(String, String)>,
+    pub prepared: Vec<PreparedStatement>,
+    /// Bytes of the captured row.
+    pub size: usize,
+}
+
+/// Session state that cannot move: each one refuses the transfer, and the
+/// session stays where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blocker {
+    TempTables,
+    AdvisoryLocks,
+    Listen,
+    HoldCursors,
+}
+
+impl Blocker {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Blocker::TempTables => "session has temporary tables",
+            Blocker::AdvisoryLocks => "session holds advisory locks",
+            Blocker::Listen => "session is listening on notification channels",
+            Blocker::HoldCursors => "session has WITH HOLD cursors",
+        }
+    }
+}
+
+/// Settings that are not session state or are replayed another way.
+const NOT_REPLAYED: &[&str] = &[
+    "role",
+    "session_authorization",
+    "is_superuser",
+    "transaction_isolation",
+    "transaction_read_only",
+    "transaction_deferrable",
+];
+
+/// The capture query. Placeholders (`app.tenant`) are invisible in
+/// `pg_settings`, so their names come from the caller.
+pub fn capture_query(custom_names: &[String]) -> String {
+    let custom: Vec<String> = custom_names
+        .iter()
+        .map(|n| format!("current_setting({}, true)", quote_literal(n)))
+        .collect();
+    let custom = if custom.is_empty() {
+        "'[]'".to_owned()
+    } else {
+        format!("json_build_array({})::text", custom.join(", "))
+    };
+    format!(
+        "SELECT \
+         (SELECT coalesce(json_agg(json_build_array(name, current_setting(name)) ORDER BY name), '[]') \
+            FROM pg_settings WHERE source = 'session')::text, \
+         current_setting('role'), \
+         session_user::text, \
+         (SELECT coalesce(json_agg(json_build_object('name', name, 'statement', statement, \
+            'parameter_types', parameter_types::text[], 'from_sql', from_sql) ORDER BY prepare_time), '[]') \
+            FROM pg_prepared_statements)::text, \
+         (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())::int, \
+         (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())::int, \
+         (SELECT count(*) FROM pg_listening_channels())::int, \
+         (SELECT count(*) FROM pg_cursors WHERE is_holdable)::int, \
+         {custom}"
+    )
+}
+
+/// Reads the capture row. `Ok(Err(blocker))`: the state cannot move.
+pub fn parse_capture(
+    row: &[Option<&[u8]>],
+    custom_names: &[String],
+    login_user: &str,
+) -> Result<Result<SessionState, Blocker>, String> {
+    let col = |i: usize| -> Result<&str, String> {
+        let bytes = row
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("capture column {i} is missing"))?;
+        std::str::from_utf8(bytes).map_err(|_| format!("capture column {i} is not UTF-8"))
+    };
+    let count = |i: usize| -> Result<i64, String> {
+        col(i)?
+            .parse()
+            .map_err(|_| format!("capture column {i} is not a number"))
+    };
+    for (i, blocker) in [
+        (4, Blocker::TempTables),
+        (5, Blocker::AdvisoryLocks),
+        (6, Blocker::Listen),
+        (7, Blocker::HoldCursors),
+    ] {
+        if count(i)? > 0 {
+            return Ok(Err(blocker));
+        }
+    }
+    let settings: Vec<(String, String)> =
+        serde_json::from_str(col(0)?).map_err(|e| format!("capture settings: {e}"))?;
+    let settings = settings
+        .into_iter()
+        .filter(|(n, _)| !NOT_REPLAYED.contains(&n.as_str()))
+        .collect();
+    let role = match col(1)? {
+        "none" | "" => None,
+        r => Some(r.to_owned()),
+    };
+    let session_user = col(2)?;
+    let session_authorization = (session_user != login_user).then(|| session_user.to_owned());
+    let prepared: Vec<PreparedStatement> =
+        serde_json::from_str(col(3)?).map_err(|e| format!("capture prepared statements: {e}"))?;
+    let values: Vec<Option<String>> =
+        serde_json::from_str(col(8)?).map_err(|e| format!("capture custom settings: {e}"))?;
+    let custom = custom_names
+        .iter()
+        .zip(values)
+        .filter_map(|(n, v)| Some((n.clone(), v?)))
+        .collect();
+    let size = row.iter().map(|c| c.map_or(0, |b| b.len())).sum();
+    Ok(Ok(SessionState {
+        settings,
+        role,
+        session_authorization,
+        custom,
+        prepared,
+        size,
+    }))
+}
+
+/// A string literal that means the same whatever
+/// `standard_conforming_strings` says.
+pub fn quote_literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<'a>(cols: &'a [&'a str]) -> Vec<Option<&'a [u8]>> {
+        cols.iter().map(|c| Some(c.as_bytes())).collect()
+    }
+
+    #[test]
+    fn parses_state_and_blockers() {
+        let names = vec!["app.tenant".to_owned(), "app.unset".to_owned()];
+        let r = row(&[
+            r#"[["search_path","a, b"],["transaction_isolation","read committed"]]"#,
+            "reporter",
+            "alice",
+            r#"[{"name":"s1","statement":"select $1","parameter_types":["integer"],"from_sql":false}]"#,
+            "0",
+            "0",
+            "0",
+            "0",
+            r#"["acme", null]"#,
+        ]);
+        let st = parse_capture(&r, &names, "alice").unwrap().unwrap();
+        assert_eq!(st.settings, vec![("search_path".into(), "a, b".into())]);
+        assert_eq!(st.role.as_deref(), Some("reporter"));
+        assert_eq!(st.session_authorization, None);
+        assert_eq!(st.custom, vec![("app.tenant".into(), "acme".into())]);
+        assert_eq!(st.prepared[0].parameter_types, vec!["integer".to_owned()]);
+        let mut blocked = r.clone();
+        blocked[6] = Some(b"2");
+        assert_eq!(
+            parse_capture(&blocked, &names, "alice").unwrap(),
+            Err(Blocker::Listen)
+        );
+        let mut other_user = r.clone();
+        other_user[2] = Some(b"bob");
+        let st = parse_capture(&other_user, &names, "alice")
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.session_authorization.as_deref(), Some("bob"));
+        assert!(parse_capture(&r[..3], &names, "alice").is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_literal(r"it's a \\ path"), r"E'it''s a \\\\ path'");
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+    }
+}

@@ -1,0 +1,220 @@
+//! Moving a live session to another backend (PostgreSQL dialect).
+//!
+//! Runs inside the session's own task, at a safe point the forwarder
+//! found, with exclusive ownership of both sockets: capture the state on
+//! the old backend (one query), dial and log in to the target exactly as
+//! for a new session, replay the state, tell the client about changed
+//! parameters, swap the server socket, and close the old one. Anything
+//! that fails before the swap leaves the session untouched (recoverable);
+//! losing the old backend mid-capture is fatal.
+
+pub mod capture;
+pub mod replay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use pgferry_wire::messages::{encode_parameter_status, encode_query, encode_terminate};
+use pgferry_wire::{tag, CancelKey, ErrorFields, StartupMessage};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use crate::backend::dial::{self, put_raw, read_message, DialError};
+use crate::backend::login::BackendCredentials;
+use crate::backend::{Backend, BackendLease};
+use crate::cancel::CancelTarget;
+use crate::forwarder::Forwarder;
+use crate::ProxyContext;
+use capture::{capture_query, parse_capture};
+
+/// Who the session is, for dialing a target as the client.
+pub struct SessionIdentity<'a> {
+    pub id: Uuid,
+    pub startup: &'a StartupMessage,
+    pub credentials: &'a BackendCredentials,
+    /// The key the client holds (pgferry's own); it does not change.
+    pub cancel_key: CancelKey,
+}
+
+/// The backend end of the session, besides its socket (which the
+/// forwarder owns).
+pub struct ServerSide {
+    pub lease: BackendLease,
+    pub peer: SocketAddr,
+    pub key: CancelKey,
+}
+
+impl ServerSide {
+    pub fn backend(&self) -> &Arc<Backend> {
+        self.lease.backend()
+    }
+}
+
+#[derive(Debug)]
+pub enum TransferError {
+    /// The session is where it was, untouched.
+    Recoverable(String),
+    /// The session cannot go on.
+    Fatal(String),
+}
+
+use TransferError::{Fatal, Recoverable};
+
+/// The target for a transfer: the named backend, or the least-loaded
+/// other one.
+pub fn choose_target(
+    ctx: &ProxyContext,
+    current: &str,
+    to: Option<&str>,
+) -> Result<Arc<Backend>, TransferError> {
+    match to {
+        Some(name) if name == current => Err(Recoverable(format!("session is already on {name}"))),
+        Some(name) => ctx
+            .backends
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Recoverable(format!("unknown backend {name:?}"))),
+        None => ctx
+            .backends
+            .candidates()
+            .into_iter()
+            .find(|b| b.name != current)
+            .ok_or_else(|| Recoverable("no other backend to move to".into())),
+    }
+}
+
+/// Moves the session; on success returns the new backend's name.
+pub async fn transfer(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    server: &mut ServerSide,
+    session: &SessionIdentity<'_>,
+    to: Option<&str>,
+) -> Result<String, TransferError> {
+    let max_len = ctx.config.proxy.max_message_length;
+    let current = server.backend().name.clone();
+    let target = choose_target(ctx, &current, to)?;
+
+    // 1. Capture, on the old backend.
+    let mut custom: Vec<String> = ctx.config.migration.carry_settings.clone();
+    for n in fwd.tracker.custom_settings() {
+        if !custom.contains(n) {
+            custom.push(n.clone());
+        }
+    }
+    let mut out = BytesMut::new();
+    encode_query(&mut out, &capture_query(&custom)).map_err(|e| Recoverable(e.to_string()))?;
+    let old_dead =
+        |e: &dyn std::fmt::Display| Fatal(format!("backend {current} failed during capture: {e}"));
+    fwd.server.write_all(&out).await.map_err(|e| old_dead(&e))?;
+    fwd.server.flush().await.map_err(|e| old_dead(&e))?;
+    let mut inbuf = BytesMut::new();
+    let mut row = None;
+    let mut error = None;
+    // Messages the client must still get (notices, notifications).
+    let mut for_client = BytesMut::new();
+    loop {
+        let m = read_message(&mut fwd.server, &mut inbuf, max_len)
+            .await
+            .map_err(|e| old_dead(&e))?;
+        match m.tag {
+            tag::DATA_ROW => row = Some(m.body),
+            tag::ERROR_RESPONSE => {
+                let f = ErrorFields::decode(&m.body).map_err(|e| old_dead(&e))?;
+                error = Some(f.message().unwrap_or("error").to_owned());
+            }
+            tag::READY_FOR_QUERY => break,
+            tag::NOTICE_RESPONSE | b'A' | tag::PARAMETER_STATUS => {
+                put_raw(&mut for_client, m.tag, &m.body)
+            }
+            _ => {}
+        }
+    }
+    if let Some(e) = error {
+        return Err(Recoverable(format!("capture failed: {e}")));
+    }
+    let row = row.ok_or_else(|| Recoverable("capture returned no row".into()))?;
+    let cols =
+        pgferry_wire::messages::decode_data_row(&row).map_err(|e| Recoverable(e.to_string()))?;
+    let state = match parse_capture(&cols, &custom, session.startup.user()).map_err(Recoverable)? {
+        Ok(s) => s,
+        Err(blocker) => return Err(Recoverable(blocker.reason().into())),
+    };
+    ctx.metrics.migration_state_bytes.observe(state.size as f64);
+
+    // 2. Dial and log in to the target, as for a new session.
+    let mut startup_chatter = BytesMut::new();
+    let mut conn = match dial::connect(
+        target.clone(),
+        &ctx.dial,
+        session.startup,
+        session.credentials,
+        &mut startup_chatter,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            if matches!(e, DialError::Unreachable(_)) {
+                ctx.metrics
+                    .backend_dial_errors
+                    .with_label_values(&[target.name.as_str()])
+                    .inc();
+            }
+            return Err(Recoverable(format!(
+                "could not connect to {}: {e}",
+                target.name
+            )));
+        }
+    };
+
+    // 3. Replay; any error drops the new connection.
+    let params = replay::replay(&mut conn, &state, max_len)
+        .await
+        .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
+
+    // 4. Swap. From here on the session runs on the target.
+    for (name, value) in &params {
+        let known = fwd
+            .tracker
+            .parameters()
+            .iter()
+            .any(|(n, v)| n == name && v == value);
+        if !known && encode_parameter_status(&mut for_client, name, value).is_err() {
+            tracing::warn!(%name, "could not relay parameter status");
+        }
+    }
+    let dial::ServerConnection {
+        stream,
+        lease,
+        peer,
+        key,
+        ..
+    } = conn;
+    let mut old_stream = std::mem::replace(&mut fwd.server, stream);
+    let _old = std::mem::replace(server, ServerSide { lease, peer, key });
+    ctx.cancel_map.retarget(
+        session.cancel_key,
+        CancelTarget {
+            backend: target.name.clone(),
+            address: peer,
+            key,
+        },
+    );
+    fwd.tracker.set_parameters(params);
+    if !for_client.is_empty() {
+        // A client that is gone will be noticed by the forwarder.
+        let _ = fwd.client.write_all(&for_client).await;
+        let _ = fwd.client.flush().await;
+    }
+    // Say goodbye to the old backend off the session's path.
+    tokio::spawn(async move {
+        let mut x = BytesMut::new();
+        if encode_terminate(&mut x).is_ok() {
+            let _ = old_stream.write_all(&x).await;
+        }
+        let _ = old_stream.shutdown().await;
+    });
+    Ok(target.name.clone())
+}
