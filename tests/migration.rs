@@ -182,3 +182,239 @@ async fn idle_session_moves_with_settings_role_prepared_statements_and_cancel_ke
         1.0
     );
 }
+
+#[tokio::test]
+async fn transfer_inside_a_transaction_completes_right_after_commit() {
+    let proxy = migration_proxy();
+    let c = connect_app(&proxy, "txn-commit").await;
+    let before = server_port(&c).await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS moved_rows(v int)")
+        .await
+        .expect("table");
+    c.batch_execute("BEGIN; INSERT INTO moved_rows VALUES (1)")
+        .await
+        .expect("begin");
+    let id = proxy.connection_by_app("txn-commit")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let admin = proxy.admin;
+    let pending =
+        tokio::task::spawn_blocking(move || admin_transfer(admin, &id, r#"{"timeout_ms": 20000}"#));
+    // The request is held until the transaction ends.
+    tokio::task::spawn_blocking({
+        let admin = proxy.admin;
+        move || {
+            wait_until(Duration::from_secs(10), "state transferring", || {
+                let list = admin_get(admin, "/v1/connections");
+                list.as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["application_name"] == "txn-commit" && c["state"] == "transferring")
+            })
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(server_port(&c).await, before, "moved inside a transaction");
+    c.batch_execute("INSERT INTO moved_rows VALUES (2); COMMIT")
+        .await
+        .expect("commit");
+    let (status, out) = pending.await.expect("join");
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(server_port(&c).await, other_port(before));
+    let committed = cluster_by_port(before)
+        .psql(DB, "select count(*) from moved_rows where v in (1, 2)")
+        .expect("count");
+    assert_eq!(
+        committed, "2",
+        "the transaction committed on the old backend"
+    );
+}
+
+#[tokio::test]
+async fn no_safe_point_before_deadline_gives_409_and_the_transaction_goes_on() {
+    let proxy = migration_proxy();
+    let c = connect_app(&proxy, "txn-deadline").await;
+    let before = server_port(&c).await;
+    c.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+    let (status, out) = transfer(&proxy, "txn-deadline", r#"{"timeout_ms": 300}"#).await;
+    assert_eq!(status, 409, "{out}");
+    assert_eq!(out["outcome"], "recoverable_error");
+    assert_eq!(out["reason"], "no safe point before deadline");
+    let row = c
+        .query_one("select 40 + 2", &[])
+        .await
+        .expect("still in transaction");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    c.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(server_port(&c).await, before);
+    assert_eq!(
+        proxy.metric("pgferry_conn_migration_error_recoverable_total"),
+        1.0
+    );
+    assert_eq!(proxy.metric("pgferry_conn_migration_attempted_total"), 1.0);
+}
+
+fn admin_get(admin: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).expect("admin");
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    resp.split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test]
+async fn state_that_cannot_move_is_refused_with_its_own_reason() {
+    let proxy = migration_proxy();
+    let cases = [
+        (
+            "CREATE TEMP TABLE scratch(v int)",
+            "session has temporary tables",
+            "",
+        ),
+        (
+            "SELECT pg_advisory_lock(4242)",
+            "session holds advisory locks",
+            "SELECT pg_advisory_unlock_all()",
+        ),
+        (
+            "LISTEN some_channel",
+            "session is listening on notification channels",
+            "UNLISTEN *",
+        ),
+        (
+            "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+            "session has WITH HOLD cursors",
+            "CLOSE held",
+        ),
+    ];
+    for (i, (setup, reason, undo)) in cases.iter().enumerate() {
+        let app = format!("blocked-{i}");
+        let c = connect_app(&proxy, &app).await;
+        let before = server_port(&c).await;
+        c.batch_execute(setup).await.expect("setup");
+        let (status, out) = transfer(&proxy, &app, "").await;
+        assert_eq!(status, 409, "{setup}: {out}");
+        assert_eq!(out["reason"], *reason, "{setup}");
+        // Untouched: same backend, still working, state intact.
+        assert_eq!(server_port(&c).await, before);
+        let row = c
+            .query_one("select 1 + 1", &[])
+            .await
+            .expect("session works");
+        assert_eq!(row.get::<_, i32>(0), 2);
+        if !undo.is_empty() {
+            c.batch_execute(undo).await.expect("undo");
+            let (status, out) = transfer(&proxy, &app, "").await;
+            assert_eq!(status, 200, "after {undo}: {out}");
+            assert_eq!(server_port(&c).await, other_port(before));
+        }
+    }
+}
+
+#[tokio::test]
+async fn target_down_gives_409_and_the_session_is_unharmed() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let e = env();
+    let proxy = ProxyProcess::start(ProxyOptions {
+        backends: vec![
+            ("pg1".into(), e.pg1.addr().to_string()),
+            ("dead".into(), dead.to_string()),
+        ],
+        ..Default::default()
+    });
+    let c = connect_app(&proxy, "to-dead").await;
+    assert_eq!(server_port(&c).await, e.pg1.port());
+    c.batch_execute("SET search_path = shop")
+        .await
+        .expect("set");
+    let (status, out) = transfer(&proxy, "to-dead", r#"{"to": "dead"}"#).await;
+    assert_eq!(status, 409, "{out}");
+    assert!(
+        out["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not connect to dead"),
+        "{out}"
+    );
+    assert_eq!(server_port(&c).await, e.pg1.port());
+    assert_eq!(setting(&c, "search_path").await, "shop");
+}
+
+#[tokio::test]
+async fn admin_api_errors_and_bearer_token() {
+    let proxy = ProxyProcess::start(ProxyOptions {
+        proxy_extra: "admin_token = \"s3cret\"".into(),
+        ..Default::default()
+    });
+    let _c = connect_app(&proxy, "api").await;
+    assert_eq!(proxy.http("GET", "/v1/connections", None, None).0, 401);
+    assert_eq!(
+        proxy.http("GET", "/v1/connections", None, Some("wrong")).0,
+        401
+    );
+    assert_eq!(proxy.http_get("/healthz").0, 200);
+    assert_eq!(proxy.http_get("/metrics").0, 200);
+    let (status, body) = proxy.http("GET", "/v1/connections", None, Some("s3cret"));
+    assert_eq!(status, 200);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");
+    let me = list
+        .iter()
+        .find(|c| c["application_name"] == "api")
+        .expect("listed");
+    for key in [
+        "id",
+        "client_addr",
+        "user",
+        "database",
+        "backend",
+        "connected_at",
+        "migrations",
+        "state",
+    ] {
+        assert!(!me[key].is_null(), "{key} missing in {me}");
+    }
+    assert_eq!(me["state"], "idle");
+    assert_eq!(me["user"], USER);
+    let id = me["id"].as_str().expect("id");
+    let (status, one) = proxy.http(
+        "GET",
+        &format!("/v1/connections/{id}"),
+        None,
+        Some("s3cret"),
+    );
+    assert_eq!(status, 200, "{one}");
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    assert_eq!(
+        proxy
+            .http(
+                "GET",
+                &format!("/v1/connections/{unknown}"),
+                None,
+                Some("s3cret")
+            )
+            .0,
+        404
+    );
+    let post = |id: &str, body: &str| {
+        proxy.http(
+            "POST",
+            &format!("/v1/connections/{id}/transfer"),
+            Some(body),
+            Some("s3cret"),
+        )
+    };
+    assert_eq!(post(unknown, "").0, 404);
+    assert_eq!(post(id, r#"{"to": "nowhere"}"#).0, 400);
+    assert_eq!(post(id, "{not json").0, 400);
+    let current = me["backend"].as_str().expect("backend");
+    let (status, body) = post(id, &format!(r#"{{"to": "{current}"}}"#));
+    assert_eq!(status, 409, "{body}");
+}

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::errors::SessionError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MigrationResult};
 use crate::stream::Stream;
 use pump::{Pump, PumpError};
 use tracker::{CopyState, SessionTracker, Stamp, TxStatus};
@@ -167,13 +167,18 @@ impl<'m> Forwarder<'m> {
             match self.run().await {
                 Interrupt::Ended(end) => return end,
                 Interrupt::SafePoint(req) => {
-                    let _ = req.reply.send(TransferOutcome::RecoverableError(
-                        "transfers are not available".into(),
-                    ));
+                    self.refuse(req.reply, "transfers are not available");
                     self.resume_after_transfer();
                 }
             }
         }
+    }
+
+    /// Answers a transfer request that never reached a transfer, counting
+    /// it as a recoverable error like every other refusal.
+    fn refuse(&self, reply: oneshot::Sender<TransferOutcome>, reason: &str) {
+        self.metrics.migrations.record(MigrationResult::Recoverable);
+        let _ = reply.send(TransferOutcome::RecoverableError(reason.into()));
     }
 
     /// Releases the request direction held for a transfer: bytes the
@@ -209,9 +214,7 @@ impl<'m> Forwarder<'m> {
             }
             ControlCommand::Transfer { to, timeout, reply } => {
                 if matches!(self.transfer, TransferWait::Waiting { .. }) {
-                    let _ = reply.send(TransferOutcome::RecoverableError(
-                        "another transfer of this session is in progress".into(),
-                    ));
+                    self.refuse(reply, "another transfer of this session is in progress");
                     return;
                 }
                 self.tracker.set_hold_at_sync(true);
@@ -248,9 +251,7 @@ impl<'m> Forwarder<'m> {
                 if let TransferWait::Waiting { request, .. } =
                     std::mem::replace(&mut self.transfer, TransferWait::None)
                 {
-                    let _ = request.reply.send(TransferOutcome::RecoverableError(
-                        "session ended before a safe point".into(),
-                    ));
+                    self.refuse(request.reply, "session ended before a safe point");
                 }
                 return Poll::Ready(Interrupt::Ended(end));
             }
@@ -287,9 +288,7 @@ impl<'m> Forwarder<'m> {
             if let TransferWait::Waiting { request, .. } =
                 std::mem::replace(&mut self.transfer, TransferWait::None)
             {
-                let _ = request.reply.send(TransferOutcome::RecoverableError(
-                    "no safe point before deadline".into(),
-                ));
+                self.refuse(request.reply, "no safe point before deadline");
             }
             self.resume_after_transfer();
             return WaitStep::Resumed;
