@@ -20,7 +20,7 @@ pub mod scram;
 pub mod userlist;
 
 pub use scram::{
-    ClientKey, ScramClient, ScramCredential, ScramError, ScramServer, ScramServerFinal,
-    ScramVerifier,
+    ClientKey, DerivedKeys, ScramClient, ScramCredential, ScramError, ScramServer,
+    ScramServerFinal, ScramVerifier,
 };
 pub use userlist::{Secret, UserEntry, UserList, UserListError};

@@ -582,10 +582,82 @@ enum ClientState {
     Done,
 }
 
+/// Keys derived from one password, per (salt, iteration count). PBKDF2 is
+/// the costly part of a SCRAM login and a backend's salt does not change, so
+/// each user pays it once per backend rather than on every session and
+/// every migration. Holds login-equivalent keys, like the password itself.
+#[derive(Default)]
+pub struct DerivedKeys {
+    entries: std::sync::Mutex<Vec<DerivedEntry>>,
+}
+
+struct DerivedEntry {
+    salt: Vec<u8>,
+    iterations: u32,
+    client_key: Zeroizing<[u8; KEY_LEN]>,
+    server_key: Zeroizing<[u8; KEY_LEN]>,
+}
+
+/// Distinct (salt, iterations) pairs remembered per password: one per
+/// backend that does not share its verifier.
+const MAX_DERIVED: usize = 32;
+
+impl DerivedKeys {
+    fn get_or_derive(
+        &self,
+        password: &str,
+        salt: &[u8],
+        iterations: u32,
+    ) -> (Zeroizing<[u8; KEY_LEN]>, Zeroizing<[u8; KEY_LEN]>) {
+        if let Some(e) = self
+            .lock()
+            .iter()
+            .find(|e| e.salt == salt && e.iterations == iterations)
+        {
+            return (e.client_key.clone(), e.server_key.clone());
+        }
+        let salted = salted_password(password, salt, iterations);
+        let client_key = Zeroizing::new(hmac(&salted, &[b"Client Key"]));
+        let server_key = Zeroizing::new(hmac(&salted, &[b"Server Key"]));
+        let mut entries = self.lock();
+        if entries.len() >= MAX_DERIVED {
+            entries.remove(0);
+        }
+        entries.push(DerivedEntry {
+            salt: salt.to_vec(),
+            iterations,
+            client_key: client_key.clone(),
+            server_key: server_key.clone(),
+        });
+        (client_key, server_key)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<DerivedEntry>> {
+        // Entries are pushed whole; a poisoned lock holds no half-entry.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many (salt, iterations) pairs are remembered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for DerivedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DerivedKeys({} entries)", self.len())
+    }
+}
+
 /// Client side of one SCRAM-SHA-256 exchange with a backend.
 pub struct ScramClient {
     credential: ScramCredential,
     state: ClientState,
+    keys: Option<std::sync::Arc<DerivedKeys>>,
 }
 
 impl fmt::Debug for ScramClient {
@@ -601,6 +673,20 @@ impl ScramClient {
         Self {
             credential,
             state: ClientState::Initial,
+            keys: None,
+        }
+    }
+
+    /// Like `new`, reusing (and filling) keys derived earlier from the same
+    /// password.
+    pub fn with_derived_keys(
+        credential: ScramCredential,
+        keys: std::sync::Arc<DerivedKeys>,
+    ) -> Self {
+        Self {
+            credential,
+            state: ClientState::Initial,
+            keys: Some(keys),
         }
     }
 
@@ -675,10 +761,17 @@ impl ScramClient {
 
         let (client_key, stored_key, server_key) = match &self.credential {
             ScramCredential::Password(password) => {
-                let salted = salted_password(password, &salt, iterations);
-                let client_key = Zeroizing::new(hmac(&salted, &[b"Client Key"]));
+                let (client_key, server_key) = match &self.keys {
+                    Some(keys) => keys.get_or_derive(password, &salt, iterations),
+                    None => {
+                        let salted = salted_password(password, &salt, iterations);
+                        (
+                            Zeroizing::new(hmac(&salted, &[b"Client Key"])),
+                            Zeroizing::new(hmac(&salted, &[b"Server Key"])),
+                        )
+                    }
+                };
                 let stored_key = sha256(&client_key[..]);
-                let server_key = Zeroizing::new(hmac(&salted, &[b"Server Key"]));
                 (client_key, stored_key, server_key)
             }
             ScramCredential::ClientKey {

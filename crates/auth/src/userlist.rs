@@ -38,6 +38,9 @@ pub struct UserEntry {
     /// For `Secret::Plain`: derived once at load with a random 16-byte salt and 4096 iterations,
     /// so each login costs no PBKDF2. For `Secret::Verifier`: that verifier.
     pub verifier: ScramVerifier,
+    /// For `Secret::Plain`: keys derived for backends' salts, shared by all
+    /// of this user's sessions.
+    pub backend_keys: std::sync::Arc<crate::scram::DerivedKeys>,
 }
 
 /// Errors loading a userlist; each names the origin (file path) and, for content errors, the
@@ -179,6 +182,7 @@ fn build_entry(
             name,
             secret: Secret::Verifier(verifier.clone()),
             verifier,
+            backend_keys: Default::default(),
         });
     }
     if is_md5_hash(&secret) {
@@ -195,6 +199,7 @@ fn build_entry(
         name,
         secret: Secret::Plain(secret),
         verifier,
+        backend_keys: Default::default(),
     })
 }
 

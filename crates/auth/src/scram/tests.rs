@@ -504,3 +504,21 @@ fn garbage_never_panics() {
         }
     }
 }
+
+#[test]
+fn derived_keys_are_reused_per_salt_and_still_authenticate() {
+    let keys = std::sync::Arc::new(DerivedKeys::default());
+    for (salt, expected_entries) in [(&b"salt-one"[..], 1), (b"salt-one", 1), (b"salt-two", 2)] {
+        let verifier = ScramVerifier::from_password("pencil", salt, 4096);
+        let mut server = ScramServer::new(verifier, true);
+        let mut client = ScramClient::with_derived_keys(password("pencil"), keys.clone());
+        exchange(&mut server, &mut client).expect("login with cached keys");
+        assert_eq!(keys.len(), expected_entries);
+    }
+    // A wrong password is not rescued by keys cached for the right one:
+    // the cache belongs to one password (one userlist entry).
+    let verifier = ScramVerifier::from_password("other", b"salt-one", 4096);
+    let mut server = ScramServer::new(verifier, true);
+    let mut client = ScramClient::with_derived_keys(password("pencil"), keys.clone());
+    assert!(exchange(&mut server, &mut client).is_err());
+}

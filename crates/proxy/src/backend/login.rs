@@ -3,7 +3,9 @@
 //! with the ClientKey recovered from the client's own exchange.
 
 use bytes::BytesMut;
-use pgferry_auth::{ClientKey, ScramClient, ScramCredential, ScramVerifier};
+use std::sync::Arc;
+
+use pgferry_auth::{ClientKey, DerivedKeys, ScramClient, ScramCredential, ScramVerifier};
 use pgferry_wire::messages::{
     encode_password, encode_sasl_initial_response, encode_sasl_response, AuthRequest,
 };
@@ -12,7 +14,12 @@ use zeroize::Zeroizing;
 /// What the proxy may use to log in to a backend as the client's user.
 #[derive(Clone)]
 pub enum BackendCredentials {
-    Password(Zeroizing<String>),
+    /// The userlist's password, with the SCRAM keys already derived from
+    /// it for backends' salts (shared by all of the user's sessions).
+    Password {
+        password: Zeroizing<String>,
+        keys: Arc<DerivedKeys>,
+    },
     /// SCRAM pass-through: the backend must hold the same verifier.
     PassThrough {
         client_key: ClientKey,
@@ -23,7 +30,7 @@ pub enum BackendCredentials {
 impl std::fmt::Debug for BackendCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            BackendCredentials::Password(_) => "Password(..)",
+            BackendCredentials::Password { .. } => "Password(..)",
             BackendCredentials::PassThrough { .. } => "PassThrough(..)",
         })
     }
@@ -79,17 +86,21 @@ impl<'a> Login<'a> {
                         "backend offers only SASL mechanisms {mechanisms:?}"
                     ));
                 }
-                let credential = match self.credentials {
-                    BackendCredentials::Password(p) => ScramCredential::Password(p.to_string()),
+                let mut client = match self.credentials {
+                    BackendCredentials::Password { password, keys } => {
+                        ScramClient::with_derived_keys(
+                            ScramCredential::Password(password.to_string()),
+                            keys.clone(),
+                        )
+                    }
                     BackendCredentials::PassThrough {
                         client_key,
                         verifier,
-                    } => ScramCredential::ClientKey {
+                    } => ScramClient::new(ScramCredential::ClientKey {
                         client_key: client_key.clone(),
                         verifier: verifier.clone(),
-                    },
+                    }),
                 };
-                let mut client = ScramClient::new(credential);
                 let first = client.client_first();
                 encode_sasl_initial_response(out, SCRAM, &first).map_err(|e| e.to_string())?;
                 self.scram = Some(client);
@@ -118,7 +129,7 @@ impl<'a> Login<'a> {
 
     fn password(&self, method: &str) -> Result<&'a str, String> {
         match self.credentials {
-            BackendCredentials::Password(p) => Ok(p.as_str()),
+            BackendCredentials::Password { password, .. } => Ok(password.as_str()),
             BackendCredentials::PassThrough { .. } => Err(format!(
                 "backend asks for {method} authentication, but the userlist holds only a \
                  SCRAM verifier for user {:?}: configure the backend for scram-sha-256 or \

@@ -70,7 +70,10 @@ pub async fn authenticate(
 
     let entry = users.get(user).ok_or_else(failed)?;
     Ok(AuthOutcome::Authenticated(match &entry.secret {
-        Secret::Plain(p) => BackendCredentials::Password(Zeroizing::new(p.to_string())),
+        Secret::Plain(p) => BackendCredentials::Password {
+            password: Zeroizing::new(p.to_string()),
+            keys: entry.backend_keys.clone(),
+        },
         Secret::Verifier(v) => BackendCredentials::PassThrough {
             client_key: done.client_key,
             verifier: v.clone(),

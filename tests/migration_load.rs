@@ -1,0 +1,280 @@
+//! Migration under load: pgbench, a pipelining client and a large COPY,
+//! against two real PostgreSQL clusters.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn admin_json(
+    admin: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).expect("admin");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let json = resp
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+fn sessions_of(admin: std::net::SocketAddr, app: &str) -> Vec<String> {
+    let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["application_name"] == app)
+        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Every `period`, asks for a transfer of every session of `app` (all at
+/// once, each waiting up to `timeout_ms`), until `stop`. Returns the number
+/// of 200 answers and of 500 answers.
+fn transfer_loop(
+    admin: std::net::SocketAddr,
+    app: &'static str,
+    period: Duration,
+    timeout_ms: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let fatal = Arc::new(AtomicUsize::new(0));
+        while !stop.load(Ordering::Relaxed) {
+            let round = Instant::now();
+            let handles: Vec<_> = sessions_of(admin, app)
+                .into_iter()
+                .map(|id| {
+                    let (ok, fatal) = (ok.clone(), fatal.clone());
+                    std::thread::spawn(move || {
+                        let body = format!("{{\"timeout_ms\": {timeout_ms}}}");
+                        let (status, _) = admin_json(
+                            admin,
+                            "POST",
+                            &format!("/v1/connections/{id}/transfer"),
+                            &body,
+                        );
+                        match status {
+                            200 => ok.fetch_add(1, Ordering::Relaxed),
+                            500 => fatal.fetch_add(1, Ordering::Relaxed),
+                            _ => 0,
+                        };
+                    })
+                })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+            // Pacing between rounds, not synchronization.
+            if let Some(rest) = period.checked_sub(round.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        (ok.load(Ordering::Relaxed), fatal.load(Ordering::Relaxed))
+    })
+}
+
+fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new(env().pg1.bins().path("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER])
+        .args(args)
+        .arg(DB)
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGSSLMODE", "disable")
+        .env("PGAPPNAME", "pgbench")
+        .output()
+        .expect("pgbench");
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "pgbench {args:?}:\n{text}");
+    text
+}
+
+fn number_after(text: &str, label: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"))
+}
+
+#[test]
+fn pgbench_prepared_with_a_transfer_of_every_session_every_100ms() {
+    let e = env();
+    for c in [&e.pg1, &e.pg2] {
+        pgbench(c.port(), &["-i", "-s", "1", "-q"]);
+    }
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mover = transfer_loop(
+        proxy.admin,
+        "pgbench",
+        Duration::from_millis(100),
+        2000,
+        stop.clone(),
+    );
+    let out = pgbench(
+        proxy.port(),
+        &["-M", "prepared", "-c", "8", "-j", "2", "-T", "30", "-n"],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (ok, fatal) = mover.join().expect("mover");
+    let failed = number_after(&out, "number of failed transactions:");
+    let processed = number_after(&out, "number of transactions actually processed:");
+    assert_eq!(failed, 0.0, "pgbench failures under migration:\n{out}");
+    assert!(processed > 0.0);
+    assert_eq!(fatal, 0, "fatal migrations");
+    let success = proxy.metric("pgferry_conn_migration_success_total");
+    let recoverable = proxy.metric("pgferry_conn_migration_error_recoverable_total");
+    let fatal_metric = proxy.metric("pgferry_conn_migration_error_fatal_total");
+    let attempted = proxy.metric("pgferry_conn_migration_attempted_total");
+    eprintln!(
+        "pgbench under migration: {processed} transactions, {success} migrations \
+         ({recoverable} recoverable errors); {ok} HTTP 200s"
+    );
+    assert!(success >= 500.0, "only {success} successful migrations");
+    assert_eq!(attempted, success + recoverable + fatal_metric);
+    assert_eq!(success as usize, ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_client_gets_every_result_in_order_under_migrations_every_50ms() {
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let (client, conn) = tokio_config(&proxy, USER, PASSWORD)
+        .application_name("pipeliner")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let stmt = client
+        .prepare("select $1::int4 * 2, inet_server_port()")
+        .await
+        .expect("prepare");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mover = transfer_loop(
+        proxy.admin,
+        "pipeliner",
+        Duration::from_millis(50),
+        5000,
+        stop.clone(),
+    );
+    let mut ports = std::collections::HashSet::new();
+    let started = Instant::now();
+    let mut batches = 0;
+    while started.elapsed() < Duration::from_secs(6) || batches < 3 {
+        // 500 queries in flight at once on one connection.
+        let futures: Vec<_> = (0..500i32)
+            .map(|i| {
+                let (client, stmt) = (&client, &stmt);
+                async move { (i, client.query_one(stmt, &[&i]).await) }
+            })
+            .collect();
+        for (i, r) in futures_util::future::join_all(futures).await {
+            let row = r.unwrap_or_else(|e| panic!("query {i} in batch {batches} failed: {e}"));
+            assert_eq!(row.get::<_, i32>(0), i * 2, "result out of order");
+            ports.insert(row.get::<_, i32>(1));
+        }
+        batches += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, fatal) = tokio::task::spawn_blocking(move || mover.join().expect("mover"))
+        .await
+        .expect("join");
+    assert_eq!(fatal, 0);
+    assert!(ok >= 5, "only {ok} migrations happened");
+    assert_eq!(ports.len(), 2, "answers came from both backends: {ports:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_of_50mb_delays_the_transfer_until_it_ends() {
+    use futures_util::SinkExt;
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let (client, conn) = tokio_config(&proxy, USER, PASSWORD)
+        .application_name("copier")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let before: i32 = client
+        .query_one("select inet_server_port()", &[])
+        .await
+        .expect("port")
+        .get(0);
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS copy_target(line text); TRUNCATE copy_target")
+        .await
+        .expect("table");
+    let sink = client
+        .copy_in("COPY copy_target FROM STDIN")
+        .await
+        .expect("copy in");
+    futures_util::pin_mut!(sink);
+    let line = format!("{}\n", "x".repeat(99));
+    let chunk: bytes::Bytes = line.repeat(10_000).into(); // 1 MB
+    for _ in 0..5 {
+        sink.send(chunk.clone()).await.expect("send");
+    }
+    let admin = proxy.admin;
+    let id = tokio::task::spawn_blocking(move || sessions_of(admin, "copier"))
+        .await
+        .expect("join")
+        .pop()
+        .expect("session listed");
+    let pending = tokio::task::spawn_blocking(move || {
+        admin_json(
+            admin,
+            "POST",
+            &format!("/v1/connections/{id}/transfer"),
+            r#"{"timeout_ms": 120000}"#,
+        )
+    });
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(10), "transfer pending", || {
+            let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["application_name"] == "copier" && c["state"] == "transferring")
+        })
+    })
+    .await
+    .expect("join");
+    for _ in 5..50 {
+        sink.send(chunk.clone())
+            .await
+            .expect("send during pending transfer");
+    }
+    let rows = sink.finish().await.expect("finish copy");
+    assert_eq!(rows, 500_000);
+    let (status, out) = pending.await.expect("join");
+    assert_eq!(status, 200, "{out}");
+    let after: i32 = client
+        .query_one("select inet_server_port()", &[])
+        .await
+        .expect("port")
+        .get(0);
+    assert_ne!(after, before, "session did not move after the copy");
+    let count = cluster_by_port(before as u16)
+        .psql(DB, "select count(*) from copy_target")
+        .expect("count");
+    assert_eq!(count, "500000", "the copy finished on the old backend");
+}
