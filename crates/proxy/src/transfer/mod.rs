@@ -114,10 +114,17 @@ pub async fn transfer(
     let mut error = None;
     // Messages the client must still get (notices, notifications).
     let mut for_client = BytesMut::new();
+    // A backend that stops answering mid-capture cannot be handed the
+    // session back (its answer would arrive later, out of turn).
+    let capture_deadline = tokio::time::Instant::now() + ctx.config.proxy.connect_timeout;
     loop {
-        let m = read_message(&mut fwd.server, &mut inbuf, max_len)
-            .await
-            .map_err(|e| old_dead(&e))?;
+        let m = tokio::time::timeout_at(
+            capture_deadline,
+            read_message(&mut fwd.server, &mut inbuf, max_len),
+        )
+        .await
+        .map_err(|_| old_dead(&"no answer before connect_timeout"))?
+        .map_err(|e| old_dead(&e))?;
         match m.tag {
             tag::DATA_ROW => row = Some(m.body),
             tag::ERROR_RESPONSE => {
