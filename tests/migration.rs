@@ -418,3 +418,49 @@ async fn admin_api_errors_and_bearer_token() {
     let (status, body) = post(id, &format!(r#"{{"to": "{current}"}}"#));
     assert_eq!(status, 409, "{body}");
 }
+
+#[tokio::test]
+async fn replay_failing_on_the_target_is_recoverable_and_leaves_the_session_alone() {
+    let proxy = migration_proxy();
+    let c = connect_app(&proxy, "replay-fails").await;
+    let before = server_port(&c).await;
+    // A table only the current backend has: the statement cannot be
+    // prepared on the other one.
+    cluster_by_port(before)
+        .psql(
+            DB,
+            "CREATE TABLE IF NOT EXISTS only_here(v int); GRANT ALL ON only_here TO app",
+        )
+        .expect("table");
+    c.batch_execute("PREPARE from_only_here AS SELECT count(*) FROM only_here")
+        .await
+        .expect("prepare");
+    let (status, out) = transfer(&proxy, "replay-fails", "").await;
+    assert_eq!(status, 409, "{out}");
+    let reason = out["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("only_here") && reason.contains("replay failed"),
+        "{reason}"
+    );
+    assert_eq!(server_port(&c).await, before);
+    let row = c
+        .query_one("EXECUTE from_only_here", &[])
+        .await
+        .expect("still prepared");
+    assert_eq!(row.get::<_, i64>(0), 0);
+    // The target's half-built connection was dropped: only this session's
+    // server connection is counted.
+    let e = env();
+    let (target, port) = if before == e.pg1.port() {
+        ("pg2", e.pg2.port())
+    } else {
+        ("pg1", e.pg1.port())
+    };
+    assert_eq!(port, other_port(before));
+    assert_eq!(
+        proxy.metric(&format!(
+            "pgferry_backend_connections{{backend=\"{target}\"}}"
+        )),
+        0.0
+    );
+}

@@ -176,13 +176,19 @@ pub async fn transfer(
         Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "session did not answer"),
     };
     match outcome {
-        TransferOutcome::Success { from, to, duration } => outcome_json(
+        TransferOutcome::Success {
+            from,
+            to,
+            duration,
+            pause,
+        } => outcome_json(
             StatusCode::OK,
             serde_json::json!({
                 "outcome": "success",
                 "from": from,
                 "to": to,
                 "duration_ms": duration.as_secs_f64() * 1000.0,
+                "pause_ms": pause.as_secs_f64() * 1000.0,
             }),
         ),
         TransferOutcome::RecoverableError(reason) => outcome_json(

@@ -290,15 +290,20 @@ async fn migrate(
             ctx.registry.record_migration(identity.id, &to);
             span.record("to", to.as_str());
             span.record("outcome", "success");
-            ctx.metrics
-                .migration_pause
-                .observe(paused_at.elapsed().as_secs_f64());
+            let pause = paused_at.elapsed();
+            ctx.metrics.migration_pause.observe(pause.as_secs_f64());
             let duration = request.requested_at.elapsed();
             ctx.metrics
                 .migration_duration
                 .observe(duration.as_secs_f64());
             ctx.metrics.migrations.record(MigrationResult::Success);
-            (TransferOutcome::Success { from, to, duration }, None)
+            let outcome = TransferOutcome::Success {
+                from,
+                to,
+                duration,
+                pause,
+            };
+            (outcome, None)
         }
         Err(TransferError::Recoverable(reason)) => {
             fwd.resume_after_transfer();

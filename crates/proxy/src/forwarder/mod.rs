@@ -46,7 +46,10 @@ pub enum TransferOutcome {
     Success {
         from: String,
         to: String,
+        /// From the request to the session running on `to`.
         duration: Duration,
+        /// How long the session's traffic was held (safe point to resume).
+        pause: Duration,
     },
     /// Nothing changed for the session; it stays where it was.
     RecoverableError(String),
@@ -534,6 +537,7 @@ mod tests {
             from: "a".into(),
             to: "b".into(),
             duration: Duration::ZERO,
+            pause: Duration::ZERO,
         });
         assert!(matches!(
             trx.await.unwrap(),

@@ -177,9 +177,13 @@ pub async fn transfer(
     };
 
     // 3. Replay; any error drops the new connection.
-    let params = replay::replay(&mut conn, &state, max_len)
-        .await
-        .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
+    let params = tokio::time::timeout(
+        ctx.config.proxy.connect_timeout,
+        replay::replay(&mut conn, &state, max_len),
+    )
+    .await
+    .map_err(|_| Recoverable(format!("replay on {} timed out", target.name)))?
+    .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
 
     // 4. Swap. From here on the session runs on the target.
     for (name, value) in &params {
