@@ -111,7 +111,7 @@ fn main() {
                 .user(USER)
                 .password(PASSWORD)
                 .dbname(USER)
-                .application_name(&format!("bench-{i}"))
+                .application_name(format!("bench-{i}"))
                 .connect(tokio_postgres::NoTls)
                 .await
                 .expect("connect");
