@@ -86,3 +86,84 @@ async fn old_backend_killed_during_a_transfer_gives_the_client_an_error_response
     let row = other.query_one("select 1", &[]).await.expect("query");
     assert_eq!(row.get::<_, i32>(0), 1);
 }
+
+/// A notification that arrives while the capture query runs must reach the
+/// client even though LISTEN then refuses the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notification_arriving_during_capture_is_delivered_when_listen_refuses_the_move() {
+    use futures_util::StreamExt;
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let (client, mut connection) = tokio_config(&proxy, USER, PASSWORD)
+        .application_name("listener")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    let rows = client
+        .simple_query("LISTEN moving; select pg_backend_pid(), inet_server_port()")
+        .await
+        .expect("listen");
+    let (pid, port): (i32, u16) = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get(0).and_then(|v| v.parse().ok())?,
+                r.get(1).and_then(|v| v.parse().ok())?,
+            )),
+            _ => None,
+        })
+        .expect("row");
+    let backend = Pid::from_raw(pid);
+    kill(backend, Signal::SIGSTOP).expect("SIGSTOP");
+    cluster_by_port(port)
+        .psql(DB, "NOTIFY moving, 'during-capture'")
+        .expect("notify");
+    let admin = proxy.admin;
+    let id = proxy.connection_by_app("listener")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let pending = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin).expect("admin");
+        write!(
+            s,
+            "POST /v1/connections/{id}/transfer HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
+        )
+        .expect("write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read");
+        resp
+    });
+    let p = &proxy;
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), "capture in progress", || {
+            p.connection_by_app("listener")["state"] == "transferring"
+        })
+    });
+    kill(backend, Signal::SIGCONT).expect("SIGCONT");
+    let resp = tokio::task::block_in_place(|| pending.join().expect("join"));
+    assert!(resp.starts_with("HTTP/1.0 409"), "{resp}");
+    assert!(
+        resp.contains("listening on notification channels"),
+        "{resp}"
+    );
+    let payload = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("notification lost")
+        .expect("channel");
+    assert_eq!(payload, "during-capture");
+    let row = client
+        .query_one("select 1", &[])
+        .await
+        .expect("session works");
+    assert_eq!(row.get::<_, i32>(0), 1);
+}

@@ -138,6 +138,14 @@ pub async fn transfer(
             _ => {}
         }
     }
+    // Whatever happens next, the client gets what arrived meanwhile (a
+    // LISTENing session's notification must not be lost to a refused move).
+    // Both directions are at a message boundary, so whole messages may go.
+    if !for_client.is_empty() {
+        let _ = fwd.client.write_all(&for_client).await;
+        let _ = fwd.client.flush().await;
+        for_client.clear();
+    }
     if let Some(e) = error {
         return Err(Recoverable(format!("capture failed: {e}")));
     }
