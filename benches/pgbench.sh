@@ -1,0 +1,390 @@
+#!/usr/bin/env bash
+# pgbench macro benchmark: direct PostgreSQL vs pgferry vs PgBouncer (session
+# mode), same cluster, same machine, same run, alternating order.
+#
+#   bash benches/pgbench.sh                 # full run (~6.5 min with defaults)
+#   SMOKE=1 bash benches/pgbench.sh         # 2 s per target, fails on errors
+#
+# Environment (defaults in brackets):
+#   DURATION [30]   seconds per pgbench run
+#   CLIENTS  [16]   pgbench -c
+#   THREADS  [2]    pgbench -j
+#   SCALE    [10]   pgbench -i -s
+#   MODES    ["simple extended"]  pgbench -M values
+#   ROUNDS   [2]    runs per (mode, target); odd rounds go direct, pgferry,
+#                   pgbouncer; even rounds the reverse
+#   WARMUP   [5]    seconds of unrecorded select-only load per target first
+#                   (0 = none)
+#   SMOKE    [0]    1 = DURATION=2 ROUNDS=1 SCALE=1 WARMUP=0
+#   PGFERRY_BIN     use this binary instead of `cargo build --release`
+#   PG_BINDIR       PostgreSQL server binaries (else pg_config --bindir,
+#                   else the newest /usr/lib/postgresql/*/bin)
+#   PGBOUNCER       pgbouncer binary (else from PATH or /usr/sbin)
+#   OUT             also write the report (markdown) to this file
+#   KEEP_WORKDIR    1 = keep the temp dir (logs, configs) after exit
+#
+# Exits non-zero if any pgbench run fails, reports failed transactions or
+# reports zero TPS.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+SMOKE=${SMOKE:-0}
+if [[ $SMOKE == 1 ]]; then
+    DURATION=${DURATION:-2}
+    ROUNDS=${ROUNDS:-1}
+    SCALE=${SCALE:-1}
+    WARMUP=${WARMUP:-0}
+fi
+DURATION=${DURATION:-30}
+CLIENTS=${CLIENTS:-16}
+THREADS=${THREADS:-2}
+SCALE=${SCALE:-10}
+MODES=${MODES:-simple extended}
+ROUNDS=${ROUNDS:-2}
+WARMUP=${WARMUP:-5}
+TARGETS=(direct pgferry pgbouncer)
+
+log() { printf '[pgbench.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------- binaries
+
+find_pg_bindir() {
+    local d
+    if [[ -n ${PG_BINDIR:-} ]]; then
+        echo "$PG_BINDIR"
+        return
+    fi
+    if d=$(pg_config --bindir 2>/dev/null) && [[ -x $d/initdb ]]; then
+        echo "$d"
+        return
+    fi
+    d=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null |
+        sort -V | tail -n 1)
+    [[ -n $d ]] || return 1
+    echo "$d"
+}
+
+PG_BINDIR=$(find_pg_bindir) || die "no PostgreSQL server binaries (apt-get install -y postgresql)"
+for b in initdb pg_ctl postgres psql pgbench; do
+    [[ -x $PG_BINDIR/$b ]] || die "$PG_BINDIR/$b not found"
+done
+PSQL=$PG_BINDIR/psql
+PGBENCH=$PG_BINDIR/pgbench
+
+PGBOUNCER=${PGBOUNCER:-$(command -v pgbouncer 2>/dev/null || true)}
+if [[ -z $PGBOUNCER && -x /usr/sbin/pgbouncer ]]; then
+    PGBOUNCER=/usr/sbin/pgbouncer
+fi
+if [[ -z $PGBOUNCER || ! -x $PGBOUNCER ]]; then
+    echo "pgbouncer not found; install it with:" >&2
+    echo "  apt-get install -y pgbouncer" >&2
+    exit 1
+fi
+
+if [[ -n ${PGFERRY_BIN:-} ]]; then
+    [[ -x $PGFERRY_BIN ]] || die "PGFERRY_BIN=$PGFERRY_BIN is not executable"
+else
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --bin pgferry) >&2
+    PGFERRY_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgferry
+    [[ $PGFERRY_BIN == /* ]] || PGFERRY_BIN=$ROOT/$PGFERRY_BIN
+fi
+[[ -x $PGFERRY_BIN ]] || die "$PGFERRY_BIN not found"
+
+# PostgreSQL and PgBouncer refuse to run as root: use the postgres user.
+if [[ $EUID -eq 0 ]]; then
+    RUN_USER=${RUN_USER:-postgres}
+    id "$RUN_USER" >/dev/null 2>&1 || die "running as root needs a '$RUN_USER' user"
+    as_user() { setpriv --reuid="$RUN_USER" --regid="$(id -g "$RUN_USER")" --init-groups -- "$@"; }
+    # For background jobs: replaces the subshell, so `$!` is the program.
+    exec_as_user() { exec setpriv --reuid="$RUN_USER" --regid="$(id -g "$RUN_USER")" --init-groups -- "$@"; }
+else
+    RUN_USER=$(id -un)
+    as_user() { "$@"; }
+    exec_as_user() { exec "$@"; }
+fi
+
+# ----------------------------------------------------------------- cleanup
+
+WORK=""
+PG_STARTED=0
+FERRY_PID=""
+BOUNCER_PID=""
+FAILED_RUN=0
+
+# TERM, then KILL after ~10 s; only for processes this script started.
+stop_pid() {
+    local pid=$1 i
+    [[ -n $pid ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    stop_pid "$FERRY_PID"
+    stop_pid "$BOUNCER_PID"
+    if [[ $PG_STARTED == 1 ]]; then
+        as_user "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -m fast -w -t 30 stop >/dev/null 2>&1 ||
+            as_user "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -m immediate -w stop >/dev/null 2>&1
+    fi
+    if [[ -n $WORK && -d $WORK ]]; then
+        if [[ $rc -ne 0 ]]; then
+            for f in "$WORK"/postgres.log "$WORK"/pgferry.log "$WORK"/pgbouncer.log; do
+                [[ -s $f ]] || continue
+                log "last lines of $f:"
+                tail -n 20 "$f" >&2
+            done
+        fi
+        if [[ ${KEEP_WORKDIR:-0} == 1 ]]; then
+            log "kept $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------- setup
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/pgferry-bench.XXXXXX")
+chmod 755 "$WORK"
+mkdir -p "$WORK/run"
+[[ $EUID -eq 0 ]] && chown -R "$RUN_USER:" "$WORK"
+
+USED_PORTS=" "
+# free_port VAR: a TCP port nothing listens on (and not handed out before).
+free_port() {
+    local p i
+    for ((i = 0; i < 500; i++)); do
+        p=$((20000 + RANDOM % 30000))
+        [[ $USED_PORTS == *" $p "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            USED_PORTS+="$p "
+            printf -v "$1" '%s' "$p"
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+free_port PG_PORT
+free_port FERRY_PORT
+free_port BOUNCER_PORT
+
+export PGPASSWORD=bench PGSSLMODE=disable PGCONNECT_TIMEOUT=5
+unset PGHOST PGPORT PGUSER PGDATABASE PGSERVICE PGOPTIONS
+
+# psql_select PORT: `select 1` as bench over TCP.
+psql_select() {
+    "$PSQL" -X -q -At -h 127.0.0.1 -p "$1" -U bench -d bench -c 'select 1' >/dev/null 2>&1
+}
+
+# wait_ready NAME PORT [PID]: poll until `select 1` works (bounded).
+wait_ready() {
+    local name=$1 port=$2 pid=${3:-} i
+    for ((i = 0; i < 150; i++)); do
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            die "$name exited during startup"
+        fi
+        psql_select "$port" && return 0
+        sleep 0.2
+    done
+    die "$name did not accept connections on port $port within 30 s"
+}
+
+log "PostgreSQL from $PG_BINDIR, port $PG_PORT; workdir $WORK"
+as_user "$PG_BINDIR/initdb" -D "$WORK/pgdata" -U postgres -E UTF8 --no-sync \
+    --auth-local=trust --auth-host=scram-sha-256 >"$WORK/initdb.log" 2>&1 ||
+    { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
+# fsync/synchronous_commit/full_page_writes off: the workload is read-only
+# (pgbench -S) and the setting is the same for all three targets.
+cat >>"$WORK/pgdata/postgresql.conf" <<EOF
+
+# benches/pgbench.sh
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK/run'
+max_connections = 100
+shared_buffers = 128MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+password_encryption = 'scram-sha-256'
+EOF
+as_user "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -l "$WORK/postgres.log" -w -t 60 start >/dev/null ||
+    die "PostgreSQL did not start"
+PG_STARTED=1
+as_user "$PSQL" -X -q -h "$WORK/run" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    -c "CREATE ROLE bench LOGIN PASSWORD 'bench'" \
+    -c "CREATE DATABASE bench OWNER bench" >/dev/null
+wait_ready PostgreSQL "$PG_PORT"
+
+# pgferry: plaintext TCP (no [tls]), one backend, plaintext userlist.
+printf '"bench" "bench"\n' >"$WORK/pgferry-users.txt"
+cat >"$WORK/pgferry.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:$FERRY_PORT"
+shutdown_timeout = "1s"
+
+[auth]
+userlist = "pgferry-users.txt"
+
+[[backend]]
+name = "pg1"
+address = "127.0.0.1:$PG_PORT"
+EOF
+RUST_LOG=${RUST_LOG:-info} "$PGFERRY_BIN" run --config "$WORK/pgferry.toml" \
+    >"$WORK/pgferry.log" 2>&1 &
+FERRY_PID=$!
+
+# PgBouncer: session pooling, SCRAM on both sides (plaintext auth_file so
+# it can log in to PostgreSQL with SCRAM too).
+printf '"bench" "bench"\n' >"$WORK/pgbouncer-users.txt"
+cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/pgbouncer-users.txt
+pool_mode = session
+default_pool_size = $((CLIENTS + 4))
+max_client_conn = $((CLIENTS * 2 + 20))
+ignore_startup_parameters = extra_float_digits
+EOF
+[[ $EUID -eq 0 ]] && chown "$RUN_USER:" "$WORK"/pgbouncer*
+(exec_as_user "$PGBOUNCER" "$WORK/pgbouncer.ini") >"$WORK/pgbouncer.log" 2>&1 &
+BOUNCER_PID=$!
+
+wait_ready pgferry "$FERRY_PORT" "$FERRY_PID"
+wait_ready PgBouncer "$BOUNCER_PORT" "$BOUNCER_PID"
+
+log "pgbench -i -s $SCALE (direct)"
+"$PGBENCH" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U bench bench >"$WORK/pgbench-init.log" 2>&1 ||
+    { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
+
+port_of() {
+    case $1 in
+    direct) echo "$PG_PORT" ;;
+    pgferry) echo "$FERRY_PORT" ;;
+    pgbouncer) echo "$BOUNCER_PORT" ;;
+    esac
+}
+
+# ---------------------------------------------------------------- the runs
+
+declare -A TPS FAILED
+# run_one TARGET MODE SECONDS LOGFILE: sets RUN_TPS, RUN_FAILED, RUN_RC.
+run_one() {
+    local target=$1 mode=$2 secs=$3 out=$4
+    RUN_RC=0
+    "$PGBENCH" -S -n -c "$CLIENTS" -j "$THREADS" -T "$secs" -M "$mode" \
+        -h 127.0.0.1 -p "$(port_of "$target")" -U bench bench >"$out" 2>&1 || RUN_RC=$?
+    RUN_TPS=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out" | head -n 1)
+    RUN_FAILED=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -n 1)
+    RUN_TPS=${RUN_TPS:-0}
+    RUN_FAILED=${RUN_FAILED:-unknown}
+}
+
+if ((WARMUP > 0)); then
+    for target in "${TARGETS[@]}"; do
+        log "warm-up: $target, ${WARMUP}s"
+        run_one "$target" simple "$WARMUP" "$WORK/pgbench-warmup-$target.log"
+    done
+fi
+
+for mode in $MODES; do
+    for ((round = 1; round <= ROUNDS; round++)); do
+        if ((round % 2 == 1)); then
+            order=(direct pgferry pgbouncer)
+        else
+            order=(pgbouncer pgferry direct)
+        fi
+        for target in "${order[@]}"; do
+            out="$WORK/pgbench-$mode-$target-r$round.log"
+            run_one "$target" "$mode" "$DURATION" "$out"
+            log "$mode round $round $target: tps=$RUN_TPS failed=$RUN_FAILED rc=$RUN_RC"
+            if [[ $RUN_RC -ne 0 || $RUN_FAILED != 0 ]] || awk -v t="$RUN_TPS" 'BEGIN { exit !(t <= 0) }'; then
+                FAILED_RUN=1
+                log "pgbench output ($out):"
+                tail -n 25 "$out" >&2
+            fi
+            TPS[$mode,$target]+="$RUN_TPS "
+            if [[ $RUN_FAILED =~ ^[0-9]+$ ]]; then
+                FAILED[$mode,$target]=$((${FAILED[$mode,$target]:-0} + RUN_FAILED))
+            else
+                FAILED[$mode,$target]=unknown
+            fi
+        done
+    done
+done
+
+# ------------------------------------------------------------------ report
+
+commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+report=$WORK/report.md
+{
+    echo "### pgbench -S: direct vs pgferry vs PgBouncer"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- machine: $(nproc) CPUs, kernel $(uname -r)"
+    echo "- pgferry: commit $commit ($PGFERRY_BIN)"
+    echo "- $("$PG_BINDIR/postgres" --version); $("$PGBENCH" --version); $("$PGBOUNCER" --version | head -n 1) (pool_mode=session)"
+    echo "- pgbench -S -n -c $CLIENTS -j $THREADS -T $DURATION -M <mode>, scale $SCALE, $ROUNDS round(s), warm-up ${WARMUP}s per target"
+    echo "- order: odd rounds direct, pgferry, pgbouncer; even rounds pgbouncer, pgferry, direct"
+    echo
+    header="| mode | target |"
+    rule="|---|---|"
+    for ((round = 1; round <= ROUNDS; round++)); do
+        header+=" TPS r$round |"
+        rule+="---:|"
+    done
+    echo "$header mean TPS | vs direct | vs PgBouncer | failed tx |"
+    echo "$rule---:|---:|---:|---:|"
+    for mode in $MODES; do
+        direct_tps=${TPS[$mode,direct]}
+        bouncer_tps=${TPS[$mode,pgbouncer]}
+        for target in "${TARGETS[@]}"; do
+            awk -v mode="$mode" -v target="$target" -v tps="${TPS[$mode,$target]}" \
+                -v d="$direct_tps" -v b="$bouncer_tps" -v failed="${FAILED[$mode,$target]}" '
+                function mean(s,   a, n, i, t) { n = split(s, a, " "); t = 0
+                    for (i = 1; i <= n; i++) t += a[i]; return n ? t / n : 0 }
+                function ratio(x, y) { return y > 0 ? sprintf("%.3f", x / y) : "n/a" }
+                BEGIN {
+                    n = split(tps, a, " "); line = "| " mode " | " target " |"
+                    for (i = 1; i <= n; i++) line = line sprintf(" %.0f |", a[i])
+                    m = mean(tps)
+                    line = line sprintf(" %.0f | %s | %s | %s |", m, ratio(m, mean(d)), ratio(m, mean(b)), failed)
+                    print line
+                }'
+        done
+    done
+} >"$report"
+cat "$report"
+if [[ -n ${OUT:-} ]]; then
+    cp "$report" "$OUT"
+fi
+
+if [[ $FAILED_RUN == 1 ]]; then
+    log "FAILED: a pgbench run failed, reported failed transactions or zero TPS"
+    exit 1
+fi
+log "done"
