@@ -96,7 +96,102 @@ pub async fn transfer(
     let current = server.backend().name.clone();
     let target = choose_target(ctx, &current, to)?;
 
-    // 1. Capture, on the old backend.
+    // 1. Capture on the old backend while dialing the target: the two are
+    //    independent, and the session's traffic is held during both.
+    let mut startup_chatter = BytesMut::new();
+    let (captured, dialed) = tokio::join!(
+        capture(ctx, fwd, &current, session),
+        dial::connect(
+            target.clone(),
+            &ctx.dial,
+            session.startup,
+            session.credentials,
+            &mut startup_chatter,
+        )
+    );
+    // A failed capture drops the new connection, whatever its state.
+    let state = captured?;
+    ctx.metrics.migration_state_bytes.observe(state.size as f64);
+    let mut conn = match dialed {
+        Ok(c) => c,
+        Err(e) => {
+            if matches!(e, DialError::Unreachable(_)) {
+                ctx.metrics
+                    .backend_dial_errors
+                    .with_label_values(&[target.name.as_str()])
+                    .inc();
+            }
+            return Err(Recoverable(format!(
+                "could not connect to {}: {e}",
+                target.name
+            )));
+        }
+    };
+
+    // 2. Replay; any error drops the new connection.
+    let params = tokio::time::timeout(
+        ctx.config.proxy.connect_timeout,
+        replay::replay(&mut conn, &state, max_len),
+    )
+    .await
+    .map_err(|_| Recoverable(format!("replay on {} timed out", target.name)))?
+    .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
+
+    // 3. Swap. From here on the session runs on the target.
+    let mut for_client = BytesMut::new();
+    for (name, value) in &params {
+        let known = fwd
+            .tracker
+            .parameters()
+            .iter()
+            .any(|(n, v)| n == name && v == value);
+        if !known && encode_parameter_status(&mut for_client, name, value).is_err() {
+            tracing::warn!(%name, "could not relay parameter status");
+        }
+    }
+    let dial::ServerConnection {
+        stream,
+        lease,
+        peer,
+        key,
+        ..
+    } = conn;
+    let mut old_stream = std::mem::replace(&mut fwd.server, stream);
+    let _old = std::mem::replace(server, ServerSide { lease, peer, key });
+    ctx.cancel_map.retarget(
+        session.cancel_key,
+        CancelTarget {
+            backend: target.name.clone(),
+            address: peer,
+            key,
+        },
+    );
+    fwd.tracker.set_parameters(params);
+    if !for_client.is_empty() {
+        // A client that is gone will be noticed by the forwarder.
+        let _ = fwd.client.write_all(&for_client).await;
+        let _ = fwd.client.flush().await;
+    }
+    // Say goodbye to the old backend off the session's path.
+    tokio::spawn(async move {
+        let mut x = BytesMut::new();
+        if encode_terminate(&mut x).is_ok() {
+            let _ = old_stream.write_all(&x).await;
+        }
+        let _ = old_stream.shutdown().await;
+    });
+    Ok(target.name.clone())
+}
+
+/// Runs the capture query on the old backend and reads the session state.
+/// Messages meant for the client that arrive meanwhile are delivered.
+async fn capture(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    current: &str,
+    session: &SessionIdentity<'_>,
+) -> Result<capture::SessionState, TransferError> {
+    let max_len = ctx.config.proxy.max_message_length;
     let mut custom: Vec<String> = ctx.config.migration.carry_settings.clone();
     for n in fwd.tracker.custom_settings() {
         if !custom.contains(n) {
@@ -152,88 +247,8 @@ pub async fn transfer(
     let row = row.ok_or_else(|| Recoverable("capture returned no row".into()))?;
     let cols =
         pgferry_wire::messages::decode_data_row(&row).map_err(|e| Recoverable(e.to_string()))?;
-    let state = match parse_capture(&cols, &custom, session.startup.user()).map_err(Recoverable)? {
-        Ok(s) => s,
-        Err(blocker) => return Err(Recoverable(blocker.reason().into())),
-    };
-    ctx.metrics.migration_state_bytes.observe(state.size as f64);
-
-    // 2. Dial and log in to the target, as for a new session.
-    let mut startup_chatter = BytesMut::new();
-    let mut conn = match dial::connect(
-        target.clone(),
-        &ctx.dial,
-        session.startup,
-        session.credentials,
-        &mut startup_chatter,
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            if matches!(e, DialError::Unreachable(_)) {
-                ctx.metrics
-                    .backend_dial_errors
-                    .with_label_values(&[target.name.as_str()])
-                    .inc();
-            }
-            return Err(Recoverable(format!(
-                "could not connect to {}: {e}",
-                target.name
-            )));
-        }
-    };
-
-    // 3. Replay; any error drops the new connection.
-    let params = tokio::time::timeout(
-        ctx.config.proxy.connect_timeout,
-        replay::replay(&mut conn, &state, max_len),
-    )
-    .await
-    .map_err(|_| Recoverable(format!("replay on {} timed out", target.name)))?
-    .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
-
-    // 4. Swap. From here on the session runs on the target.
-    for (name, value) in &params {
-        let known = fwd
-            .tracker
-            .parameters()
-            .iter()
-            .any(|(n, v)| n == name && v == value);
-        if !known && encode_parameter_status(&mut for_client, name, value).is_err() {
-            tracing::warn!(%name, "could not relay parameter status");
-        }
+    match parse_capture(&cols, &custom, session.startup.user()).map_err(Recoverable)? {
+        Ok(state) => Ok(state),
+        Err(blocker) => Err(Recoverable(blocker.reason().into())),
     }
-    let dial::ServerConnection {
-        stream,
-        lease,
-        peer,
-        key,
-        ..
-    } = conn;
-    let mut old_stream = std::mem::replace(&mut fwd.server, stream);
-    let _old = std::mem::replace(server, ServerSide { lease, peer, key });
-    ctx.cancel_map.retarget(
-        session.cancel_key,
-        CancelTarget {
-            backend: target.name.clone(),
-            address: peer,
-            key,
-        },
-    );
-    fwd.tracker.set_parameters(params);
-    if !for_client.is_empty() {
-        // A client that is gone will be noticed by the forwarder.
-        let _ = fwd.client.write_all(&for_client).await;
-        let _ = fwd.client.flush().await;
-    }
-    // Say goodbye to the old backend off the session's path.
-    tokio::spawn(async move {
-        let mut x = BytesMut::new();
-        if encode_terminate(&mut x).is_ok() {
-            let _ = old_stream.write_all(&x).await;
-        }
-        let _ = old_stream.shutdown().await;
-    });
-    Ok(target.name.clone())
 }
