@@ -47,32 +47,16 @@ async fn transfer(proxy: &ProxyProcess, app: &str, body: &str) -> (u16, serde_js
         .to_owned();
     let body = body.to_owned();
     let admin = proxy.admin;
-    tokio::task::spawn_blocking(move || admin_transfer(admin, &id, &body))
-        .await
-        .expect("join")
-}
-
-fn admin_transfer(admin: std::net::SocketAddr, id: &str, body: &str) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin).expect("admin");
-    write!(
-        s,
-        "POST /v1/connections/{id}/transfer HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let json = resp
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (status, json)
+    tokio::task::spawn_blocking(move || {
+        admin_json(
+            admin,
+            "POST",
+            &format!("/v1/connections/{id}/transfer"),
+            &body,
+        )
+    })
+    .await
+    .expect("join")
 }
 
 async fn connect_app(proxy: &ProxyProcess, app: &str) -> tokio_postgres::Client {
@@ -199,20 +183,15 @@ async fn transfer_inside_a_transaction_completes_right_after_commit() {
         .expect("id")
         .to_owned();
     let admin = proxy.admin;
-    let pending =
-        tokio::task::spawn_blocking(move || admin_transfer(admin, &id, r#"{"timeout_ms": 20000}"#));
+    let pending = tokio::task::spawn_blocking(move || {
+        let path = format!("/v1/connections/{id}/transfer");
+        admin_json(admin, "POST", &path, r#"{"timeout_ms": 20000}"#)
+    });
     // The request is held until the transaction ends.
-    tokio::task::spawn_blocking({
-        let admin = proxy.admin;
-        move || {
-            wait_until(Duration::from_secs(10), "state transferring", || {
-                let list = admin_get(admin, "/v1/connections");
-                list.as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["application_name"] == "txn-commit" && c["state"] == "transferring")
-            })
-        }
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(10), "state transferring", || {
+            has_session_in_state(admin, "txn-commit", "transferring")
+        })
     })
     .await
     .expect("join");
@@ -254,17 +233,6 @@ async fn no_safe_point_before_deadline_gives_409_and_the_transaction_goes_on() {
         1.0
     );
     assert_eq!(proxy.metric("pgferry_conn_migration_attempted_total"), 1.0);
-}
-
-fn admin_get(admin: std::net::SocketAddr, path: &str) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin).expect("admin");
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    resp.split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(serde_json::Value::Null)
 }
 
 #[tokio::test]

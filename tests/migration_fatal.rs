@@ -43,18 +43,8 @@ async fn old_backend_killed_during_a_transfer_gives_the_client_an_error_response
         .expect("id")
         .to_owned();
     let pending = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(admin).expect("admin");
-        let body = r#"{"timeout_ms": 5000}"#;
-        write!(
-            s,
-            "POST /v1/connections/{id}/transfer HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("write");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read");
-        resp
+        let path = format!("/v1/connections/{id}/transfer");
+        admin_request(admin, "POST", &path, Some(r#"{"timeout_ms": 5000}"#), None)
     });
     let p = &proxy;
     tokio::task::block_in_place(|| {
@@ -65,8 +55,8 @@ async fn old_backend_killed_during_a_transfer_gives_the_client_an_error_response
     // Now it dies, mid-capture, as pg_terminate_backend would do it.
     kill(backend, Signal::SIGTERM).expect("SIGTERM");
     kill(backend, Signal::SIGCONT).expect("SIGCONT");
-    let resp = tokio::task::block_in_place(|| pending.join().expect("join"));
-    assert!(resp.starts_with("HTTP/1.0 500"), "{resp}");
+    let (status, resp) = tokio::task::block_in_place(|| pending.join().expect("join"));
+    assert_eq!(status, 500, "{resp}");
     assert!(resp.contains("\"outcome\":\"fatal_error\""), "{resp}");
     let end = conn.await.expect("join");
     let e = end.expect_err("connection ended without an ErrorResponse");
@@ -132,16 +122,13 @@ async fn notification_arriving_during_capture_is_delivered_when_listen_refuses_t
         .expect("id")
         .to_owned();
     let pending = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(admin).expect("admin");
-        write!(
-            s,
-            "POST /v1/connections/{id}/transfer HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
+        admin_request(
+            admin,
+            "POST",
+            &format!("/v1/connections/{id}/transfer"),
+            None,
+            None,
         )
-        .expect("write");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read");
-        resp
     });
     let p = &proxy;
     tokio::task::block_in_place(|| {
@@ -150,8 +137,8 @@ async fn notification_arriving_during_capture_is_delivered_when_listen_refuses_t
         })
     });
     kill(backend, Signal::SIGCONT).expect("SIGCONT");
-    let resp = tokio::task::block_in_place(|| pending.join().expect("join"));
-    assert!(resp.starts_with("HTTP/1.0 409"), "{resp}");
+    let (status, resp) = tokio::task::block_in_place(|| pending.join().expect("join"));
+    assert_eq!(status, 409, "{resp}");
     assert!(
         resp.contains("listening on notification channels"),
         "{resp}"

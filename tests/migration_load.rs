@@ -9,44 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn admin_json(
-    admin: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin).expect("admin");
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let json = resp
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (status, json)
-}
-
-fn sessions_of(admin: std::net::SocketAddr, app: &str) -> Vec<String> {
-    let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
-    list.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["application_name"] == app)
-        .filter_map(|c| c["id"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// Every `period`, asks for a transfer of every session of `app` (all at
 /// once, each waiting up to `timeout_ms`), until `stop`. Returns the number
 /// of 200 answers and of 500 answers.
@@ -92,29 +54,6 @@ fn transfer_loop(
         }
         (ok.load(Ordering::Relaxed), fatal.load(Ordering::Relaxed))
     })
-}
-
-fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = std::process::Command::new(env().pg1.bins().path("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER])
-        .args(args)
-        .arg(DB)
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGSSLMODE", "disable")
-        .env("PGAPPNAME", "pgbench")
-        .output()
-        .expect("pgbench");
-    let text = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(out.status.success(), "pgbench {args:?}:\n{text}");
-    text
-}
-
-fn number_after(text: &str, label: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"))
 }
 
 #[test]
@@ -249,11 +188,7 @@ async fn copy_of_50mb_delays_the_transfer_until_it_ends() {
     });
     tokio::task::spawn_blocking(move || {
         wait_until(Duration::from_secs(10), "transfer pending", || {
-            let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
-            list.as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["application_name"] == "copier" && c["state"] == "transferring")
+            has_session_in_state(admin, "copier", "transferring")
         })
     })
     .await

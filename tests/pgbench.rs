@@ -2,39 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-fn pgbench(proxy: &ProxyProcess, args: &[&str]) -> String {
-    let bin = env().pg1.bins().path("pgbench");
-    let out = Command::new(bin)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &proxy.port().to_string(),
-            "-U",
-            USER,
-        ])
-        .args(args)
-        .arg(DB)
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGSSLMODE", "disable")
-        .output()
-        .expect("run pgbench");
-    let text = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
-}
-
-fn number_after(text: &str, label: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {label:?} in pgbench output:\n{text}"))
-}
 
 #[test]
 fn pgbench_select_only_in_all_query_modes_has_no_failures() {
@@ -43,10 +11,10 @@ fn pgbench_select_only_in_all_query_modes_has_no_failures() {
         backends: vec![("pg1".into(), env().pg1.addr().to_string())],
         ..Default::default()
     });
-    pgbench(&proxy, &["-i", "-s", "2", "-q"]);
+    pgbench(proxy.port(), &["-i", "-s", "2", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
         let out = pgbench(
-            &proxy,
+            proxy.port(),
             &["-S", "-c", "16", "-j", "2", "-T", "20", "-n", "-M", mode],
         );
         let processed = number_after(&out, "number of transactions actually processed:");

@@ -251,22 +251,7 @@ impl ProxyProcess {
 
     /// GET on the admin server: (status code, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).expect("admin connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read");
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status");
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|x| x.1.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        admin_request(self.admin, "GET", path, None, None)
     }
 
     /// HTTP request with an optional JSON body and bearer token:
@@ -278,31 +263,7 @@ impl ProxyProcess {
         body: Option<&str>,
         token: Option<&str>,
     ) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).expect("admin connect");
-        s.set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("timeout");
-        let body = body.unwrap_or("");
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("write");
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).expect("read");
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status");
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|x| x.1.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        admin_request(self.admin, method, path, body, token)
     }
 
     /// The admin API's view of the session whose application_name is `app`.
@@ -313,20 +274,6 @@ impl ProxyProcess {
         list.into_iter()
             .find(|c| c["application_name"] == app)
             .unwrap_or_else(|| panic!("no connection with application_name {app}: {body}"))
-    }
-
-    /// POST /v1/connections/{id}/transfer: (status, parsed body).
-    pub fn transfer(&self, id: &str, body: &str) -> (u16, serde_json::Value) {
-        let (status, text) = self.http(
-            "POST",
-            &format!("/v1/connections/{id}/transfer"),
-            Some(body),
-            None,
-        );
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
     }
 
     /// A metric's value (first sample whose line starts with `series`).
@@ -426,4 +373,100 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// One HTTP/1.0 request to the admin server: (status code, body). Blocking,
+/// usable from any thread.
+pub fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(admin).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(180)))
+        .expect("timeout");
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `admin_request` with the body parsed as JSON (Null if it is not).
+pub fn admin_json(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (status, text) = admin_request(admin, method, path, Some(body), None);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Ids of the sessions whose application_name is `app`.
+pub fn sessions_of(admin: SocketAddr, app: &str) -> Vec<String> {
+    let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["application_name"] == app)
+        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The admin API lists a session of `app` in `state`.
+pub fn has_session_in_state(admin: SocketAddr, app: &str, state: &str) -> bool {
+    let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["application_name"] == app && c["state"] == state)
+}
+
+/// Runs pgbench (from the clusters' bindir) against `port` as the app
+/// user; fails the test if pgbench fails. Returns stdout and stderr.
+pub fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = Command::new(env().pg1.bins().path("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER])
+        .args(args)
+        .arg(DB)
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGSSLMODE", "disable")
+        .env("PGAPPNAME", "pgbench")
+        .output()
+        .expect("run pgbench");
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+/// The number after `label` on a line of pgbench output.
+pub fn number_after(text: &str, label: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in pgbench output:\n{text}"))
 }

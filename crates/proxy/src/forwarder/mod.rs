@@ -359,6 +359,31 @@ mod tests {
         (a, b)
     }
 
+    /// A forwarder between two loopback socket pairs: (forwarder, the
+    /// application's end, the database's end, the control sender).
+    async fn session(
+        metrics: &Metrics,
+        status: u8,
+    ) -> (
+        Forwarder<'_>,
+        TcpStream,
+        TcpStream,
+        mpsc::Sender<ControlCommand>,
+    ) {
+        let (app, proxy_client) = pair().await;
+        let (proxy_server, db) = pair().await;
+        let (tx, rx) = mpsc::channel(4);
+        let fwd = Forwarder::new(
+            Stream::Plain(proxy_client),
+            Stream::Plain(proxy_server),
+            SessionTracker::new(status, vec![]),
+            rx,
+            1 << 20,
+            metrics,
+        );
+        (fwd, app, db, tx)
+    }
+
     fn msg(t: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![t];
         v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
@@ -369,17 +394,7 @@ mod tests {
     #[tokio::test]
     async fn control_channel_inspect_transfer_stub_and_terminate() {
         let metrics = Metrics::new();
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_server, mut db) = pair().await;
-        let (tx, rx) = mpsc::channel(4);
-        let mut fwd = Forwarder::new(
-            Stream::Plain(proxy_client),
-            Stream::Plain(proxy_server),
-            SessionTracker::new(b'I', vec![]),
-            rx,
-            1 << 20,
-            &metrics,
-        );
+        let (mut fwd, mut app, mut db, tx) = session(&metrics, b'I').await;
         let driver = async {
             // A query and its answer pass through; then the session is idle.
             app.write_all(&msg(b'Q', b"select 1\0")).await.unwrap();
@@ -444,17 +459,7 @@ mod tests {
     #[tokio::test]
     async fn terminate_waits_for_a_message_boundary() {
         let metrics = Metrics::new();
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_server, mut db) = pair().await;
-        let (tx, rx) = mpsc::channel(4);
-        let mut fwd = Forwarder::new(
-            Stream::Plain(proxy_client),
-            Stream::Plain(proxy_server),
-            SessionTracker::new(b'I', vec![]),
-            rx,
-            1 << 20,
-            &metrics,
-        );
+        let (mut fwd, mut app, mut db, tx) = session(&metrics, b'I').await;
         let row = msg(b'D', &[7u8; 100]);
         let driver = async {
             // Half a DataRow from the server, then the terminate request.
@@ -487,17 +492,7 @@ mod tests {
     #[tokio::test]
     async fn transfer_waits_for_commit_and_held_bytes_go_to_the_new_server() {
         let metrics = Metrics::new();
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_server, mut db) = pair().await;
-        let (tx, rx) = mpsc::channel(4);
-        let mut fwd = Forwarder::new(
-            Stream::Plain(proxy_client),
-            Stream::Plain(proxy_server),
-            SessionTracker::new(b'I', vec![]),
-            rx,
-            1 << 20,
-            &metrics,
-        );
+        let (mut fwd, mut app, mut db, tx) = session(&metrics, b'I').await;
         let (ttx, trx) = oneshot::channel();
         let driver = async {
             app.write_all(&msg(b'Q', b"begin\0")).await.unwrap();
@@ -562,17 +557,7 @@ mod tests {
     #[tokio::test]
     async fn no_safe_point_before_deadline_is_recoverable_and_the_session_goes_on() {
         let metrics = Metrics::new();
-        let (mut app, proxy_client) = pair().await;
-        let (proxy_server, mut db) = pair().await;
-        let (tx, rx) = mpsc::channel(4);
-        let mut fwd = Forwarder::new(
-            Stream::Plain(proxy_client),
-            Stream::Plain(proxy_server),
-            SessionTracker::new(b'T', vec![]),
-            rx,
-            1 << 20,
-            &metrics,
-        );
+        let (mut fwd, mut app, mut db, tx) = session(&metrics, b'T').await;
         let driver = async {
             let (ttx, trx) = oneshot::channel();
             tx.send(ControlCommand::Transfer {

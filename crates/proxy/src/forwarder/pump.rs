@@ -141,7 +141,7 @@ impl Pump {
                 return Poll::Pending;
             }
             if self.scanned < self.filled {
-                // Bytes held back by an earlier pause.
+                // Bytes just read, or held back by an earlier pause.
                 if let Some(buf) = &self.buf {
                     let scan = self
                         .scanner
@@ -176,13 +176,8 @@ impl Pump {
                         self.eof = true;
                         continue;
                     }
+                    // Scanned at the top of the loop, before anything is written.
                     self.filled += n;
-                    let scan = self
-                        .scanner
-                        .scan(&buf[self.scanned..self.filled], visitor)
-                        .map_err(PumpError::Frame)?;
-                    self.scanned += scan.consumed;
-                    self.paused = scan.paused;
                 }
             }
         }
