@@ -58,11 +58,13 @@ async fn inspect_state(state: &AdminState, id: Uuid) -> &'static str {
         return "idle";
     };
     let (tx, rx) = oneshot::channel();
-    if control.send(ControlCommand::Inspect(tx)).await.is_err() {
-        return "idle";
-    }
-    match tokio::time::timeout(INSPECT_TIMEOUT, rx).await {
-        Ok(Ok(snap)) => {
+    // Sending may wait too if the session's control queue is full.
+    let asked = async {
+        control.send(ControlCommand::Inspect(tx)).await.ok()?;
+        rx.await.ok()
+    };
+    match tokio::time::timeout(INSPECT_TIMEOUT, asked).await {
+        Ok(Some(snap)) => {
             if snap.transfer_pending {
                 "transferring"
             } else if snap.tx_status != TxStatus::Idle {
