@@ -41,6 +41,45 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
     pub migration: MigrationSection,
+    /// The connection audit log; off when absent.
+    #[serde(default)]
+    pub audit: Option<AuditSection>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOverflow {
+    #[default]
+    Drop,
+    RejectConnections,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Connection string of the audit database (libpq URL or key=value).
+    pub url: String,
+    /// Schema for the audit tables (created if missing); default `public`.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// Names this pgferry process in every row; default: host name and
+    /// listen address.
+    #[serde(default)]
+    pub proxy_id: Option<String>,
+    #[serde(default = "defaults::flush_interval", deserialize_with = "duration")]
+    pub flush_interval: Duration,
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "defaults::max_pending_rows")]
+    pub max_pending_rows: usize,
+    #[serde(default)]
+    pub on_overflow: OnOverflow,
+    /// Deadline of the final flush on SIGTERM/SIGINT.
+    #[serde(
+        default = "defaults::shutdown_flush_timeout",
+        deserialize_with = "duration"
+    )]
+    pub shutdown_flush_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -146,6 +185,18 @@ mod defaults {
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn flush_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn batch_size() -> usize {
+        1000
+    }
+    pub fn max_pending_rows() -> usize {
+        1_000_000
+    }
+    pub fn shutdown_flush_timeout() -> Duration {
+        Duration::from_secs(15)
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -247,6 +298,17 @@ impl Config {
                     format!("migration.carry_settings[{i}]"),
                     format!("{name:?} is not a custom setting name like \"app.tenant\""),
                 ));
+            }
+        }
+        if let Some(a) = &self.audit {
+            if a.batch_size == 0 || a.max_pending_rows == 0 {
+                return Err((
+                    "audit".into(),
+                    "batch_size and max_pending_rows must be at least 1".into(),
+                ));
+            }
+            if a.flush_interval.is_zero() {
+                return Err(("audit.flush_interval".into(), "must be more than 0".into()));
             }
         }
         if self.backend_tls.mode == BackendTlsMode::VerifyFull && self.backend_tls.ca.is_none() {

@@ -39,6 +39,9 @@ pub enum SessionError {
     TlsRequired,
     #[error("sorry, too many clients already (max_client_connections)")]
     TooManyConnections,
+    /// `[audit] on_overflow = "reject_connections"` and the backlog is full.
+    #[error("sorry, too many clients already (audit log backlog is full)")]
+    AuditBacklogFull,
     #[error("terminating connection due to administrator command")]
     AdminShutdown,
     /// A migration failed after the old backend could no longer keep the
@@ -65,7 +68,7 @@ impl SessionError {
             SessionError::UnsupportedProtocol(_) => "0A000",
             SessionError::AuthFailed { .. } => "28P01",
             SessionError::TlsRequired | SessionError::NoUser => "28000",
-            SessionError::TooManyConnections => "53300",
+            SessionError::TooManyConnections | SessionError::AuditBacklogFull => "53300",
             SessionError::AdminShutdown => "57P01",
             SessionError::Internal(_) => "XX000",
         }
@@ -103,6 +106,7 @@ impl SessionError {
             SessionError::AuthFailed { .. } => "auth_failed",
             SessionError::TlsRequired => "tls_required",
             SessionError::TooManyConnections => "too_many_connections",
+            SessionError::AuditBacklogFull => "audit_backlog_full",
             SessionError::AdminShutdown => "admin_shutdown",
             SessionError::MigrationFailed(_) => "migration_failed",
             SessionError::Internal(_) => "internal",

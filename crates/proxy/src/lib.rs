@@ -48,6 +48,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsConfigError),
     #[error("backends: {0}")]
     Backends(String),
+    #[error("audit: {0}")]
+    Audit(String),
 }
 
 /// Everything sessions share. Read-only after start.
@@ -60,10 +62,68 @@ pub struct ProxyContext {
     pub cancel_map: CancelMap,
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
+    /// The audit log, when `[audit]` is configured.
+    pub audit: Option<pgferry_audit::AuditHandle>,
 }
 
 pub struct Proxy {
     ctx: Arc<ProxyContext>,
+    /// Runs from `serve` until the sessions are gone.
+    batcher: std::sync::Mutex<Option<pgferry_audit::Batcher>>,
+}
+
+/// `host:port` naming this process in audit rows by default.
+fn default_proxy_id(listen: std::net::SocketAddr) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "pgferry".to_owned());
+    format!("{host}:{}", listen.port())
+}
+
+fn audit_from_config(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<
+    (
+        Option<pgferry_audit::AuditHandle>,
+        Option<pgferry_audit::Batcher>,
+    ),
+    StartError,
+> {
+    let Some(a) = &config.audit else {
+        tracing::info!("audit log off (no [audit] section in the config)");
+        return Ok((None, None));
+    };
+    let settings = pgferry_audit::AuditSettings {
+        url: a.url.clone(),
+        schema: a.schema.clone(),
+        proxy_id: a
+            .proxy_id
+            .clone()
+            .unwrap_or_else(|| default_proxy_id(config.proxy.listen)),
+        flush_interval: a.flush_interval,
+        batch_size: a.batch_size,
+        max_pending_rows: a.max_pending_rows,
+        on_overflow: match a.on_overflow {
+            config::OnOverflow::Drop => pgferry_audit::Overflow::Drop,
+            config::OnOverflow::RejectConnections => pgferry_audit::Overflow::RejectConnections,
+        },
+        shutdown_flush_timeout: a.shutdown_flush_timeout,
+    };
+    let audit_metrics = pgferry_audit::AuditMetrics::register(&metrics.registry)
+        .map_err(|e| StartError::Audit(e.to_string()))?;
+    let sink = pgferry_audit::PgSink::new(
+        &settings.url,
+        settings.schema.as_deref(),
+        &settings.proxy_id,
+    )
+    .map_err(|e| StartError::Audit(e.to_string()))?;
+    let handle = pgferry_audit::AuditHandle::new(&settings, audit_metrics.clone());
+    let batcher = pgferry_audit::Batcher::new(handle.clone(), sink, &settings, audit_metrics);
+    tracing::info!(proxy_id = %settings.proxy_id, "audit log on");
+    Ok((Some(handle), Some(batcher)))
 }
 
 impl Proxy {
@@ -86,8 +146,11 @@ impl Proxy {
             max_message_len: config.proxy.max_message_length,
         };
         let backends = BackendSet::new(&config.backends, &metrics).map_err(StartError::Backends)?;
+        let (audit, batcher) = audit_from_config(&config, &metrics)?;
         Ok(Self {
+            batcher: std::sync::Mutex::new(batcher),
             ctx: Arc::new(ProxyContext {
+                audit,
                 users,
                 tls,
                 dial,
@@ -110,7 +173,19 @@ impl Proxy {
 
     /// Serves clients from `listener` until `shutdown` resolves, then lets
     /// sessions finish (up to `shutdown_timeout`) and closes the rest.
+    /// The audit log's final flush runs after the last session ended.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        listener::accept_loop(self.ctx.clone(), listener, shutdown).await
+        let batcher = self
+            .batcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
+        let audit_task = batcher.map(|b| tokio::spawn(b.run(audit_stopped)));
+        listener::accept_loop(self.ctx.clone(), listener, shutdown).await;
+        let _ = stop_audit.send(true);
+        if let Some(task) = audit_task {
+            let _ = task.await;
+        }
     }
 }

@@ -45,9 +45,18 @@ pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
     ctx.metrics.client_connections.inc();
     let _gauge = ClientGauge(&ctx.metrics.client_connections);
     tune_socket(&tcp, ctx.config.proxy.tcp_keepalive);
+    let trail = AuditTrail {
+        audit: ctx.audit.as_ref(),
+        id: Uuid::new_v4(),
+        accepted_at: SystemTime::now(),
+        peer,
+    };
 
-    let setup =
-        tokio::time::timeout(ctx.config.proxy.startup_timeout, login(&ctx, tcp, peer)).await;
+    let setup = tokio::time::timeout(
+        ctx.config.proxy.startup_timeout,
+        login(&ctx, tcp, peer, &trail),
+    )
+    .await;
     let (client, startup, credentials) = match setup {
         Err(_) => {
             debug!(%peer, "startup deadline passed; closing");
@@ -56,11 +65,77 @@ pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(None) => return,
         Ok(Some(x)) => x,
     };
-    let Some((client, server)) = connect_backend(&ctx, client, &startup, &credentials, peer).await
-    else {
-        return;
+    let (client, server) = match connect_backend(&ctx, client, &startup, &credentials, peer).await {
+        Ok(x) => x,
+        Err(reason) => {
+            trail.ended(reason, 0, 0);
+            return;
+        }
     };
-    run_session(&ctx, client, server, startup, credentials, peer).await;
+    run_session(&ctx, client, server, startup, credentials, &trail).await;
+}
+
+/// This connection's audit row; does nothing without `[audit]`.
+struct AuditTrail<'a> {
+    audit: Option<&'a pgferry_audit::AuditHandle>,
+    id: Uuid,
+    accepted_at: SystemTime,
+    peer: SocketAddr,
+}
+
+impl AuditTrail<'_> {
+    fn info(&self, startup: &StartupMessage) -> pgferry_audit::ConnectInfo {
+        pgferry_audit::ConnectInfo {
+            id: self.id,
+            at: self.accepted_at,
+            client_addr: Some(self.peer.ip()),
+            user: startup.user().to_owned(),
+            database: startup.database().to_owned(),
+            application_name: startup.param("application_name").map(str::to_owned),
+        }
+    }
+
+    fn connected(&self, startup: &StartupMessage) {
+        if let Some(a) = self.audit {
+            a.connect(self.info(startup));
+        }
+    }
+
+    fn auth_failed(&self, startup: &StartupMessage) {
+        if let Some(a) = self.audit {
+            a.auth_failed(self.info(startup));
+        }
+    }
+
+    /// A connection that ended before it had a session.
+    fn refused(&self, startup: &StartupMessage, reason: &str) {
+        self.connected(startup);
+        self.ended(reason, 0, 0);
+    }
+
+    fn backend(&self, name: &str) {
+        if let Some(a) = self.audit {
+            a.backend(self.id, name);
+        }
+    }
+
+    fn migrated(&self, record: pgferry_audit::MigrationRecord) {
+        if let Some(a) = self.audit {
+            a.migrated(record);
+        }
+    }
+
+    fn ended(&self, reason: &str, bytes_from_client: u64, bytes_to_client: u64) {
+        if let Some(a) = self.audit {
+            a.disconnect(
+                self.id,
+                SystemTime::now(),
+                reason,
+                bytes_from_client,
+                bytes_to_client,
+            );
+        }
+    }
 }
 
 /// A connection refused because `max_client_connections` is reached: it
@@ -84,6 +159,7 @@ async fn login(
     ctx: &ProxyContext,
     tcp: TcpStream,
     peer: SocketAddr,
+    trail: &AuditTrail<'_>,
 ) -> Option<(Stream, StartupMessage, BackendCredentials)> {
     let (mut stream, startup) = match negotiate(tcp, &ctx.tls).await {
         Ok(Negotiated::Session { stream, startup }) => (stream, startup),
@@ -101,14 +177,32 @@ async fn login(
             return None;
         }
     };
+    // An unaudited connection is not acceptable in this mode.
+    if ctx
+        .audit
+        .as_ref()
+        .is_some_and(|a| !a.admits_new_connection())
+    {
+        warn!(%peer, "refusing connection: audit backlog is full");
+        goodbye(stream, &SessionError::AuditBacklogFull).await;
+        return None;
+    }
     match authenticate(&mut stream, startup.user(), &ctx.users).await {
-        Ok(AuthOutcome::Authenticated(creds)) => Some((stream, startup, creds)),
-        Ok(AuthOutcome::ClientLeft) => None,
+        Ok(AuthOutcome::Authenticated(creds)) => {
+            trail.connected(&startup);
+            Some((stream, startup, creds))
+        }
+        Ok(AuthOutcome::ClientLeft) => {
+            trail.refused(&startup, "client_left");
+            None
+        }
         Err(err) => {
             if matches!(err, SessionError::AuthFailed { .. }) {
                 ctx.metrics.auth_failures.inc();
+                trail.auth_failed(&startup);
                 warn!(%peer, user = startup.user(), "password authentication failed");
             } else {
+                trail.refused(&startup, err.kind());
                 info!(%peer, error = %err, "authentication aborted");
             }
             goodbye(stream, &err).await;
@@ -129,20 +223,21 @@ async fn forward_cancel(ctx: &ProxyContext, key: CancelKey) {
 }
 
 /// Tries backends in least-connections order until one accepts the login.
+/// On failure the client has been told why; the error's kind is returned.
 async fn connect_backend(
     ctx: &ProxyContext,
     mut client: Stream,
     startup: &StartupMessage,
     credentials: &BackendCredentials,
     peer: SocketAddr,
-) -> Option<(Stream, (ServerConnection, BytesMut))> {
+) -> Result<(Stream, (ServerConnection, BytesMut)), &'static str> {
     let mut first_failure: Option<SessionError> = None;
     for backend in ctx.backends.candidates() {
         let mut relay = BytesMut::new();
         let name = backend.name.clone();
         let address = backend.address.clone();
         let err = match dial::connect(backend, &ctx.dial, startup, credentials, &mut relay).await {
-            Ok(server) => return Some((client, (server, relay))),
+            Ok(server) => return Ok((client, (server, relay))),
             Err(DialError::Unreachable(reason)) => {
                 ctx.metrics
                     .backend_dial_errors
@@ -168,12 +263,12 @@ async fn connect_backend(
         };
         info!(%peer, error = %err, "backend refused the session");
         goodbye_ref(&mut client, &err).await;
-        return None;
+        return Err(err.kind());
     }
     let err =
         first_failure.unwrap_or_else(|| SessionError::Internal("no backends configured".into()));
     goodbye(client, &err).await;
-    None
+    Err(err.kind())
 }
 
 async fn run_session(
@@ -182,8 +277,10 @@ async fn run_session(
     (server, relay): (ServerConnection, BytesMut),
     startup: StartupMessage,
     credentials: BackendCredentials,
-    peer: SocketAddr,
+    trail: &AuditTrail<'_>,
 ) {
+    let (id, peer) = (trail.id, trail.peer);
+    trail.backend(&server.backend().name);
     let cancel_key = ctx.cancel_map.register(CancelTarget {
         backend: server.backend().name.clone(),
         address: server.peer,
@@ -201,7 +298,6 @@ async fn run_session(
         return;
     }
 
-    let id = Uuid::new_v4();
     let (control_tx, control_rx) = mpsc::channel(8);
     let _registration = ctx.registry.register(
         SessionInfo {
@@ -251,13 +347,15 @@ async fn run_session(
         match fwd.run().await {
             Interrupt::Ended(end) => break end,
             Interrupt::SafePoint(request) => {
-                if let Some(fatal) = migrate(ctx, &mut fwd, &mut server, &identity, request).await {
+                let fatal = migrate(ctx, &mut fwd, &mut server, &identity, request, trail).await;
+                if let Some(fatal) = fatal {
                     break ForwardEnd::Terminated(fatal);
                 }
             }
         }
     };
-    finish(&mut fwd, end, &server.backend().name, id).await;
+    let reason = finish(&mut fwd, end, &server.backend().name, id).await;
+    trail.ended(reason, fwd.bytes_from_client, fwd.bytes_to_client);
 }
 
 /// Runs one transfer at a safe point and answers its requester. Returns
@@ -268,8 +366,12 @@ async fn migrate(
     server: &mut ServerSide,
     identity: &SessionIdentity<'_>,
     request: TransferRequest,
+    trail: &AuditTrail<'_>,
 ) -> Option<SessionError> {
     let from = server.backend().name.clone();
+    let started_at = SystemTime::now()
+        .checked_sub(request.requested_at.elapsed())
+        .unwrap_or_else(SystemTime::now);
     let span = tracing::info_span!(
         "migration",
         session = %identity.id,
@@ -279,6 +381,7 @@ async fn migrate(
         reason = tracing::field::Empty,
     );
     let paused_at = Instant::now();
+    let from_name = from.clone();
     ctx.registry.set_transferring(identity.id, true);
     let result = transfer::transfer(ctx, fwd, server, identity, request.to.as_deref())
         .instrument(span.clone())
@@ -323,17 +426,43 @@ async fn migrate(
         }
     };
     span.in_scope(|| info!("migration finished"));
+    let (outcome_name, to_backend, reason) = match &outcome {
+        TransferOutcome::Success { to, .. } => ("success", Some(to.clone()), None),
+        TransferOutcome::RecoverableError(r) => ("recoverable_error", None, Some(r.clone())),
+        TransferOutcome::FatalError(r) => ("fatal_error", None, Some(r.clone())),
+    };
+    trail.migrated(pgferry_audit::MigrationRecord {
+        id: Uuid::new_v4(),
+        connection_id: identity.id,
+        from_backend: from_name,
+        to_backend,
+        started_at,
+        duration_ms: request.requested_at.elapsed().as_secs_f64() * 1000.0,
+        outcome: outcome_name.to_owned(),
+        reason,
+    });
     let _ = request.reply.send(outcome);
     fatal
 }
 
 /// Last words on both sockets, according to why forwarding stopped.
-async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uuid) {
+/// Returns the disconnect reason for the audit log.
+async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uuid) -> &'static str {
     match &end {
         ForwardEnd::ClientClosed | ForwardEnd::ServerClosed => debug!(%id, ?end, "session ended"),
         _ => info!(%id, ?end, "session ended"),
     }
     let server_alive = !matches!(end, ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_));
+    let reason = match &end {
+        ForwardEnd::ClientClosed => "client_closed",
+        ForwardEnd::ServerClosed if fwd.tracker.client_terminated() => "client_closed",
+        ForwardEnd::ServerClosed => "server_closed",
+        ForwardEnd::ClientIo(_) => "client_error",
+        ForwardEnd::ServerIo(_) => "server_error",
+        ForwardEnd::ClientProtocol(_) => "client_protocol",
+        ForwardEnd::ServerProtocol(_) => "backend_protocol",
+        ForwardEnd::Terminated(err) => err.kind(),
+    };
     let client_error = match end {
         ForwardEnd::ClientClosed | ForwardEnd::ClientIo(_) => None,
         ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_) => {
@@ -368,6 +497,7 @@ async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uui
     }
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fwd.server.shutdown()).await;
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fwd.client.shutdown()).await;
+    reason
 }
 
 struct CancelGuard<'a>(&'a ProxyContext, CancelKey);

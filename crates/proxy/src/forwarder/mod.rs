@@ -132,6 +132,9 @@ pub struct Forwarder<'m> {
     pending_terminate: Option<SessionError>,
     transfer: TransferWait,
     metrics: &'m Metrics,
+    /// Bytes forwarded in this session, per direction.
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
 }
 
 impl<'m> Forwarder<'m> {
@@ -154,6 +157,8 @@ impl<'m> Forwarder<'m> {
             pending_terminate: None,
             transfer: TransferWait::None,
             metrics,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
         }
     }
 
@@ -244,12 +249,11 @@ impl<'m> Forwarder<'m> {
         }
         loop {
             let end = self.poll_pumps(cx);
-            self.metrics
-                .bytes_client_to_server
-                .inc_by(self.request.take_bytes());
-            self.metrics
-                .bytes_server_to_client
-                .inc_by(self.response.take_bytes());
+            let (up, down) = (self.request.take_bytes(), self.response.take_bytes());
+            self.bytes_from_client += up;
+            self.bytes_to_client += down;
+            self.metrics.bytes_client_to_server.inc_by(up);
+            self.metrics.bytes_server_to_client.inc_by(down);
             if let Poll::Ready(end) = end {
                 if let TransferWait::Waiting { request, .. } =
                     std::mem::replace(&mut self.transfer, TransferWait::None)

@@ -1,0 +1,574 @@
+//! Events in, batches out.
+//!
+//! Sessions call an [`AuditHandle`]: a short merge into shared in-memory
+//! state under a mutex, no IO, no waiting on the database. The [`Batcher`]
+//! task takes the changed rows (sorted by connection id, so concurrent
+//! replicas lock rows in the same order), writes them through the sink and,
+//! only once that succeeded, forgets the rows of finished connections. A
+//! failed write keeps everything; newer events keep merging meanwhile.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{watch, Notify};
+use uuid::Uuid;
+
+use crate::metrics::AuditMetrics;
+use crate::sink::PgSink;
+use crate::AuditSettings;
+
+/// What to do when `max_pending_rows` is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop the newest events and count them.
+    Drop,
+    /// Refuse new client connections (SQLSTATE 53300) until the backlog
+    /// is below the bound.
+    RejectConnections,
+}
+
+/// A client connection as it starts (after its startup packet).
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    pub id: Uuid,
+    pub at: SystemTime,
+    pub client_addr: Option<IpAddr>,
+    pub user: String,
+    pub database: String,
+    pub application_name: Option<String>,
+}
+
+/// One migration attempt of a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationRecord {
+    pub id: Uuid,
+    pub connection_id: Uuid,
+    pub from_backend: String,
+    pub to_backend: Option<String>,
+    pub started_at: SystemTime,
+    pub duration_ms: f64,
+    pub outcome: String,
+    pub reason: Option<String>,
+}
+
+/// The latest full row of one connection.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ConnRow {
+    pub id: Uuid,
+    pub client_addr: Option<IpAddr>,
+    pub user: String,
+    pub database: String,
+    pub application_name: Option<String>,
+    pub backend: Option<String>,
+    pub connect_time: SystemTime,
+    pub disconnect_time: Option<SystemTime>,
+    pub disconnect_reason: Option<String>,
+    pub migrations: i32,
+    pub bytes_from_client: i64,
+    pub bytes_to_client: i64,
+}
+
+/// Rows taken for one write.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub connections: Vec<ConnRow>,
+    pub migrations: Vec<MigrationRecord>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.connections.len() + self.migrations.len()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Connections whose row may still change (not finished, or finished
+    /// but not yet written).
+    live: HashMap<Uuid, ConnRow>,
+    /// Connections whose row changed since it was last written.
+    dirty: BTreeSet<Uuid>,
+    migrations: Vec<MigrationRecord>,
+    drops_unlogged: u64,
+    last_drop_log: Option<Instant>,
+}
+
+impl State {
+    fn held(&self) -> usize {
+        self.live.len() + self.migrations.len()
+    }
+    fn pending(&self) -> usize {
+        self.dirty.len() + self.migrations.len()
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the batcher when a full batch is pending.
+    wake: Notify,
+    batch_size: usize,
+    max_pending_rows: usize,
+    overflow: Overflow,
+    metrics: AuditMetrics,
+}
+
+/// The sessions' side of the audit log. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditHandle {
+    shared: Arc<Shared>,
+}
+
+impl AuditHandle {
+    pub fn new(settings: &AuditSettings, metrics: AuditMetrics) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                wake: Notify::new(),
+                batch_size: settings.batch_size.max(1),
+                max_pending_rows: settings.max_pending_rows.max(1),
+                overflow: settings.on_overflow,
+                metrics,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update is a whole-row insert or field assignment: a panic
+        // elsewhere cannot leave a half-merged row behind.
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// False while new connections must be refused (`reject_connections`
+    /// with the backlog at its bound).
+    pub fn admits_new_connection(&self) -> bool {
+        self.shared.overflow != Overflow::RejectConnections
+            || self.lock().held() < self.shared.max_pending_rows
+    }
+
+    fn after_change(&self, st: &State) {
+        self.shared.metrics.pending_rows.set(st.pending() as i64);
+        if st.pending() >= self.shared.batch_size {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn drop_event(&self, st: &mut State, what: &str) {
+        self.shared.metrics.rows_dropped.inc();
+        st.drops_unlogged += 1;
+        let due = st
+            .last_drop_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            tracing::error!(
+                dropped = st.drops_unlogged,
+                last = what,
+                max_pending_rows = self.shared.max_pending_rows,
+                "audit backlog full: dropping audit events"
+            );
+            st.drops_unlogged = 0;
+            st.last_drop_log = Some(Instant::now());
+        }
+    }
+
+    pub fn connect(&self, info: ConnectInfo) {
+        self.shared
+            .metrics
+            .events
+            .with_label_values(&["connect"])
+            .inc();
+        let mut st = self.lock();
+        if st.held() >= self.shared.max_pending_rows {
+            self.drop_event(&mut st, "connect");
+            return;
+        }
+        st.live.insert(
+            info.id,
+            ConnRow {
+                id: info.id,
+                client_addr: info.client_addr,
+                user: info.user,
+                database: info.database,
+                application_name: info.application_name,
+                backend: None,
+                connect_time: info.at,
+                disconnect_time: None,
+                disconnect_reason: None,
+                migrations: 0,
+                bytes_from_client: 0,
+                bytes_to_client: 0,
+            },
+        );
+        st.dirty.insert(info.id);
+        self.after_change(&st);
+    }
+
+    /// The session reached a backend.
+    pub fn backend(&self, id: Uuid, backend: &str) {
+        self.update(id, "backend", |row| row.backend = Some(backend.to_owned()));
+    }
+
+    /// A migration attempt ended; on success the row's backend and count
+    /// change too.
+    pub fn migrated(&self, record: MigrationRecord) {
+        self.shared
+            .metrics
+            .events
+            .with_label_values(&["migration"])
+            .inc();
+        let mut st = self.lock();
+        if st.held() >= self.shared.max_pending_rows {
+            self.drop_event(&mut st, "migration");
+            return;
+        }
+        if record.outcome == "success" {
+            if let Some(row) = st.live.get_mut(&record.connection_id) {
+                row.backend = record.to_backend.clone();
+                row.migrations += 1;
+                st.dirty.insert(record.connection_id);
+            }
+        }
+        st.migrations.push(record);
+        self.after_change(&st);
+    }
+
+    /// The connection ended. Counts are the session's totals.
+    pub fn disconnect(
+        &self,
+        id: Uuid,
+        at: SystemTime,
+        reason: &str,
+        bytes_from_client: u64,
+        bytes_to_client: u64,
+    ) {
+        self.shared
+            .metrics
+            .events
+            .with_label_values(&["disconnect"])
+            .inc();
+        let reason = reason.to_owned();
+        self.update(id, "disconnect", |row| {
+            // Never before the connect (clocks can step back).
+            row.disconnect_time = Some(at.max(row.connect_time));
+            row.disconnect_reason = Some(reason);
+            row.bytes_from_client = i64::try_from(bytes_from_client).unwrap_or(i64::MAX);
+            row.bytes_to_client = i64::try_from(bytes_to_client).unwrap_or(i64::MAX);
+        });
+    }
+
+    /// A login that failed: one row whose disconnect time is its connect
+    /// time.
+    pub fn auth_failed(&self, info: ConnectInfo) {
+        let (id, at) = (info.id, info.at);
+        self.connect(info);
+        self.disconnect(id, at, "auth_failed", 0, 0);
+    }
+
+    fn update(&self, id: Uuid, what: &str, f: impl FnOnce(&mut ConnRow)) {
+        let mut st = self.lock();
+        match st.live.get_mut(&id) {
+            Some(row) => {
+                f(row);
+                st.dirty.insert(id);
+                self.after_change(&st);
+            }
+            // Its connect was dropped at the bound: already counted once.
+            None => tracing::debug!(%id, what, "audit event for a connection without a row"),
+        }
+    }
+
+    /// Rows to write next: up to `batch_size` changed connections, in id
+    /// order, and pending migration rows.
+    pub(crate) fn take_batch(&self) -> Batch {
+        let mut st = self.lock();
+        let ids: Vec<Uuid> = st
+            .dirty
+            .iter()
+            .take(self.shared.batch_size)
+            .copied()
+            .collect();
+        let mut connections = Vec::with_capacity(ids.len());
+        for id in ids {
+            st.dirty.remove(&id);
+            if let Some(row) = st.live.get(&id) {
+                connections.push(row.clone());
+            }
+        }
+        let n = st.migrations.len().min(self.shared.batch_size);
+        let migrations = st.migrations.drain(..n).collect();
+        Batch {
+            connections,
+            migrations,
+        }
+    }
+
+    /// After a successful write: finished connections whose row has not
+    /// changed again are forgotten.
+    pub(crate) fn written(&self, batch: &Batch) {
+        let mut st = self.lock();
+        for row in &batch.connections {
+            if row.disconnect_time.is_some() && !st.dirty.contains(&row.id) {
+                st.live.remove(&row.id);
+            }
+        }
+        self.shared.metrics.pending_rows.set(st.pending() as i64);
+    }
+
+    /// After a failed write: everything is pending again (rows may have
+    /// newer values merged meanwhile, which is what will be written).
+    pub(crate) fn failed(&self, batch: Batch) {
+        let mut st = self.lock();
+        for row in &batch.connections {
+            st.dirty.insert(row.id);
+        }
+        let newer = std::mem::replace(&mut st.migrations, batch.migrations);
+        st.migrations.extend(newer);
+        self.shared.metrics.pending_rows.set(st.pending() as i64);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.lock().pending()
+    }
+
+    /// Rows held in memory (the quantity `max_pending_rows` bounds).
+    pub fn held(&self) -> usize {
+        self.lock().held()
+    }
+}
+
+/// The task that writes batches.
+pub struct Batcher {
+    handle: AuditHandle,
+    sink: PgSink,
+    flush_interval: Duration,
+    shutdown_flush_timeout: Duration,
+    metrics: AuditMetrics,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+impl Batcher {
+    pub fn new(
+        handle: AuditHandle,
+        sink: PgSink,
+        settings: &AuditSettings,
+        metrics: AuditMetrics,
+    ) -> Self {
+        Self {
+            handle,
+            sink,
+            flush_interval: settings.flush_interval,
+            shutdown_flush_timeout: settings.shutdown_flush_timeout,
+            metrics,
+        }
+    }
+
+    /// Flushes every `flush_interval` or when a full batch is pending, until
+    /// `stop` turns true; then a final flush with a deadline.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let wait = self.flush_interval.max(backoff);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.handle.shared.wake.notified(), if backoff.is_zero() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            match self.flush_pending().await {
+                Ok(()) => backoff = Duration::ZERO,
+                Err(()) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.shutdown_flush_timeout;
+        let done = tokio::time::timeout_at(deadline, async {
+            while self.handle.pending() > 0 {
+                if self.flush_pending().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        })
+        .await;
+        let left = self.handle.pending();
+        if done.is_err() || left > 0 {
+            tracing::error!(rows = left, "audit rows not written at shutdown");
+        } else {
+            tracing::info!("audit log flushed");
+        }
+    }
+
+    /// Writes batches until nothing is pending or a write fails.
+    async fn flush_pending(&mut self) -> Result<(), ()> {
+        loop {
+            let batch = self.handle.take_batch();
+            if batch.len() == 0 {
+                return Ok(());
+            }
+            let started = Instant::now();
+            match self.sink.write(&batch).await {
+                Ok(()) => {
+                    self.metrics
+                        .flush_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.flushes.inc();
+                    self.metrics.rows_written.inc_by(batch.len() as u64);
+                    self.handle.written(&batch);
+                }
+                Err(e) => {
+                    self.metrics.flush_errors.inc();
+                    tracing::warn!(error = %e, rows = batch.len(), "audit flush failed; will retry");
+                    self.handle.failed(batch);
+                    return Err(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(max: usize, overflow: Overflow) -> AuditHandle {
+        let settings = AuditSettings {
+            url: String::new(),
+            schema: None,
+            proxy_id: "t".into(),
+            flush_interval: Duration::from_secs(1),
+            batch_size: 1000,
+            max_pending_rows: max,
+            on_overflow: overflow,
+            shutdown_flush_timeout: Duration::from_secs(1),
+        };
+        AuditHandle::new(
+            &settings,
+            AuditMetrics::register(&prometheus::Registry::new()).unwrap(),
+        )
+    }
+
+    fn info(id: Uuid, at: SystemTime) -> ConnectInfo {
+        ConnectInfo {
+            id,
+            at,
+            client_addr: Some([127, 0, 0, 1].into()),
+            user: "u".into(),
+            database: "d".into(),
+            application_name: None,
+        }
+    }
+
+    #[test]
+    fn connect_and_disconnect_in_one_batch_keep_the_connect_time() {
+        let h = handle(100, Overflow::Drop);
+        let id = Uuid::new_v4();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let t1 = t0 + Duration::from_secs(5);
+        h.connect(info(id, t0));
+        h.backend(id, "pg1");
+        h.disconnect(id, t1, "client_closed", 10, 0);
+        let b = h.take_batch();
+        assert_eq!(b.connections.len(), 1);
+        let row = &b.connections[0];
+        assert_eq!(row.connect_time, t0);
+        assert_eq!(row.disconnect_time, Some(t1));
+        assert_eq!(row.backend.as_deref(), Some("pg1"));
+        assert_eq!(
+            (row.bytes_from_client, row.bytes_to_client),
+            (10, 0),
+            "0 stays 0"
+        );
+        h.written(&b);
+        assert_eq!(h.held(), 0, "finished and written: forgotten");
+    }
+
+    #[test]
+    fn disconnect_after_the_connect_was_written_is_an_update_of_the_full_row() {
+        let h = handle(100, Overflow::Drop);
+        let id = Uuid::new_v4();
+        let t0 = SystemTime::now();
+        h.connect(info(id, t0));
+        let first = h.take_batch();
+        h.written(&first);
+        assert_eq!(h.pending(), 0);
+        assert_eq!(h.held(), 1, "still open: kept");
+        h.migrated(MigrationRecord {
+            id: Uuid::new_v4(),
+            connection_id: id,
+            from_backend: "pg1".into(),
+            to_backend: Some("pg2".into()),
+            started_at: t0,
+            duration_ms: 3.0,
+            outcome: "success".into(),
+            reason: None,
+        });
+        h.disconnect(id, t0 + Duration::from_secs(1), "server_closed", 1, 2);
+        let b = h.take_batch();
+        assert_eq!(b.migrations.len(), 1);
+        let row = &b.connections[0];
+        assert_eq!((row.user.as_str(), row.connect_time), ("u", t0));
+        assert_eq!(row.backend.as_deref(), Some("pg2"));
+        assert_eq!(row.migrations, 1);
+    }
+
+    #[test]
+    fn failed_write_keeps_rows_and_newer_events_merge() {
+        let h = handle(100, Overflow::Drop);
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        let t0 = SystemTime::now();
+        for id in &ids {
+            h.connect(info(*id, t0));
+        }
+        let b = h.take_batch();
+        let order: Vec<Uuid> = b.connections.iter().map(|r| r.id).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "rows go out sorted by connection id");
+        h.disconnect(ids[0], t0, "client_closed", 0, 0);
+        h.failed(b);
+        assert_eq!(h.pending(), 5);
+        let again = h.take_batch();
+        let row0 = again.connections.iter().find(|r| r.id == ids[0]).unwrap();
+        assert_eq!(row0.disconnect_reason.as_deref(), Some("client_closed"));
+    }
+
+    #[test]
+    fn bound_drops_or_rejects() {
+        let h = handle(3, Overflow::Drop);
+        for _ in 0..5 {
+            h.connect(info(Uuid::new_v4(), SystemTime::now()));
+        }
+        assert_eq!(h.held(), 3);
+        assert_eq!(h.shared.metrics.rows_dropped.get(), 2);
+        assert!(h.admits_new_connection(), "drop mode never refuses");
+
+        let r = handle(3, Overflow::RejectConnections);
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            r.connect(info(*id, SystemTime::now()));
+        }
+        assert!(!r.admits_new_connection());
+        for id in &ids {
+            r.disconnect(*id, SystemTime::now(), "client_closed", 0, 0);
+        }
+        let b = r.take_batch();
+        r.written(&b);
+        assert!(r.admits_new_connection(), "accepting again below the bound");
+    }
+
+    #[test]
+    fn auth_failed_is_one_row_with_equal_times() {
+        let h = handle(10, Overflow::Drop);
+        let id = Uuid::new_v4();
+        let t = SystemTime::now();
+        h.auth_failed(info(id, t));
+        let b = h.take_batch();
+        assert_eq!(b.connections.len(), 1);
+        assert_eq!(b.connections[0].disconnect_time, Some(t));
+        assert_eq!(
+            b.connections[0].disconnect_reason.as_deref(),
+            Some("auth_failed")
+        );
+    }
+}
