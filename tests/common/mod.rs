@@ -105,6 +105,8 @@ pub struct ProxyOptions {
     pub proxy_extra: String,
     /// Lines for a [migration] section.
     pub migration_extra: String,
+    /// Whole extra sections (such as `[audit]`), appended as they are.
+    pub extra_sections: String,
     /// Userlist file contents; defaults to app's plaintext password and
     /// ptuser's verifier.
     pub userlist: Option<String>,
@@ -122,6 +124,7 @@ impl Default for ProxyOptions {
             require_tls: false,
             proxy_extra: String::new(),
             migration_extra: String::new(),
+            extra_sections: String::new(),
             userlist: None,
         }
     }
@@ -167,6 +170,8 @@ impl ProxyProcess {
                 opts.require_tls
             ));
         }
+        toml.push_str(&opts.extra_sections);
+        toml.push('\n');
         if !opts.migration_extra.is_empty() {
             toml.push_str(&format!("[migration]\n{}\n", opts.migration_extra));
         }

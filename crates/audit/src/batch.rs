@@ -399,9 +399,16 @@ impl Batcher {
         }
     }
 
-    /// Writes batches until nothing is pending or a write fails.
+    /// Writes what is pending: one batch, and more only while full batches
+    /// are waiting (so steady traffic is written once per interval, not in
+    /// a trickle of tiny statements). Stops at the first failed write.
     async fn flush_pending(&mut self) -> Result<(), ()> {
+        let mut first = true;
         loop {
+            if !first && self.handle.pending() < self.handle.shared.batch_size {
+                return Ok(());
+            }
+            first = false;
             let batch = self.handle.take_batch();
             if batch.len() == 0 {
                 return Ok(());
