@@ -10,6 +10,9 @@ use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries, StopMode};
 use pgferry_proxy::Config;
 use tokio::sync::watch;
 
+const AUDIT_USER: &str = "pgferry_audit";
+const AUDIT_PASSWORD: &str = "pgferry_audit";
+
 #[derive(clap::Args)]
 pub struct SandboxArgs {
     /// State directory: clusters, certificates, userlist and config.
@@ -70,6 +73,11 @@ async fn serve(args: &SandboxArgs, dir: &Path, clusters: &[Cluster]) -> anyhow::
     for c in clusters {
         c.ensure_user_and_database(&args.user, &args.password, &args.user)?;
     }
+    // The audit log goes to its own database on the first cluster.
+    let audit_db = clusters
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no cluster started"))?;
+    audit_db.ensure_user_and_database(AUDIT_USER, AUDIT_PASSWORD, AUDIT_USER)?;
     let (cert, key) = write_certificate(dir)?;
     let userlist = dir.join("users.txt");
     std::fs::write(
@@ -87,7 +95,9 @@ async fn serve(args: &SandboxArgs, dir: &Path, clusters: &[Cluster]) -> anyhow::
          [proxy]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
          shutdown_timeout = \"2s\"\n\n\
          [tls]\ncert = {cert:?}\nkey = {key:?}\nrequire = false\n\n\
-         [auth]\nuserlist = {userlist:?}\n",
+         [auth]\nuserlist = {userlist:?}\n\n\
+         [audit]\nurl = \"host=127.0.0.1 port={audit_port} user={AUDIT_USER} password={AUDIT_PASSWORD} dbname={AUDIT_USER}\"\n",
+        audit_port = audit_db.port(),
     );
     for c in clusters {
         toml.push_str(&format!(
@@ -121,6 +131,7 @@ async fn serve(args: &SandboxArgs, dir: &Path, clusters: &[Cluster]) -> anyhow::
         );
         println!();
         println!("  admin:    http://127.0.0.1:{admin_port}/metrics");
+        println!("  audit:    table pgferry_connection_log in database {AUDIT_USER} on pg1");
         println!("  backends: {}", backends.join(", "));
         println!("  config:   {}", config_path.display());
         println!();

@@ -82,7 +82,7 @@ fn sandbox_prints_a_working_connection_string_and_cleans_up_on_ctrl_c() {
         .map(|e| e.path().join("bin/psql"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| "psql".into());
-    let out = Command::new(psql)
+    let out = Command::new(&psql)
         .arg(&url)
         .args([
             "-X",
@@ -97,6 +97,31 @@ fn sandbox_prints_a_working_connection_string_and_cleans_up_on_ctrl_c() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app@app");
+
+    // The sandbox audits to a database on its first cluster.
+    let config = std::fs::read_to_string(dir.path().join("pgferry.toml")).expect("config");
+    let audit_url = config
+        .lines()
+        .find_map(|l| l.strip_prefix("url = \""))
+        .map(|u| u.trim_end_matches('"').to_owned())
+        .expect("[audit] url in the sandbox config");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(&psql)
+            .arg(&audit_url)
+            .args(["-X", "-Atc", "select count(*) from pgferry_connection_log where user_name = 'app' and disconnect_time is not null"])
+            .output()
+            .expect("psql audit");
+        if String::from_utf8_lossy(&out.stdout).trim() == "1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit row: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let pid = Pid::from_raw(child.id() as i32);
     let (done_tx, done_rx) = mpsc::channel();
