@@ -40,6 +40,8 @@ fn main() {
         max_pending_rows: 1_000_000,
         on_overflow: Overflow::Drop,
         shutdown_flush_timeout: Duration::from_secs(60),
+        retention: None,
+        retention_interval: Duration::from_secs(60),
     };
     let registry = prometheus::Registry::new();
     let metrics = AuditMetrics::register(&registry).expect("metrics");

@@ -350,3 +350,64 @@ async fn sigterm_right_after_500_connections_writes_all_500_rows() {
     assert!(status.success(), "{status:?}");
     assert_eq!(rows(audit, "p-term", "disconnect_time is not null"), 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_finished_rows_in_chunks_and_keeps_the_rest() {
+    let audit = own_audit("audit-retention");
+    let proxy = audited_proxy(
+        &audit,
+        "p-ret",
+        "retention = \"30d\"\nretention_interval = \"200ms\"",
+    );
+    assert_eq!(churn(&proxy, 3, 1, "recent").await, 0);
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            &audit,
+            "p-ret",
+            "disconnect_time is not null",
+            3,
+            Duration::from_secs(20),
+        );
+        // Rows of another replica: old and finished (to delete), old but
+        // still connected, and old migration rows.
+        audit
+            .psql(
+                "postgres",
+                "INSERT INTO pgferry_connection_log (connection_id, proxy_id, user_name, database_name, \
+                   connect_time, disconnect_time, disconnect_reason, updated_at) \
+                 SELECT gen_random_uuid(), 'old', 'u', 'd', now() - interval '40 days', \
+                   now() - interval '40 days' + interval '1 minute', 'client_closed', now() \
+                 FROM generate_series(1, 25000); \
+                 INSERT INTO pgferry_connection_log (connection_id, proxy_id, user_name, database_name, \
+                   connect_time, updated_at) \
+                 SELECT gen_random_uuid(), 'old-open', 'u', 'd', now() - interval '40 days', now() \
+                 FROM generate_series(1, 5); \
+                 INSERT INTO pgferry_migration_log (id, connection_id, proxy_id, from_backend, started_at, \
+                   duration_ms, outcome) \
+                 SELECT gen_random_uuid(), gen_random_uuid(), 'old', 'pg1', now() - interval '40 days', 1, 'success' \
+                 FROM generate_series(1, 12000)",
+            )
+            .expect("old rows");
+        wait_for_rows(&audit, "old", "true", 0, Duration::from_secs(60));
+        wait_until(
+            Duration::from_secs(60),
+            "old migration rows deleted",
+            || {
+                audit
+                    .psql(
+                        "postgres",
+                        "select count(*) from pgferry_migration_log where proxy_id = 'old'",
+                    )
+                    .map(|n| n == "0")
+                    .unwrap_or(false)
+            },
+        );
+        assert_eq!(
+            rows(&audit, "old-open", "true"),
+            5,
+            "connections still open are kept"
+        );
+        assert_eq!(rows(&audit, "p-ret", "true"), 3, "recent rows are kept");
+    });
+    assert!(proxy.metric("pgferry_audit_rows_expired_total") >= 37_000.0);
+}

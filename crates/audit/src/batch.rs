@@ -343,6 +343,7 @@ pub struct Batcher {
     sink: PgSink,
     flush_interval: Duration,
     shutdown_flush_timeout: Duration,
+    retention: Option<(Duration, Duration)>,
     metrics: AuditMetrics,
 }
 
@@ -360,6 +361,9 @@ impl Batcher {
             sink,
             flush_interval: settings.flush_interval,
             shutdown_flush_timeout: settings.shutdown_flush_timeout,
+            retention: settings
+                .retention
+                .map(|keep| (keep, settings.retention_interval)),
             metrics,
         }
     }
@@ -368,6 +372,7 @@ impl Batcher {
     /// `stop` turns true; then a final flush with a deadline.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::ZERO;
+        let mut next_expiry = tokio::time::Instant::now();
         loop {
             let wait = self.flush_interval.max(backoff);
             tokio::select! {
@@ -379,6 +384,16 @@ impl Batcher {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(()) => {
                     backoff = (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
+                }
+            }
+            if let Some((keep, every)) = self.retention {
+                if backoff.is_zero() && tokio::time::Instant::now() >= next_expiry {
+                    next_expiry = tokio::time::Instant::now() + every;
+                    match self.sink.expire(keep).await {
+                        Ok(Some(n)) => self.metrics.rows_expired.inc_by(n),
+                        Ok(None) => tracing::debug!("another pgferry runs the audit retention"),
+                        Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+                    }
                 }
             }
         }
@@ -448,6 +463,8 @@ mod tests {
             max_pending_rows: max,
             on_overflow: overflow,
             shutdown_flush_timeout: Duration::from_secs(1),
+            retention: None,
+            retention_interval: Duration::from_secs(60),
         };
         AuditHandle::new(
             &settings,

@@ -34,4 +34,8 @@ pub struct AuditSettings {
     pub on_overflow: Overflow,
     /// Deadline of the final flush at shutdown.
     pub shutdown_flush_timeout: Duration,
+    /// Delete finished connections (and migration rows) older than this.
+    pub retention: Option<Duration>,
+    /// How often the retention pass runs.
+    pub retention_interval: Duration,
 }

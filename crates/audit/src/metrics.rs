@@ -11,6 +11,7 @@ pub struct AuditMetrics {
     pub flush_duration: Histogram,
     pub pending_rows: IntGauge,
     pub rows_dropped: IntCounter,
+    pub rows_expired: IntCounter,
 }
 
 impl AuditMetrics {
@@ -49,6 +50,10 @@ impl AuditMetrics {
                 "pgferry_audit_rows_dropped_total",
                 "Audit events dropped because max_pending_rows was reached",
             )?,
+            rows_expired: IntCounter::new(
+                "pgferry_audit_rows_expired_total",
+                "Audit rows deleted by the retention pass",
+            )?,
         };
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.rows_written.clone()))?;
@@ -57,6 +62,7 @@ impl AuditMetrics {
         registry.register(Box::new(m.flush_duration.clone()))?;
         registry.register(Box::new(m.pending_rows.clone()))?;
         registry.register(Box::new(m.rows_dropped.clone()))?;
+        registry.register(Box::new(m.rows_expired.clone()))?;
         Ok(m)
     }
 }

@@ -164,6 +164,72 @@ impl PgSink {
     }
 }
 
+/// Rows deleted per statement by the retention pass, so a large backlog
+/// never becomes one huge transaction.
+pub const RETENTION_CHUNK: i64 = 10_000;
+
+impl PgSink {
+    /// Deletes rows older than `keep`, at most `RETENTION_CHUNK` per
+    /// statement, if no other pgferry is doing it right now (session
+    /// advisory lock). Returns the rows deleted, or `None` when another
+    /// replica holds the lock.
+    pub async fn expire(&mut self, keep: std::time::Duration) -> Result<Option<u64>, SinkError> {
+        let schema = self.schema.clone();
+        let result = async {
+            let client = self.ensure_ready().await?;
+            let locked: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext('pgferry_audit_retention'))",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if !locked {
+                return Ok(None);
+            }
+            let keep_secs = keep.as_secs_f64();
+            let mut deleted = 0u64;
+            let statements = [
+                format!(
+                    "DELETE FROM {schema}.pgferry_connection_log WHERE connection_id IN \
+                     (SELECT connection_id FROM {schema}.pgferry_connection_log \
+                      WHERE disconnect_time < now() - make_interval(secs => $1) LIMIT $2)"
+                ),
+                format!(
+                    "DELETE FROM {schema}.pgferry_migration_log WHERE id IN \
+                     (SELECT id FROM {schema}.pgferry_migration_log \
+                      WHERE started_at < now() - make_interval(secs => $1) LIMIT $2)"
+                ),
+            ];
+            let outcome = async {
+                for sql in &statements {
+                    loop {
+                        let n = client.execute(sql, &[&keep_secs, &RETENTION_CHUNK]).await?;
+                        deleted += n;
+                        if n < RETENTION_CHUNK as u64 {
+                            break;
+                        }
+                    }
+                }
+                Ok::<_, SinkError>(())
+            }
+            .await;
+            client
+                .execute(
+                    "SELECT pg_advisory_unlock(hashtext('pgferry_audit_retention'))",
+                    &[],
+                )
+                .await?;
+            outcome.map(|()| Some(deleted))
+        }
+        .await;
+        if result.is_err() {
+            self.client = None;
+        }
+        result
+    }
+}
+
 /// Creates the schema and tables if missing. Several pgferry processes may
 /// start at once: the DDL runs under a transaction-scoped advisory lock.
 async fn create_schema(client: &mut Client, schema: &str) -> Result<(), SinkError> {

@@ -80,6 +80,16 @@ pub struct AuditSection {
         deserialize_with = "duration"
     )]
     pub shutdown_flush_timeout: Duration,
+    /// Delete finished rows older than this (e.g. "30d"); keep all when
+    /// absent.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub retention: Option<Duration>,
+    /// How often the retention pass runs.
+    #[serde(
+        default = "defaults::retention_interval",
+        deserialize_with = "duration"
+    )]
+    pub retention_interval: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -197,12 +207,19 @@ mod defaults {
     pub fn shutdown_flush_timeout() -> Duration {
         Duration::from_secs(15)
     }
+    pub fn retention_interval() -> Duration {
+        Duration::from_secs(60)
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
         .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"10s\": {e}")))
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 impl Config {

@@ -111,6 +111,8 @@ fn audit_from_config(
             config::OnOverflow::RejectConnections => pgferry_audit::Overflow::RejectConnections,
         },
         shutdown_flush_timeout: a.shutdown_flush_timeout,
+        retention: a.retention,
+        retention_interval: a.retention_interval,
     };
     let audit_metrics = pgferry_audit::AuditMetrics::register(&metrics.registry)
         .map_err(|e| StartError::Audit(e.to_string()))?;
