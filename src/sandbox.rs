@@ -121,22 +121,28 @@ async fn serve(args: &SandboxArgs, dir: &Path, clusters: &[Cluster]) -> anyhow::
         .iter()
         .map(|c| format!("{} on {}", c.name(), c.addr()))
         .collect();
-    crate::serve::run(config, rx, move |addr: SocketAddr| {
-        println!();
-        println!("pgferry sandbox is ready.");
-        println!();
-        println!(
-            "  psql \"postgresql://{user}:{password}@127.0.0.1:{}/{user}?sslmode=require\"",
-            addr.port()
-        );
-        println!();
-        println!("  admin:    http://127.0.0.1:{admin_port}/metrics");
-        println!("  audit:    table pgferry_connection_log in database {AUDIT_USER} on pg1");
-        println!("  backends: {}", backends.join(", "));
-        println!("  config:   {}", config_path.display());
-        println!();
-        println!("Ctrl-C stops pgferry and both clusters.");
-    })
+    crate::serve::run(
+        config,
+        Some(config_path.clone()),
+        rx,
+        move |addr: SocketAddr| {
+            println!();
+            println!("pgferry sandbox is ready.");
+            println!();
+            println!(
+                "  psql \"postgresql://{user}:{password}@127.0.0.1:{}/{user}?sslmode=require\"",
+                addr.port()
+            );
+            println!();
+            println!("  admin:    http://127.0.0.1:{admin_port}/metrics");
+            println!("  audit:    table pgferry_connection_log in database {AUDIT_USER} on pg1");
+            println!("  backends: {}", backends.join(", "));
+            println!("  config:   {}", config_path.display());
+            println!("  ctl:      pgferry ctl --admin http://127.0.0.1:{admin_port} backends");
+            println!();
+            println!("Ctrl-C stops pgferry and both clusters.");
+        },
+    )
     .await
 }
 

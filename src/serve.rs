@@ -1,13 +1,14 @@
 //! Running the proxy and its admin server until a shutdown signal.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use pgferry_admin::AdminState;
 use pgferry_proxy::{Config, Proxy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{error, info, warn};
 
 pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
@@ -16,17 +17,22 @@ pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = tx.send(true);
     });
-    run(config, rx, |_| {}).await
+    run(config, Some(path.to_owned()), rx, |_| {}).await
 }
 
 /// Serves until `stop` turns true. `ready` is called once both listeners
-/// are bound, with the proxy's address.
+/// are bound, with the proxy's address. With `config_path`, SIGHUP
+/// re-reads that file.
 pub async fn run(
     config: Config,
+    config_path: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
-    let proxy = Proxy::new(config.clone())?;
+    let proxy = Arc::new(Proxy::new(config.clone())?);
+    if let Some(path) = config_path {
+        tokio::spawn(reload_on_sighup(proxy.clone(), path, stop.clone()));
+    }
     let listener = TcpListener::bind(config.proxy.listen)
         .await
         .with_context(|| format!("cannot listen on {} (proxy.listen)", config.proxy.listen))?;
@@ -64,6 +70,40 @@ pub async fn run(
         .await;
     info!("pgferry stopped");
     Ok(())
+}
+
+/// Re-reads the config file on every SIGHUP until `stop`; a file that
+/// does not load is reported and changes nothing.
+async fn reload_on_sighup(proxy: Arc<Proxy>, path: PathBuf, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; config reload is off");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            r = hup.recv() => if r.is_none() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        info!(file = %path.display(), "SIGHUP received: reloading the config");
+        let applied = Config::load(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| proxy.reload(&c).map_err(anyhow::Error::from));
+        match applied {
+            Ok(s) => info!(
+                added = ?s.added,
+                removing = ?s.removing,
+                users = s.users,
+                "config reloaded (backends and userlist; other settings need a restart)"
+            ),
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "config reload failed; keeping the current config")
+            }
+        }
+    }
 }
 
 /// SIGTERM or SIGINT.

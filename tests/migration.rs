@@ -426,9 +426,7 @@ async fn replay_failing_on_the_target_is_recoverable_and_leaves_the_session_alon
     };
     assert_eq!(port, other_port(before));
     assert_eq!(
-        proxy.metric(&format!(
-            "pgferry_backend_connections{{backend=\"{target}\"}}"
-        )),
+        proxy.metric(&format!("pgferry_backend_sessions{{backend=\"{target}\"}}")),
         0.0
     );
 }

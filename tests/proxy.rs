@@ -382,7 +382,7 @@ async fn sessions_spread_by_least_connections_and_startup_params_pass_through() 
     assert_eq!(per_port.len(), 2, "{per_port:?}");
     assert!(per_port.values().all(|&n| n == 2), "{per_port:?}");
     assert_eq!(
-        proxy.metric("pgferry_backend_connections{backend=\"pg1\"}"),
+        proxy.metric("pgferry_backend_sessions{backend=\"pg1\"}"),
         2.0
     );
     assert_eq!(proxy.metric("pgferry_client_connections"), 4.0);
@@ -502,7 +502,7 @@ async fn metrics_and_health_endpoints() {
         "pgferry_client_connections ",
         "pgferry_client_connections_accepted_total ",
         "pgferry_auth_failures_total ",
-        "pgferry_backend_connections{backend=",
+        "pgferry_backend_sessions{backend=",
         "pgferry_bytes_total{direction=\"client_to_server\"}",
         "pgferry_bytes_total{direction=\"server_to_client\"}",
     ] {

@@ -136,7 +136,7 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
-    log: Arc<Mutex<String>>,
+    pub log: Arc<Mutex<String>>,
 }
 
 impl ProxyProcess {
@@ -292,6 +292,28 @@ impl ProxyProcess {
             .unwrap_or(0.0)
     }
 
+    /// Sends `signal` to the proxy process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal pgferry");
+    }
+
+    /// The config file the proxy was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("pgferry.toml")
+    }
+
+    /// `GET /v1/backends` as (name -> backend object).
+    pub fn backends(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let (status, list) = admin_json(self.admin, "GET", "/v1/backends", "");
+        assert_eq!(status, 200, "{list}");
+        list.as_array()
+            .expect("backend list")
+            .iter()
+            .map(|b| (b["name"].as_str().expect("name").to_owned(), b.clone()))
+            .collect()
+    }
+
     /// SIGTERM and wait for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
@@ -428,6 +450,42 @@ pub fn admin_json(
         status,
         serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
     )
+}
+
+/// A throw-away cluster of this test's own (to stop or restart without
+/// disturbing the shared ones), with the app user and database.
+pub fn own_cluster(name: &str) -> Cluster {
+    let bins = env().pg1.bins().clone();
+    let c = Cluster::start_temp(&bins, ClusterOptions::named(name)).expect("start cluster");
+    c.ensure_user_and_database(USER, PASSWORD, DB)
+        .expect("create app user");
+    c
+}
+
+/// Client sessions of the app database on `cluster`, per pg_stat_activity.
+pub fn app_sessions_on(cluster: &Cluster) -> usize {
+    cluster
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE backend_type = 'client backend' AND datname = '{DB}'"
+            ),
+        )
+        .expect("count sessions")
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// The backend each live session runs on (the admin API's view).
+pub fn backends_of_sessions(admin: SocketAddr) -> Vec<String> {
+    let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["backend"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Ids of the sessions whose application_name is `app`.

@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use pgferry_proxy::balancer::mover::{request_transfer, MoveError};
 use pgferry_proxy::forwarder::tracker::TxStatus;
 use pgferry_proxy::forwarder::{ControlCommand, TransferOutcome};
 use pgferry_proxy::registry::SessionInfo;
@@ -136,13 +137,9 @@ pub async fn transfer(
     let Some(id) = parse_id(&id) else {
         return not_found();
     };
-    let body: TransferBody = if body.iter().all(u8::is_ascii_whitespace) {
-        TransferBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
-        }
+    let body: TransferBody = match crate::backends::parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
     let Some((info, control)) = state.proxy.registry.get(id) else {
         return not_found();
@@ -162,20 +159,12 @@ pub async fn transfer(
         }
     }
     let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(DEFAULT_TRANSFER_TIMEOUT_MS));
-    let (tx, rx) = oneshot::channel();
-    let cmd = ControlCommand::Transfer {
-        to: body.to,
-        timeout,
-        reply: tx,
-    };
-    if control.send(cmd).await.is_err() {
-        return not_found();
-    }
-    // The session answers by its deadline; the margin covers dial + replay.
-    let outcome = match tokio::time::timeout(timeout + Duration::from_secs(60), rx).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(_)) => TransferOutcome::RecoverableError("session ended".into()),
-        Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "session did not answer"),
+    let outcome = match request_transfer(&control, body.to, timeout).await {
+        Ok(o) => o,
+        Err(MoveError::SessionGone) => return not_found(),
+        Err(MoveError::NoAnswer) => {
+            return error(StatusCode::GATEWAY_TIMEOUT, "session did not answer")
+        }
     };
     match outcome {
         TransferOutcome::Success {

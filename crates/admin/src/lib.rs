@@ -1,11 +1,13 @@
 //! pgferry's HTTP admin server.
 //!
 //! Owns the HTTP surface: `GET /healthz`, `GET /metrics` (Prometheus text),
-//! and the `/v1` API for orchestrators (list sessions, move one). It reads
+//! and the `/v1` API for orchestrators (list and move sessions; list, add,
+//! drain, activate and remove backends; rebalance). It reads
 //! proxy state through the registry and must never touch a session's
 //! sockets itself: it talks to sessions only through their control
 //! channels.
 
+mod backends;
 mod connections;
 
 use std::future::Future;
@@ -31,12 +33,25 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/connections", get(connections::list))
         .route("/v1/connections/{id}", get(connections::get_one))
         .route("/v1/connections/{id}/transfer", post(connections::transfer))
+        .route("/v1/backends", get(backends::list).post(backends::add))
+        .route(
+            "/v1/backends/{name}",
+            get(backends::get_one).delete(backends::remove),
+        )
+        .route("/v1/backends/{name}/drain", post(backends::drain))
+        .route("/v1/backends/{name}/activate", post(backends::activate))
+        .route("/v1/rebalance", post(backends::rebalance))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .fallback(no_such_route)
         .with_state(state)
+}
+
+async fn no_such_route() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route")
 }
 
 async fn healthz() -> impl IntoResponse {

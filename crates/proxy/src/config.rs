@@ -44,6 +44,66 @@ pub struct Config {
     /// The connection audit log; off when absent.
     #[serde(default)]
     pub audit: Option<AuditSection>,
+    /// Drain, rebalance and health checks.
+    #[serde(default)]
+    pub balancer: BalancerSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerSection {
+    /// Rebalance automatically this often; off when absent.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub rebalance_interval: Option<Duration>,
+    /// A session moved by rebalancing is left where it is this long.
+    #[serde(default = "defaults::cooldown", deserialize_with = "duration")]
+    pub cooldown: Duration,
+    /// Transfers a drain or rebalance runs at once.
+    #[serde(default = "defaults::drain_concurrency")]
+    pub drain_concurrency: usize,
+    /// Default deadline of a drain (API calls without `timeout_ms`, and
+    /// backends removed from the config file).
+    #[serde(default = "defaults::drain_timeout", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(
+        default = "defaults::health_check_interval",
+        deserialize_with = "duration"
+    )]
+    pub health_check_interval: Duration,
+    #[serde(
+        default = "defaults::health_check_timeout",
+        deserialize_with = "duration"
+    )]
+    pub health_check_timeout: Duration,
+    /// Failed checks in a row that make a backend unhealthy.
+    #[serde(default = "defaults::unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that make it healthy again.
+    #[serde(default = "defaults::healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// User and database named in the probe's StartupMessage; the probe
+    /// hangs up before authenticating, so neither needs to exist.
+    #[serde(default = "defaults::health_check_user")]
+    pub health_check_user: String,
+    #[serde(default = "defaults::health_check_database")]
+    pub health_check_database: String,
+}
+
+impl Default for BalancerSection {
+    fn default() -> Self {
+        Self {
+            rebalance_interval: None,
+            cooldown: defaults::cooldown(),
+            drain_concurrency: defaults::drain_concurrency(),
+            drain_timeout: defaults::drain_timeout(),
+            health_check_interval: defaults::health_check_interval(),
+            health_check_timeout: defaults::health_check_timeout(),
+            unhealthy_threshold: defaults::unhealthy_threshold(),
+            healthy_threshold: defaults::healthy_threshold(),
+            health_check_user: defaults::health_check_user(),
+            health_check_database: defaults::health_check_database(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -210,6 +270,33 @@ mod defaults {
     pub fn retention_interval() -> Duration {
         Duration::from_secs(60)
     }
+    pub fn cooldown() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn drain_concurrency() -> usize {
+        32
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn health_check_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_check_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn unhealthy_threshold() -> u32 {
+        3
+    }
+    pub fn healthy_threshold() -> u32 {
+        2
+    }
+    pub fn health_check_user() -> String {
+        "pgferry_health".into()
+    }
+    pub fn health_check_database() -> String {
+        "postgres".into()
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -328,6 +415,34 @@ impl Config {
                 return Err(("audit.flush_interval".into(), "must be more than 0".into()));
             }
         }
+        let b = &self.balancer;
+        if b.drain_concurrency == 0 {
+            return Err((
+                "balancer.drain_concurrency".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        for (key, d) in [
+            ("balancer.health_check_interval", b.health_check_interval),
+            ("balancer.health_check_timeout", b.health_check_timeout),
+            ("balancer.drain_timeout", b.drain_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((key.into(), "must be more than 0".into()));
+            }
+        }
+        if b.rebalance_interval.is_some_and(|d| d.is_zero()) {
+            return Err((
+                "balancer.rebalance_interval".into(),
+                "must be more than 0 (leave it out to turn rebalancing off)".into(),
+            ));
+        }
+        if b.unhealthy_threshold == 0 || b.healthy_threshold == 0 {
+            return Err((
+                "balancer".into(),
+                "unhealthy_threshold and healthy_threshold must be at least 1".into(),
+            ));
+        }
         if self.backend_tls.mode == BackendTlsMode::VerifyFull && self.backend_tls.ca.is_none() {
             return Err((
                 "backend_tls.ca".into(),
@@ -395,6 +510,27 @@ address = "localhost:5433"
         assert!(!tls.require);
         assert_eq!(c.backends.len(), 2);
         assert_eq!(c.backend_tls.mode, BackendTlsMode::Disable);
+        assert_eq!(c.balancer.rebalance_interval, None);
+        assert_eq!(c.balancer.health_check_interval, Duration::from_secs(5));
+        assert_eq!(c.balancer.drain_concurrency, 32);
+    }
+
+    #[test]
+    fn balancer_section() {
+        let c = Config::parse(
+            &format!("{GOOD}\n[balancer]\nrebalance_interval = \"30s\"\ncooldown = \"2m\"\n"),
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.balancer.rebalance_interval, Some(Duration::from_secs(30)));
+        assert_eq!(c.balancer.cooldown, Duration::from_secs(120));
+        let e = err(&format!("{GOOD}\n[balancer]\ndrain_concurrency = 0\n"));
+        assert!(e.contains("balancer.drain_concurrency"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[balancer]\nhealth_check_interval = \"0s\"\n"
+        ));
+        assert!(e.contains("balancer.health_check_interval"), "{e}");
     }
 
     fn err(text: &str) -> String {

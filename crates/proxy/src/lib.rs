@@ -3,13 +3,16 @@
 //! Owns the serving path: accepting clients (`listener`), TLS and startup
 //! negotiation and authentication at the proxy (`client`), choosing and
 //! dialing backends (`backend`), the per-session forwarder (`forwarder`),
-//! cancel keys (`cancel`), the live-session registry (`registry`) and the
-//! one place that decides what a client sees on failure (`errors`).
+//! cancel keys (`cancel`), the live-session registry (`registry`), moving
+//! a session (`transfer`), draining, rebalancing and health checks
+//! (`balancer`), config reload (`reload`) and the one place that decides
+//! what a client sees on failure (`errors`).
 //! It must not block the forwarding path on anything shared: one task per
 //! session owns both of its sockets, and the only locks are taken at
 //! connect, disconnect and cancel time.
 
 pub mod backend;
+pub mod balancer;
 pub mod cancel;
 pub mod client;
 pub mod config;
@@ -18,19 +21,21 @@ pub mod forwarder;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod session;
 pub mod stream;
 pub mod tls;
 pub mod transfer;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
 
 use backend::dial::DialSettings;
 use backend::BackendSet;
+use balancer::BalancerState;
 use cancel::CancelMap;
 use client::handshake::TlsPolicy;
 pub use config::Config;
@@ -52,10 +57,14 @@ pub enum StartError {
     Audit(String),
 }
 
-/// Everything sessions share. Read-only after start.
+/// Everything sessions share. Read-only after start, except the backend
+/// set and the userlist (admin API, config reload), which sessions read
+/// only while connecting.
 pub struct ProxyContext {
+    /// As loaded at start; a reload changes `backends` and the userlist,
+    /// not this.
     pub config: Config,
-    pub users: UserList,
+    users: RwLock<Arc<UserList>>,
     pub tls: TlsPolicy,
     pub dial: DialSettings,
     pub backends: BackendSet,
@@ -64,6 +73,19 @@ pub struct ProxyContext {
     pub registry: Arc<Registry>,
     /// The audit log, when `[audit]` is configured.
     pub audit: Option<pgferry_audit::AuditHandle>,
+    pub balancer: BalancerState,
+}
+
+impl ProxyContext {
+    /// The userlist as of now.
+    pub fn users(&self) -> Arc<UserList> {
+        // Replacing the Arc cannot leave it half-written.
+        self.users.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_users(&self, users: UserList) {
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
+    }
 }
 
 pub struct Proxy {
@@ -147,13 +169,15 @@ impl Proxy {
             keepalive: config.proxy.tcp_keepalive,
             max_message_len: config.proxy.max_message_length,
         };
-        let backends = BackendSet::new(&config.backends, &metrics).map_err(StartError::Backends)?;
+        let backends =
+            BackendSet::new(&config.backends, metrics.clone()).map_err(StartError::Backends)?;
         let (audit, batcher) = audit_from_config(&config, &metrics)?;
         Ok(Self {
             batcher: std::sync::Mutex::new(batcher),
             ctx: Arc::new(ProxyContext {
                 audit,
-                users,
+                users: RwLock::new(Arc::new(users)),
+                balancer: BalancerState::default(),
                 tls,
                 dial,
                 backends,
@@ -173,9 +197,15 @@ impl Proxy {
         self.ctx.metrics.clone()
     }
 
+    /// Applies a re-read config file (see `reload`).
+    pub fn reload(&self, config: &Config) -> Result<reload::ReloadSummary, StartError> {
+        reload::apply(&self.ctx, config)
+    }
+
     /// Serves clients from `listener` until `shutdown` resolves, then lets
     /// sessions finish (up to `shutdown_timeout`) and closes the rest.
-    /// The audit log's final flush runs after the last session ended.
+    /// Health checks and rebalancing run meanwhile. The audit log's final
+    /// flush runs after the last session ended.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let batcher = self
             .batcher
@@ -184,7 +214,12 @@ impl Proxy {
             .take();
         let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
         let audit_task = batcher.map(|b| tokio::spawn(b.run(audit_stopped)));
+        let (stop_balancer, balancer_stopped) = tokio::sync::watch::channel(false);
+        let balancer_task =
+            tokio::spawn(balancer::run_background(self.ctx.clone(), balancer_stopped));
         listener::accept_loop(self.ctx.clone(), listener, shutdown).await;
+        let _ = stop_balancer.send(true);
+        let _ = balancer_task.await;
         let _ = stop_audit.send(true);
         if let Some(task) = audit_task {
             let _ = task.await;

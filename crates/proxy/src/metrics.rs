@@ -15,8 +15,11 @@ pub struct Metrics {
     pub client_connections_accepted: IntCounter,
     pub client_connections_rejected: IntCounter,
     pub auth_failures: IntCounter,
-    pub backend_connections: IntGaugeVec,
+    pub backend_sessions: IntGaugeVec,
+    pub backend_up: IntGaugeVec,
     pub backend_dial_errors: IntCounterVec,
+    pub drain_in_progress: IntGaugeVec,
+    pub rebalance_moves: IntCounter,
     pub bytes_client_to_server: IntCounter,
     pub bytes_server_to_client: IntCounter,
     pub migrations: Arc<MigrationOutcomes>,
@@ -136,12 +139,33 @@ impl Metrics {
                 "Client authentications that failed (wrong password or unknown user)",
             )
             .expect("static metric definition"),
-            backend_connections: IntGaugeVec::new(
+            backend_sessions: IntGaugeVec::new(
                 Opts::new(
-                    "pgferry_backend_connections",
-                    "Open server connections per backend",
+                    "pgferry_backend_sessions",
+                    "Sessions (server connections) open per backend",
                 ),
                 &["backend"],
+            )
+            .expect("static metric definition"),
+            backend_up: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_backend_up",
+                    "1 while the backend's health check passes, 0 while it fails",
+                ),
+                &["backend"],
+            )
+            .expect("static metric definition"),
+            drain_in_progress: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_drain_in_progress",
+                    "1 while a drain of the backend is running",
+                ),
+                &["backend"],
+            )
+            .expect("static metric definition"),
+            rebalance_moves: IntCounter::new(
+                "pgferry_rebalance_moves_total",
+                "Sessions moved by rebalancing (API or automatic)",
             )
             .expect("static metric definition"),
             backend_dial_errors: IntCounterVec::new(
@@ -188,8 +212,11 @@ impl Metrics {
             Box::new(m.client_connections_accepted.clone()),
             Box::new(m.client_connections_rejected.clone()),
             Box::new(m.auth_failures.clone()),
-            Box::new(m.backend_connections.clone()),
+            Box::new(m.backend_sessions.clone()),
+            Box::new(m.backend_up.clone()),
             Box::new(m.backend_dial_errors.clone()),
+            Box::new(m.drain_in_progress.clone()),
+            Box::new(m.rebalance_moves.clone()),
             Box::new(bytes),
             Box::new(m.migration_duration.clone()),
             Box::new(m.migration_pause.clone()),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
@@ -25,6 +25,8 @@ pub struct SessionInfo {
     pub migrations: u32,
     /// A migration of this session is running right now.
     pub transferring: bool,
+    /// When it last moved (the balancer's cool-down counts from here).
+    pub last_migrated: Option<Instant>,
 }
 
 struct Entry {
@@ -101,6 +103,7 @@ impl Registry {
         if let Some(e) = self.lock().get_mut(&id) {
             e.info.backend = backend.to_owned();
             e.info.migrations += 1;
+            e.info.last_migrated = Some(Instant::now());
         }
     }
 
@@ -108,6 +111,29 @@ impl Registry {
         self.lock()
             .get(&id)
             .map(|e| (e.info.clone(), e.control.clone()))
+    }
+
+    /// The sessions running on `backend`, with their control channels.
+    pub fn on_backend(&self, backend: &str) -> Vec<(SessionInfo, mpsc::Sender<ControlCommand>)> {
+        self.lock()
+            .values()
+            .filter(|e| e.info.backend == backend)
+            .map(|e| (e.info.clone(), e.control.clone()))
+            .collect()
+    }
+
+    /// Asks the sessions on `backend` to close at their next message
+    /// boundary; returns how many were asked.
+    pub fn terminate_on(&self, backend: &str, make: impl Fn() -> SessionError) -> usize {
+        let controls: Vec<_> = self
+            .on_backend(backend)
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect();
+        for c in &controls {
+            let _ = c.try_send(ControlCommand::Terminate(make()));
+        }
+        controls.len()
     }
 
     /// Asks every session to close at its next message boundary.

@@ -187,7 +187,7 @@ async fn login(
         goodbye(stream, &SessionError::AuditBacklogFull).await;
         return None;
     }
-    match authenticate(&mut stream, startup.user(), &ctx.users).await {
+    match authenticate(&mut stream, startup.user(), &ctx.users()).await {
         Ok(AuthOutcome::Authenticated(creds)) => {
             trail.connected(&startup);
             Some((stream, startup, creds))
@@ -310,6 +310,7 @@ async fn run_session(
             connected_at: SystemTime::now(),
             migrations: 0,
             transferring: false,
+            last_migrated: None,
         },
         control_tx,
     );

@@ -1,16 +1,71 @@
-//! Backends: the configured servers, how many sessions each serves, and
-//! which one a new session goes to (least connections).
+//! Backends: the servers sessions run on, their state (active, draining,
+//! drained, unhealthy), how many sessions each serves, and which one a new
+//! session goes to (least connections among the active, healthy ones).
+//!
+//! The set changes at run time (admin API, config reload); readers take a
+//! snapshot, so a session never holds a lock while it dials or forwards.
 
 pub mod dial;
 pub mod login;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use prometheus::IntGauge;
+use thiserror::Error;
 
 use crate::config::{split_host_port, BackendConfig};
 use crate::metrics::Metrics;
+
+/// What the operator asked of a backend; health is tracked apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BackendMode {
+    /// Takes new sessions (when healthy).
+    Active = 0,
+    /// No new sessions; its sessions are being (or were being) moved away.
+    Draining = 1,
+    /// A drain left no session on it; no new sessions.
+    Drained = 2,
+}
+
+impl BackendMode {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Draining,
+            2 => Self::Drained,
+            _ => Self::Active,
+        }
+    }
+}
+
+/// The state reported to operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    Active,
+    Draining,
+    Drained,
+    Unhealthy,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// Where a backend came from: config reloads only remove the ones the
+/// file declared, never those an orchestrator added through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendOrigin {
+    Config,
+    Api,
+}
 
 #[derive(Debug)]
 pub struct Backend {
@@ -19,13 +74,86 @@ pub struct Backend {
     pub address: String,
     pub host: String,
     pub port: u16,
+    pub origin: BackendOrigin,
     sessions: AtomicUsize,
+    mode: AtomicU8,
+    healthy: AtomicBool,
+    removed: AtomicBool,
+    /// Consecutive health-check results of the current streak.
+    check_failures: AtomicU32,
+    check_successes: AtomicU32,
     gauge: IntGauge,
+    up_gauge: IntGauge,
 }
 
 impl Backend {
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn mode(&self) -> BackendMode {
+        BackendMode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    pub fn set_mode(&self, mode: BackendMode) {
+        self.mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    /// Sets the mode only if it is `from` now (a drain finishing must not
+    /// undo an activate that came meanwhile).
+    pub fn change_mode(&self, from: BackendMode, to: BackendMode) -> bool {
+        self.mode
+            .compare_exchange(from as u8, to as u8, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    pub fn state(&self) -> BackendState {
+        match self.mode() {
+            BackendMode::Draining => BackendState::Draining,
+            BackendMode::Drained => BackendState::Drained,
+            BackendMode::Active if !self.healthy() => BackendState::Unhealthy,
+            BackendMode::Active => BackendState::Active,
+        }
+    }
+
+    /// May new sessions and migrations land here?
+    pub fn accepts_sessions(&self) -> bool {
+        self.mode() == BackendMode::Active && self.healthy() && !self.is_removed()
+    }
+
+    /// Records one health-check result; returns the new health when it
+    /// changed (after `down_after` failures or `up_after` successes in a row).
+    pub fn record_check(&self, ok: bool, down_after: u32, up_after: u32) -> Option<bool> {
+        let healthy = self.healthy();
+        if ok {
+            self.check_failures.store(0, Ordering::Relaxed);
+            let n = self.check_successes.fetch_add(1, Ordering::Relaxed) + 1;
+            if !healthy && n >= up_after {
+                self.set_healthy(true);
+                return Some(true);
+            }
+        } else {
+            self.check_successes.store(0, Ordering::Relaxed);
+            let n = self.check_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if healthy && n >= down_after {
+                self.set_healthy(false);
+                return Some(false);
+            }
+        }
+        None
+    }
+
+    fn set_healthy(&self, on: bool) {
+        self.healthy.store(on, Ordering::Relaxed);
+        self.up_gauge.set(i64::from(on));
     }
 }
 
@@ -54,64 +182,146 @@ impl Drop for BackendLease {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AddBackendError {
+    #[error("a backend named {0:?} exists")]
+    Exists(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
 pub struct BackendSet {
-    backends: Vec<Arc<Backend>>,
+    /// Replaced whole on every change; readers clone the `Arc`.
+    list: RwLock<Arc<Vec<Arc<Backend>>>>,
     rotation: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for BackendSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.all().iter()).finish()
+    }
 }
 
 impl BackendSet {
     /// `configs` were validated by `Config::parse`.
-    pub fn new(configs: &[BackendConfig], metrics: &Metrics) -> Result<Self, String> {
-        let mut backends = Vec::with_capacity(configs.len());
-        for c in configs {
-            let (host, port) = split_host_port(&c.address)?;
-            // Create the series now so they read 0 rather than be absent.
-            metrics
-                .backend_dial_errors
-                .with_label_values(&[c.name.as_str()]);
-            backends.push(Arc::new(Backend {
-                name: c.name.clone(),
-                address: c.address.clone(),
-                host,
-                port,
-                sessions: AtomicUsize::new(0),
-                gauge: metrics
-                    .backend_connections
-                    .with_label_values(&[c.name.as_str()]),
-            }));
-        }
-        Ok(Self {
-            backends,
+    pub fn new(configs: &[BackendConfig], metrics: Arc<Metrics>) -> Result<Self, String> {
+        let set = Self {
+            list: RwLock::new(Arc::new(Vec::new())),
             rotation: AtomicUsize::new(0),
-        })
+            metrics,
+        };
+        for c in configs {
+            set.add(&c.name, &c.address, BackendOrigin::Config)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(set)
     }
 
-    pub fn all(&self) -> &[Arc<Backend>] {
-        &self.backends
+    /// Every backend, in the order they were added.
+    pub fn all(&self) -> Arc<Vec<Arc<Backend>>> {
+        // Replacing the Vec cannot leave it half-written.
+        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Backend>> {
-        self.backends.iter().find(|b| b.name == name)
+    pub fn get(&self, name: &str) -> Option<Arc<Backend>> {
+        self.all().iter().find(|b| b.name == name).cloned()
     }
 
-    /// Backends in the order a new session should try them: fewest
-    /// sessions first, ties broken round-robin so an idle cluster still
-    /// spreads its first sessions.
+    pub fn add(
+        &self,
+        name: &str,
+        address: &str,
+        origin: BackendOrigin,
+    ) -> Result<Arc<Backend>, AddBackendError> {
+        if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_control()) {
+            return Err(AddBackendError::Invalid(
+                "name must be 1 to 63 printable characters".into(),
+            ));
+        }
+        let (host, port) = split_host_port(address).map_err(AddBackendError::Invalid)?;
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        if list.iter().any(|b| b.name == name) {
+            return Err(AddBackendError::Exists(name.to_owned()));
+        }
+        let m = &self.metrics;
+        // Create the series now so they read 0 rather than be absent.
+        m.backend_dial_errors.with_label_values(&[name]);
+        m.drain_in_progress.with_label_values(&[name]).set(0);
+        let up_gauge = m.backend_up.with_label_values(&[name]);
+        up_gauge.set(1);
+        let backend = Arc::new(Backend {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            host,
+            port,
+            origin,
+            sessions: AtomicUsize::new(0),
+            mode: AtomicU8::new(BackendMode::Active as u8),
+            // Healthy until checks say otherwise: a new backend must not
+            // wait a check interval before it can serve.
+            healthy: AtomicBool::new(true),
+            removed: AtomicBool::new(false),
+            check_failures: AtomicU32::new(0),
+            check_successes: AtomicU32::new(0),
+            gauge: m.backend_sessions.with_label_values(&[name]),
+            up_gauge,
+        });
+        let mut next = Vec::clone(&list);
+        next.push(backend.clone());
+        *list = Arc::new(next);
+        Ok(backend)
+    }
+
+    /// Takes the backend out of the set. Sessions still on it keep running
+    /// (they hold their own reference); it gets no new ones.
+    pub fn remove(&self, name: &str) -> Option<Arc<Backend>> {
+        let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
+        let gone = list.iter().find(|b| b.name == name).cloned()?;
+        gone.removed.store(true, Ordering::Relaxed);
+        let next: Vec<_> = list.iter().filter(|b| b.name != name).cloned().collect();
+        *list = Arc::new(next);
+        let m = &self.metrics;
+        let _ = m.backend_sessions.remove_label_values(&[name]);
+        let _ = m.backend_up.remove_label_values(&[name]);
+        let _ = m.backend_dial_errors.remove_label_values(&[name]);
+        let _ = m.drain_in_progress.remove_label_values(&[name]);
+        Some(gone)
+    }
+
+    /// Backends in the order a new session should try them: the active,
+    /// healthy ones, fewest sessions first, ties broken round-robin so an
+    /// idle cluster still spreads its first sessions. Active backends whose
+    /// health check fails come last, as a last resort: a check can lag, and
+    /// trying costs less than refusing the client for sure.
     pub fn candidates(&self) -> Vec<Arc<Backend>> {
-        let n = self.backends.len();
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        let mut order: Vec<(usize, usize, Arc<Backend>)> = self
-            .backends
+        let all = self.all();
+        let mut healthy = self.least_loaded(&all, |b| b.accepts_sessions());
+        let fallback = self.least_loaded(&all, |b| {
+            b.mode() == BackendMode::Active && !b.healthy() && !b.is_removed()
+        });
+        healthy.extend(fallback);
+        healthy
+    }
+
+    /// Where a session on `current` may be moved: active, healthy, other.
+    pub fn migration_targets(&self, current: &str) -> Vec<Arc<Backend>> {
+        let all = self.all();
+        self.least_loaded(&all, |b| b.accepts_sessions() && b.name != current)
+    }
+
+    fn least_loaded(
+        &self,
+        all: &[Arc<Backend>],
+        keep: impl Fn(&Backend) -> bool,
+    ) -> Vec<Arc<Backend>> {
+        let n = all.len().max(1);
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+        let mut order: Vec<(usize, usize, Arc<Backend>)> = all
             .iter()
             .enumerate()
-            .map(|(i, b)| {
-                (
-                    b.sessions(),
-                    (i + n - start % n.max(1)) % n.max(1),
-                    b.clone(),
-                )
-            })
+            .filter(|(_, b)| keep(b))
+            .map(|(i, b)| (b.sessions(), (i + n - start) % n, b.clone()))
             .collect();
         order.sort_by_key(|(s, r, _)| (*s, *r));
         order.into_iter().map(|(_, _, b)| b).collect()
@@ -129,7 +339,7 @@ mod tests {
                 address: format!("127.0.0.1:{}", 5000 + i),
             })
             .collect();
-        BackendSet::new(&cfgs, &Metrics::new()).unwrap()
+        BackendSet::new(&cfgs, Arc::new(Metrics::new())).unwrap()
     }
 
     #[test]
@@ -140,13 +350,72 @@ mod tests {
             let b = s.candidates()[0].clone();
             leases.push(BackendLease::new(b));
         }
-        for b in s.all() {
+        for b in s.all().iter() {
             assert_eq!(b.sessions(), 3, "{}", b.name);
         }
         // pg0 is the busiest: it comes last.
-        leases.push(BackendLease::new(s.get("pg0").unwrap().clone()));
+        leases.push(BackendLease::new(s.get("pg0").unwrap()));
         assert_eq!(s.candidates().last().unwrap().name, "pg0");
         drop(leases);
         assert!(s.all().iter().all(|b| b.sessions() == 0));
+    }
+
+    #[test]
+    fn draining_and_removed_backends_get_no_sessions_unhealthy_only_as_last_resort() {
+        let s = set(3);
+        s.get("pg0").unwrap().set_mode(BackendMode::Draining);
+        let pg1 = s.get("pg1").unwrap();
+        assert_eq!(pg1.record_check(false, 3, 2), None);
+        assert_eq!(pg1.record_check(false, 3, 2), None);
+        assert_eq!(pg1.record_check(false, 3, 2), Some(false));
+        assert_eq!(pg1.state(), BackendState::Unhealthy);
+        let names: Vec<_> = s.candidates().iter().map(|b| b.name.clone()).collect();
+        assert_eq!(names, ["pg2", "pg1"]);
+        assert_eq!(s.migration_targets("pg0").len(), 1);
+        assert!(s.remove("pg2").is_some());
+        let names: Vec<_> = s.candidates().iter().map(|b| b.name.clone()).collect();
+        assert_eq!(names, ["pg1"]);
+        assert!(s.migration_targets("pg0").is_empty());
+        // Two successes bring it back.
+        assert_eq!(pg1.record_check(true, 3, 2), None);
+        assert_eq!(pg1.record_check(true, 3, 2), Some(true));
+        assert_eq!(pg1.state(), BackendState::Active);
+    }
+
+    #[test]
+    fn health_needs_a_streak() {
+        let s = set(1);
+        let b = s.get("pg0").unwrap();
+        assert_eq!(b.record_check(false, 3, 2), None);
+        assert_eq!(b.record_check(false, 3, 2), None);
+        assert_eq!(b.record_check(true, 3, 2), None, "streak broken");
+        assert_eq!(b.record_check(false, 3, 2), None);
+        assert_eq!(b.record_check(false, 3, 2), None);
+        assert_eq!(b.record_check(false, 3, 2), Some(false));
+        assert_eq!(b.record_check(false, 3, 2), None, "already down");
+        assert_eq!(b.record_check(true, 3, 2), None);
+        assert_eq!(b.record_check(false, 3, 2), None);
+        assert_eq!(b.record_check(true, 3, 2), None);
+        assert_eq!(b.record_check(true, 3, 2), Some(true));
+    }
+
+    #[test]
+    fn add_rejects_duplicates_and_bad_addresses() {
+        let s = set(1);
+        assert_eq!(
+            s.add("pg0", "127.0.0.1:1", BackendOrigin::Api).unwrap_err(),
+            AddBackendError::Exists("pg0".into())
+        );
+        assert!(matches!(
+            s.add("pg9", "nope", BackendOrigin::Api),
+            Err(AddBackendError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.add("", "127.0.0.1:1", BackendOrigin::Api),
+            Err(AddBackendError::Invalid(_))
+        ));
+        let b = s.add("pg9", "127.0.0.1:9", BackendOrigin::Api).unwrap();
+        assert_eq!(b.state(), BackendState::Active);
+        assert_eq!(s.all().len(), 2);
     }
 }

@@ -62,7 +62,7 @@ pub enum TransferError {
 use TransferError::{Fatal, Recoverable};
 
 /// The target for a transfer: the named backend, or the least-loaded
-/// other one.
+/// other one; either must be taking sessions.
 pub fn choose_target(
     ctx: &ProxyContext,
     current: &str,
@@ -70,17 +70,26 @@ pub fn choose_target(
 ) -> Result<Arc<Backend>, TransferError> {
     match to {
         Some(name) if name == current => Err(Recoverable(format!("session is already on {name}"))),
-        Some(name) => ctx
-            .backends
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Recoverable(format!("unknown backend {name:?}"))),
+        Some(name) => {
+            let b = ctx
+                .backends
+                .get(name)
+                .ok_or_else(|| Recoverable(format!("unknown backend {name:?}")))?;
+            if b.accepts_sessions() {
+                Ok(b)
+            } else {
+                Err(Recoverable(format!(
+                    "backend {name} is {} and takes no sessions",
+                    b.state().as_str()
+                )))
+            }
+        }
         None => ctx
             .backends
-            .candidates()
+            .migration_targets(current)
             .into_iter()
-            .find(|b| b.name != current)
-            .ok_or_else(|| Recoverable("no other backend to move to".into())),
+            .next()
+            .ok_or_else(|| Recoverable("no other active backend to move to".into())),
     }
 }
 

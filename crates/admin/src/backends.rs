@@ -1,0 +1,228 @@
+//! `/v1/backends` and `/v1/rebalance`: the backend set, drain, activate,
+//! remove, and evening out the load.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pgferry_proxy::backend::{AddBackendError, Backend, BackendMode, BackendOrigin};
+use pgferry_proxy::balancer::drain::{drain as run_drain, DrainError};
+use pgferry_proxy::balancer::rebalance::rebalance as run_rebalance;
+use pgferry_proxy::errors::SessionError;
+use pgferry_proxy::forwarder::TransferOutcome;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::info;
+
+use crate::{error, AdminState};
+
+/// How long a forced removal waits for its sessions to close.
+const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(5);
+const DEFAULT_REBALANCE_TIMEOUT_MS: u64 = 15_000;
+
+#[derive(Serialize)]
+pub struct BackendView {
+    name: String,
+    address: String,
+    state: &'static str,
+    healthy: bool,
+    sessions: usize,
+}
+
+fn view(b: &Backend) -> BackendView {
+    BackendView {
+        name: b.name.clone(),
+        address: b.address.clone(),
+        state: b.state().as_str(),
+        healthy: b.healthy(),
+        sessions: b.sessions(),
+    }
+}
+
+fn no_such_backend(name: &str) -> Response {
+    error(StatusCode::NOT_FOUND, &format!("no such backend {name:?}"))
+}
+
+/// An empty body means "all defaults"; the error is the 400 answer's.
+pub(crate) fn parse_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))
+}
+
+pub async fn list(State(state): State<AdminState>) -> Json<Vec<BackendView>> {
+    Json(state.proxy.backends.all().iter().map(|b| view(b)).collect())
+}
+
+pub async fn get_one(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    match state.proxy.backends.get(&name) {
+        Some(b) => Json(view(&b)).into_response(),
+        None => no_such_backend(&name),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    name: String,
+    address: String,
+}
+
+pub async fn add(State(state): State<AdminState>, body: Bytes) -> Response {
+    let body: AddBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("body must be {{\"name\": ..., \"address\": \"host:port\"}}: {e}"),
+            )
+        }
+    };
+    match state
+        .proxy
+        .backends
+        .add(&body.name, &body.address, BackendOrigin::Api)
+    {
+        Ok(b) => {
+            info!(backend = %b.name, address = %b.address, "backend added");
+            (StatusCode::CREATED, Json(view(&b))).into_response()
+        }
+        Err(e @ AddBackendError::Exists(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e @ AddBackendError::Invalid(_)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TimeoutBody {
+    timeout_ms: Option<u64>,
+}
+
+pub async fn drain(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let body: TimeoutBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let timeout = body
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(state.proxy.config.balancer.drain_timeout);
+    match run_drain(&state.proxy, &name, timeout).await {
+        Ok(r) => Json(json!({
+            "backend": r.backend,
+            "moved": r.moved,
+            "failed": r.failed,
+            "remaining": r.remaining,
+            "failures": r.failures.iter().map(|(id, reason)| json!({
+                "id": id.to_string(),
+                "reason": reason,
+            })).collect::<Vec<_>>(),
+            "duration_ms": r.duration.as_secs_f64() * 1000.0,
+        }))
+        .into_response(),
+        Err(DrainError::UnknownBackend(_)) => no_such_backend(&name),
+        Err(e @ DrainError::AlreadyDraining(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
+}
+
+pub async fn activate(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    let Some(b) = state.proxy.backends.get(&name) else {
+        return no_such_backend(&name);
+    };
+    b.set_mode(BackendMode::Active);
+    info!(backend = %b.name, "backend activated");
+    Json(view(&b)).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn remove(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Response {
+    let ctx = &state.proxy;
+    let Some(b) = ctx.backends.get(&name) else {
+        return no_such_backend(&name);
+    };
+    let sessions = b.sessions();
+    if sessions > 0 && !q.force {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!(
+                    "backend {name} still has {sessions} sessions; drain it first or use ?force=true"
+                ),
+                "sessions": sessions,
+            })),
+        )
+            .into_response();
+    }
+    // No new sessions while the others are being closed.
+    b.set_mode(BackendMode::Draining);
+    let closed = if sessions > 0 {
+        let asked = ctx
+            .registry
+            .terminate_on(&name, || SessionError::AdminShutdown);
+        // Sessions close at their next message boundary; wait a little so
+        // the answer can say they are gone.
+        let deadline = tokio::time::Instant::now() + FORCE_CLOSE_WAIT;
+        while b.sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        asked
+    } else {
+        0
+    };
+    ctx.backends.remove(&name);
+    info!(backend = %name, closed, "backend removed");
+    Json(json!({ "removed": name, "closed": closed })).into_response()
+}
+
+pub async fn rebalance(State(state): State<AdminState>, body: Bytes) -> Response {
+    let body: TimeoutBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let timeout = Duration::from_millis(body.timeout_ms.unwrap_or(DEFAULT_REBALANCE_TIMEOUT_MS));
+    let report = run_rebalance(&state.proxy, timeout).await;
+    let moves: Vec<_> = report
+        .moves
+        .iter()
+        .map(|m| {
+            let (outcome, reason) = match &m.outcome {
+                TransferOutcome::Success { .. } => ("success", None),
+                TransferOutcome::RecoverableError(r) => ("recoverable_error", Some(r.clone())),
+                TransferOutcome::FatalError(r) => ("fatal_error", Some(r.clone())),
+            };
+            json!({
+                "id": m.planned.id.to_string(),
+                "from": m.planned.from,
+                "to": m.planned.to,
+                "outcome": outcome,
+                "reason": reason,
+            })
+        })
+        .collect();
+    let moved = report.moved();
+    Json(json!({
+        "moves": moves,
+        "moved": moved,
+        "failed": report.moves.len() - moved,
+        "backends": state.proxy.backends.all().iter().map(|b| view(b)).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
