@@ -1,5 +1,6 @@
 //! The `pgferry` command: `run` serves from a config file, `sandbox` starts
-//! two local PostgreSQL clusters with the proxy in front.
+//! two local PostgreSQL clusters with the proxy in front, `ctl` talks to a
+//! running pgferry's admin API.
 
 mod sandbox;
 mod serve;
@@ -31,6 +32,9 @@ enum Command {
     /// Start two local PostgreSQL clusters and pgferry in front of them,
     /// print a psql connection string, and stop everything on Ctrl-C.
     Sandbox(sandbox::SandboxArgs),
+    /// Inspect and steer a running pgferry through its admin API.
+    #[command(long_about = pgferry_ctl::LONG_ABOUT)]
+    Ctl(pgferry_ctl::CtlArgs),
 }
 
 #[derive(clap::Args)]
@@ -43,6 +47,12 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // ctl is a synchronous HTTP client: no runtime, and no log lines mixed
+    // into the output scripts parse.
+    let command = match cli.command {
+        Command::Ctl(args) => return pgferry_ctl::run(args),
+        other => other,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -62,9 +72,10 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Run(args) => serve::run_from_file(&args.config).await,
             Command::Sandbox(args) => sandbox::run(args).await,
+            Command::Ctl(_) => unreachable!("ctl returned above"),
         }
     });
     match result {

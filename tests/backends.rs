@@ -388,3 +388,100 @@ async fn removing_a_busy_backend_needs_force_which_closes_its_sessions_with_57p0
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["state"], "active");
 }
+
+#[tokio::test]
+async fn automatic_rebalance_gives_a_new_backend_its_share() {
+    let pg3 = tokio::task::spawn_blocking(|| own_cluster("auto3"))
+        .await
+        .expect("join");
+    let proxy = ProxyProcess::start(ProxyOptions {
+        extra_sections: "[balancer]\nrebalance_interval = \"1s\"\n".into(),
+        ..Default::default()
+    });
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(connect(&proxy, USER, PASSWORD).await.expect("connect"));
+    }
+    let admin = proxy.admin;
+    let body = format!(r#"{{"name": "pg3", "address": "{}"}}"#, pg3.addr());
+    let (status, added) = admin_json(admin, "POST", "/v1/backends", &body);
+    assert_eq!(status, 201, "{added}");
+    // Nobody calls /v1/rebalance: the balancer's own loop does it.
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "pg3 given its share", || {
+            let on = backends_of_sessions(admin);
+            (3..=5).contains(&count(&on, "pg3"))
+                && (3..=5).contains(&count(&on, "pg1"))
+                && (3..=5).contains(&count(&on, "pg2"))
+        })
+    })
+    .await
+    .expect("join");
+    for (c, _) in &clients {
+        c.simple_query("SELECT 1").await.expect("query");
+    }
+    assert!(
+        proxy.log().contains("rebalance finished"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test]
+async fn sessions_that_just_moved_are_left_alone_until_their_cooldown_passes() {
+    let proxy = ProxyProcess::start(ProxyOptions {
+        extra_sections: "[balancer]\ncooldown = \"3s\"\n".into(),
+        ..Default::default()
+    });
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(connect(&proxy, USER, PASSWORD).await.expect("connect"));
+    }
+    let admin = proxy.admin;
+    // Everything onto pg2 by hand, every session moved at least once: each
+    // goes to the other backend, then those now on pg1 go to pg2.
+    let moved_at = Instant::now();
+    let move_to = |id: &str, to: &str| {
+        let path = format!("/v1/connections/{id}/transfer");
+        let (status, r) = admin_json(admin, "POST", &path, &format!(r#"{{"to": "{to}"}}"#));
+        assert_eq!(status, 200, "{r}");
+    };
+    let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
+    for c in list.as_array().expect("list") {
+        let to = if c["backend"] == "pg1" { "pg2" } else { "pg1" };
+        move_to(c["id"].as_str().expect("id"), to);
+    }
+    let (_, list) = admin_json(admin, "GET", "/v1/connections", "");
+    for c in list.as_array().expect("list") {
+        if c["backend"] == "pg1" {
+            move_to(c["id"].as_str().expect("id"), "pg2");
+        }
+    }
+    let last_moved_at = Instant::now();
+    assert_eq!(count(&backends_of_sessions(admin), "pg2"), 8);
+    let (status, r) = admin_json(admin, "POST", "/v1/rebalance", "");
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        r["moves"].as_array().map(Vec::len),
+        Some(0),
+        "cooling down: {r}"
+    );
+    assert!(
+        moved_at.elapsed() < Duration::from_secs(2),
+        "too slow to test the cool-down"
+    );
+
+    // The cool-down is the thing under test: let it pass.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(last_moved_at.elapsed())).await;
+    let (status, r) =
+        tokio::task::spawn_blocking(move || admin_json(admin, "POST", "/v1/rebalance", ""))
+            .await
+            .expect("join");
+    assert_eq!(status, 200, "{r}");
+    // Mean 4, band 1: 3 moves reach 3 / 5.
+    assert_eq!(r["moved"], 3, "{r}");
+    assert_eq!(count(&backends_of_sessions(admin), "pg1"), 3);
+    for (c, _) in &clients {
+        c.simple_query("SELECT 1").await.expect("query");
+    }
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -143,23 +143,36 @@ pub async fn activate(State(state): State<AdminState>, Path(name): Path<String>)
     Json(view(&b)).into_response()
 }
 
-#[derive(Deserialize)]
-pub struct RemoveQuery {
-    #[serde(default)]
-    force: bool,
+/// `?force=true`: the only query this API takes, parsed here so that a
+/// bad value gets the same JSON error as everything else.
+fn force_flag(query: Option<&str>) -> Result<bool, String> {
+    let mut force = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "true")) {
+            ("force", "true" | "1") => force = true,
+            ("force", "false" | "0") => force = false,
+            ("force", v) => return Err(format!("force must be true or false, not {v:?}")),
+            (k, _) => return Err(format!("unknown query parameter {k:?}")),
+        }
+    }
+    Ok(force)
 }
 
 pub async fn remove(
     State(state): State<AdminState>,
     Path(name): Path<String>,
-    Query(q): Query<RemoveQuery>,
+    RawQuery(query): RawQuery,
 ) -> Response {
+    let force = match force_flag(query.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
     let ctx = &state.proxy;
     let Some(b) = ctx.backends.get(&name) else {
         return no_such_backend(&name);
     };
     let sessions = b.sessions();
-    if sessions > 0 && !q.force {
+    if sessions > 0 && !force {
         return (
             StatusCode::CONFLICT,
             Json(json!({
@@ -225,4 +238,19 @@ pub async fn rebalance(State(state): State<AdminState>, body: Bytes) -> Response
         "backends": state.proxy.backends.all().iter().map(|b| view(b)).collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::force_flag;
+
+    #[test]
+    fn force_query() {
+        assert_eq!(force_flag(None), Ok(false));
+        assert_eq!(force_flag(Some("force=true")), Ok(true));
+        assert_eq!(force_flag(Some("force")), Ok(true));
+        assert_eq!(force_flag(Some("force=0")), Ok(false));
+        assert!(force_flag(Some("force=yes")).is_err());
+        assert!(force_flag(Some("forse=true")).is_err());
+    }
 }

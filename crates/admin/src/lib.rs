@@ -47,11 +47,19 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .fallback(no_such_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
 async fn no_such_route() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
 }
 
 async fn healthz() -> impl IntoResponse {

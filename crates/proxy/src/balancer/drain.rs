@@ -11,13 +11,15 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::mover::{request_transfer, MoveError};
 use crate::backend::BackendMode;
-use crate::forwarder::TransferOutcome;
+use crate::forwarder::{ControlCommand, TransferOutcome};
+use crate::registry::SessionInfo;
 use crate::ProxyContext;
 
 /// How often the drain looks for sessions it has not asked yet.
@@ -108,28 +110,21 @@ pub async fn drain(
     let mut failures: HashMap<Uuid, String> = HashMap::new();
     let mut closed: HashSet<Uuid> = HashSet::new();
     let mut moved = 0usize;
+    let mut no_target = false;
+    // Sessions not yet asked, from the last scan of the registry; scanning
+    // per finished move would cost O(n^2) on a big backend.
+    let mut queue: Vec<(SessionInfo, mpsc::Sender<ControlCommand>)> = Vec::new();
+    let mut last_scan: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        let sessions = ctx.registry.on_backend(name);
-        // Leases also count sessions still logging in to it.
-        if sessions.is_empty() && backend.sessions() == 0 && in_flight.is_empty() {
-            break;
-        }
-        let no_target = ctx.backends.migration_targets(name).is_empty();
-        if now < deadline && !no_target {
-            for (info, control) in sessions {
-                if in_flight.len() >= limit {
-                    break;
-                }
-                if asked.contains(&info.id) || retry_at.get(&info.id).is_some_and(|t| *t > now) {
-                    continue;
-                }
-                asked.insert(info.id);
-                let left = deadline.saturating_duration_since(now);
-                in_flight
-                    .spawn(async move { (info.id, request_transfer(&control, None, left).await) });
+        if queue.is_empty() || last_scan.is_none_or(|t| now - t >= RESCAN) {
+            last_scan = Some(now);
+            let sessions = ctx.registry.on_backend(name);
+            // Leases also count sessions still logging in to it.
+            if sessions.is_empty() && backend.sessions() == 0 && in_flight.is_empty() {
+                break;
             }
-        } else if in_flight.is_empty() {
+            no_target = ctx.backends.migration_targets(name).is_empty();
             if no_target {
                 for (info, _) in &sessions {
                     failures
@@ -137,6 +132,26 @@ pub async fn drain(
                         .or_insert_with(|| "no other active backend to move to".into());
                 }
             }
+            queue = sessions
+                .into_iter()
+                .filter(|(i, _)| {
+                    !asked.contains(&i.id) && retry_at.get(&i.id).is_none_or(|t| *t <= now)
+                })
+                .collect();
+            // Oldest last, so that `pop` takes them first.
+            queue.sort_by_key(|(i, _)| std::cmp::Reverse(i.connected_at));
+        }
+        if now < deadline && !no_target {
+            while in_flight.len() < limit {
+                let Some((info, control)) = queue.pop() else {
+                    break;
+                };
+                asked.insert(info.id);
+                let left = deadline.saturating_duration_since(now);
+                in_flight
+                    .spawn(async move { (info.id, request_transfer(&control, None, left).await) });
+            }
+        } else if in_flight.is_empty() {
             break;
         }
         tokio::select! {

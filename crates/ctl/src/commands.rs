@@ -1,0 +1,551 @@
+//! What each subcommand asks the server ([`plan`]), and how the answer
+//! becomes output and an exit status ([`interpret`]). Both are pure, so the
+//! exit rules are tested without a server.
+
+use serde::de::DeserializeOwned;
+use serde_json::{json, Map, Value};
+
+use crate::args::{CtlCommand, Timeout};
+use crate::client::{segment, ClientError, Method, Reply, Request, Wait};
+use crate::model::{Backend, Connection, Drain, ErrorBody, Rebalance, Removed, Transfer};
+use crate::render;
+
+/// What to print and how the command went.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: Option<String>,
+    /// Lines for stderr, printed after a `pgferry ctl: ` prefix.
+    pub stderr: Vec<String>,
+    pub ok: bool,
+}
+
+pub fn plan(cmd: &CtlCommand) -> Request {
+    let req = |method, path: String, body, wait| Request {
+        method,
+        path,
+        body,
+        wait,
+    };
+    match cmd {
+        CtlCommand::Backends => req(Method::Get, "/v1/backends".into(), None, Wait::Short),
+        CtlCommand::Connections => req(Method::Get, "/v1/connections".into(), None, Wait::Short),
+        CtlCommand::Transfer { id, to, timeout } => {
+            let mut body = Map::new();
+            if let Some(to) = to {
+                body.insert("to".into(), json!(to));
+            }
+            add_timeout(&mut body, *timeout);
+            req(
+                Method::Post,
+                format!("/v1/connections/{}/transfer", segment(id)),
+                Some(Value::Object(body)),
+                long_wait(*timeout),
+            )
+        }
+        CtlCommand::Drain { name, timeout } => {
+            let mut body = Map::new();
+            add_timeout(&mut body, *timeout);
+            req(
+                Method::Post,
+                format!("/v1/backends/{}/drain", segment(name)),
+                Some(Value::Object(body)),
+                long_wait(*timeout),
+            )
+        }
+        CtlCommand::Activate { name } => req(
+            Method::Post,
+            format!("/v1/backends/{}/activate", segment(name)),
+            None,
+            Wait::Short,
+        ),
+        CtlCommand::Rebalance { timeout } => {
+            let mut body = Map::new();
+            add_timeout(&mut body, *timeout);
+            req(
+                Method::Post,
+                "/v1/rebalance".into(),
+                Some(Value::Object(body)),
+                long_wait(*timeout),
+            )
+        }
+        CtlCommand::Add { name, address } => req(
+            Method::Post,
+            "/v1/backends".into(),
+            Some(json!({ "name": name, "address": address })),
+            Wait::Short,
+        ),
+        CtlCommand::Remove { name, force } => req(
+            Method::Delete,
+            format!(
+                "/v1/backends/{}{}",
+                segment(name),
+                if *force { "?force=true" } else { "" }
+            ),
+            None,
+            // Closing sessions is quick, but not instant with many of them.
+            Wait::ServerDeadline,
+        ),
+    }
+}
+
+/// Without a timeout the server's own default applies, so we send none.
+fn add_timeout(body: &mut Map<String, Value>, timeout: Option<Timeout>) {
+    if let Some(t) = timeout {
+        body.insert("timeout_ms".into(), json!(t.millis()));
+    }
+}
+
+fn long_wait(timeout: Option<Timeout>) -> Wait {
+    match timeout {
+        Some(t) => Wait::Deadline(t.duration()),
+        None => Wait::ServerDeadline,
+    }
+}
+
+/// Turns the server's answer (or the failure to get one) into output.
+pub fn interpret(
+    cmd: &CtlCommand,
+    base: &str,
+    reply: Result<Reply, ClientError>,
+    json_out: bool,
+) -> Outcome {
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            return Outcome {
+                stdout: None,
+                stderr: vec![e.to_string()],
+                ok: false,
+            }
+        }
+    };
+    // Scripts get the body whatever the status.
+    let stdout = json_out.then(|| reply.body.clone());
+    if !reply.is_success() {
+        return Outcome {
+            stdout,
+            stderr: vec![refusal(cmd, &reply)],
+            ok: false,
+        };
+    }
+    match success(cmd, base, &reply) {
+        Ok((text, problem)) => Outcome {
+            stdout: if json_out { stdout } else { Some(text) },
+            ok: problem.is_none(),
+            stderr: problem.into_iter().collect(),
+        },
+        Err(e) => Outcome {
+            stdout,
+            stderr: vec![e],
+            ok: false,
+        },
+    }
+}
+
+/// The table or summary of a 2xx answer, and what makes it a failure
+/// anyway (a drain that left sessions, a transfer that did not succeed).
+fn success(
+    cmd: &CtlCommand,
+    base: &str,
+    reply: &Reply,
+) -> Result<(String, Option<String>), String> {
+    let parse_err = |e: serde_json::Error| {
+        format!(
+            "unexpected answer from {base} (HTTP {}): {e}: {}",
+            reply.status,
+            excerpt(&reply.body)
+        )
+    };
+    fn parse<T: DeserializeOwned>(body: &str) -> Result<T, serde_json::Error> {
+        serde_json::from_str(body)
+    }
+    Ok(match cmd {
+        CtlCommand::Backends => (
+            render::backends(&parse::<Vec<Backend>>(&reply.body).map_err(parse_err)?),
+            None,
+        ),
+        CtlCommand::Connections => (
+            render::connections(&parse::<Vec<Connection>>(&reply.body).map_err(parse_err)?),
+            None,
+        ),
+        CtlCommand::Activate { .. } | CtlCommand::Add { .. } => {
+            let b: Backend = parse(&reply.body).map_err(parse_err)?;
+            (render::backends(std::slice::from_ref(&b)), None)
+        }
+        CtlCommand::Remove { .. } => {
+            let r: Removed = parse(&reply.body).map_err(parse_err)?;
+            (render::removed(&r), None)
+        }
+        CtlCommand::Rebalance { .. } => {
+            let r: Rebalance = parse(&reply.body).map_err(parse_err)?;
+            (render::rebalance(&r), None)
+        }
+        CtlCommand::Transfer { id, .. } => {
+            let t: Transfer = parse(&reply.body).map_err(parse_err)?;
+            if t.outcome == "success" {
+                (render::transfer(id, &t), None)
+            } else {
+                (
+                    String::new(),
+                    Some(format!(
+                        "transfer of {id} failed ({}): {}",
+                        t.outcome,
+                        t.reason.as_deref().unwrap_or("no reason given")
+                    )),
+                )
+            }
+        }
+        CtlCommand::Drain { name, .. } => {
+            let d: Drain = parse(&reply.body).map_err(parse_err)?;
+            let problem = (d.remaining > 0 || d.failed > 0).then(|| {
+                format!(
+                    "drain of {name} incomplete: {} still on it, {} failed to move; \
+                     it takes no new sessions until `pgferry ctl activate {name}`",
+                    d.remaining, d.failed
+                )
+            });
+            (render::drain(&d), problem)
+        }
+    })
+}
+
+/// One line saying what the server refused and why.
+fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
+    let body: ErrorBody = serde_json::from_str(&reply.body).unwrap_or_default();
+    let why = body
+        .error
+        .clone()
+        .or_else(|| body.reason.clone())
+        .unwrap_or_else(|| {
+            let text = excerpt(&reply.body);
+            if text.is_empty() {
+                "no explanation given".to_owned()
+            } else {
+                text
+            }
+        });
+    let what = match cmd {
+        CtlCommand::Backends => "listing backends".to_owned(),
+        CtlCommand::Connections => "listing connections".to_owned(),
+        CtlCommand::Transfer { id, .. } => format!("transfer of {id}"),
+        CtlCommand::Drain { name, .. } => format!("drain of {name}"),
+        CtlCommand::Activate { name } => format!("activating {name}"),
+        CtlCommand::Rebalance { .. } => "rebalance".to_owned(),
+        CtlCommand::Add { name, .. } => format!("adding {name}"),
+        CtlCommand::Remove { name, .. } => format!("removing {name}"),
+    };
+    // 4xx: the server would not; 5xx: it tried and could not.
+    let verb = if reply.status < 500 {
+        "refused"
+    } else {
+        "failed"
+    };
+    let mut line = format!("{what} {verb} (HTTP {}): {why}", reply.status);
+    // What the status means for the session or backend, when it says more
+    // than the message does.
+    match (cmd, body.outcome.as_deref(), body.sessions) {
+        (CtlCommand::Transfer { .. }, Some("recoverable_error"), _) => {
+            line.push_str(" (the session was not touched)")
+        }
+        (CtlCommand::Transfer { .. }, Some("fatal_error"), _) => {
+            line.push_str(" (the session was closed)")
+        }
+        (CtlCommand::Remove { force: false, .. }, _, Some(n)) if n > 0 => {
+            line.push_str(" (--force closes them)")
+        }
+        _ => {}
+    }
+    if reply.status == 401 {
+        line.push_str(" (set --token or PGFERRY_ADMIN_TOKEN)");
+    }
+    line
+}
+
+/// The start of a body that is not the JSON we expected, on one line.
+fn excerpt(body: &str) -> String {
+    let one_line: String = body
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match one_line.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &one_line[..i]),
+        None => one_line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const BASE: &str = "http://127.0.0.1:9930";
+
+    fn reply(status: u16, body: &str) -> Result<Reply, ClientError> {
+        Ok(Reply {
+            status,
+            body: body.to_owned(),
+        })
+    }
+
+    fn drain_cmd() -> CtlCommand {
+        CtlCommand::Drain {
+            name: "pg1".into(),
+            timeout: None,
+        }
+    }
+
+    fn transfer_cmd() -> CtlCommand {
+        CtlCommand::Transfer {
+            id: "abc".into(),
+            to: Some("pg2".into()),
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn requests_carry_timeouts_in_milliseconds() {
+        let t: Timeout = "1m30s".parse().expect("timeout");
+        let r = plan(&CtlCommand::Drain {
+            name: "pg 1".into(),
+            timeout: Some(t),
+        });
+        assert_eq!(r.method, Method::Post);
+        assert_eq!(r.path, "/v1/backends/pg%201/drain");
+        assert_eq!(r.body, Some(json!({"timeout_ms": 90_000})));
+        assert_eq!(r.wait, Wait::Deadline(Duration::from_secs(90)));
+
+        let r = plan(&drain_cmd());
+        assert_eq!(r.body, Some(json!({})));
+        assert_eq!(r.wait, Wait::ServerDeadline);
+
+        let r = plan(&CtlCommand::Transfer {
+            id: "abc".into(),
+            to: Some("pg2".into()),
+            timeout: Some("15s".parse().expect("timeout")),
+        });
+        assert_eq!(r.path, "/v1/connections/abc/transfer");
+        assert_eq!(r.body, Some(json!({"to": "pg2", "timeout_ms": 15_000})));
+
+        let r = plan(&CtlCommand::Rebalance { timeout: None });
+        assert_eq!((r.method, r.path.as_str()), (Method::Post, "/v1/rebalance"));
+    }
+
+    #[test]
+    fn other_requests() {
+        let r = plan(&CtlCommand::Add {
+            name: "pg3".into(),
+            address: "127.0.0.1:5434".into(),
+        });
+        assert_eq!((r.method, r.path.as_str()), (Method::Post, "/v1/backends"));
+        assert_eq!(
+            r.body,
+            Some(json!({"name": "pg3", "address": "127.0.0.1:5434"}))
+        );
+        let r = plan(&CtlCommand::Remove {
+            name: "pg3".into(),
+            force: true,
+        });
+        assert_eq!(
+            (r.method, r.path.as_str()),
+            (Method::Delete, "/v1/backends/pg3?force=true")
+        );
+        let r = plan(&CtlCommand::Remove {
+            name: "pg3".into(),
+            force: false,
+        });
+        assert_eq!(r.path, "/v1/backends/pg3");
+        let r = plan(&CtlCommand::Activate { name: "pg1".into() });
+        assert_eq!(
+            (r.method, r.path.as_str(), r.body),
+            (Method::Post, "/v1/backends/pg1/activate", None)
+        );
+        assert_eq!(plan(&CtlCommand::Backends).method, Method::Get);
+        assert_eq!(plan(&CtlCommand::Connections).path, "/v1/connections");
+    }
+
+    #[test]
+    fn a_clean_drain_succeeds() {
+        let body = r#"{"backend":"pg1","moved":2,"failed":0,"remaining":0,"failures":[],"duration_ms":5.0}"#;
+        let o = interpret(&drain_cmd(), BASE, reply(200, body), false);
+        assert!(o.ok, "{o:?}");
+        assert!(o.stderr.is_empty());
+        assert_eq!(
+            o.stdout.as_deref(),
+            Some("drain pg1: moved 2, failed 0, remaining 0 in 5.0 ms\n")
+        );
+        let o = interpret(&drain_cmd(), BASE, reply(200, body), true);
+        assert!(o.ok);
+        assert_eq!(o.stdout.as_deref(), Some(body));
+    }
+
+    #[test]
+    fn a_drain_that_leaves_sessions_or_failures_fails() {
+        for (remaining, failed) in [(1, 0), (0, 1), (3, 2)] {
+            let body = format!(
+                r#"{{"backend":"pg1","moved":0,"failed":{failed},"remaining":{remaining},"failures":[],"duration_ms":60000.0}}"#
+            );
+            for json_out in [false, true] {
+                let o = interpret(&drain_cmd(), BASE, reply(200, &body), json_out);
+                assert!(!o.ok, "{o:?}");
+                assert_eq!(o.stderr.len(), 1);
+                assert!(o.stderr[0].contains("incomplete"), "{o:?}");
+                if json_out {
+                    assert_eq!(o.stdout.as_deref(), Some(body.as_str()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transfer_outcomes() {
+        let ok =
+            r#"{"outcome":"success","from":"pg1","to":"pg2","duration_ms":3.0,"pause_ms":1.0}"#;
+        let o = interpret(&transfer_cmd(), BASE, reply(200, ok), false);
+        assert!(o.ok);
+        assert!(o
+            .stdout
+            .as_deref()
+            .is_some_and(|s| s.starts_with("moved abc from pg1 to pg2")));
+
+        let busy = r#"{"outcome":"recoverable_error","reason":"session is in COPY"}"#;
+        let o = interpret(&transfer_cmd(), BASE, reply(409, busy), true);
+        assert!(!o.ok);
+        assert_eq!(
+            o.stdout.as_deref(),
+            Some(busy),
+            "--json prints error bodies too"
+        );
+        assert_eq!(
+            o.stderr,
+            vec!["transfer of abc refused (HTTP 409): session is in COPY (the session was not touched)"]
+        );
+
+        let dead = r#"{"outcome":"fatal_error","reason":"backend went away"}"#;
+        let o = interpret(&transfer_cmd(), BASE, reply(500, dead), false);
+        assert!(!o.ok);
+        assert_eq!(o.stdout, None);
+        assert_eq!(
+            o.stderr,
+            vec!["transfer of abc failed (HTTP 500): backend went away (the session was closed)"]
+        );
+
+        // A 200 that is not a success still fails.
+        let odd = r#"{"outcome":"recoverable_error","reason":"why not"}"#;
+        let o = interpret(&transfer_cmd(), BASE, reply(200, odd), false);
+        assert!(!o.ok);
+        assert!(o.stderr[0].contains("why not"), "{o:?}");
+    }
+
+    #[test]
+    fn error_statuses_fail_with_the_servers_message() {
+        let o = interpret(
+            &CtlCommand::Activate {
+                name: "nope".into(),
+            },
+            BASE,
+            reply(404, r#"{"error":"no such backend"}"#),
+            false,
+        );
+        assert!(!o.ok);
+        assert_eq!(o.stdout, None);
+        assert_eq!(
+            o.stderr,
+            vec!["activating nope refused (HTTP 404): no such backend"]
+        );
+
+        let o = interpret(
+            &CtlCommand::Remove {
+                name: "pg1".into(),
+                force: false,
+            },
+            BASE,
+            reply(409, r#"{"error":"backend has sessions","sessions":4}"#),
+            false,
+        );
+        assert_eq!(
+            o.stderr,
+            vec!["removing pg1 refused (HTTP 409): backend has sessions (--force closes them)"]
+        );
+
+        let o = interpret(
+            &CtlCommand::Backends,
+            BASE,
+            reply(401, r#"{"error":"missing or wrong bearer token"}"#),
+            false,
+        );
+        assert!(o.stderr[0].contains("PGFERRY_ADMIN_TOKEN"), "{o:?}");
+
+        // Not JSON at all, or nothing.
+        let o = interpret(
+            &CtlCommand::Backends,
+            BASE,
+            reply(502, "Bad Gateway\n"),
+            false,
+        );
+        assert_eq!(
+            o.stderr,
+            vec!["listing backends failed (HTTP 502): Bad Gateway"]
+        );
+        let o = interpret(
+            &CtlCommand::Rebalance { timeout: None },
+            BASE,
+            reply(405, ""),
+            true,
+        );
+        assert!(!o.ok);
+        assert_eq!(o.stdout.as_deref(), Some(""));
+        assert!(o.stderr[0].contains("no explanation"), "{o:?}");
+    }
+
+    #[test]
+    fn unexpected_bodies_fail_without_panicking() {
+        for body in ["", "[", "{}", r#"[{"name":1}]"#, "null"] {
+            let o = interpret(&CtlCommand::Backends, BASE, reply(200, body), false);
+            assert!(!o.ok, "{body}");
+            assert!(o.stderr[0].contains("unexpected answer from http://127.0.0.1:9930"));
+        }
+    }
+
+    #[test]
+    fn unreachable_servers_fail_with_the_url() {
+        let e = ClientError::Unreachable {
+            url: BASE.into(),
+            reason: "Connection refused (os error 111)".into(),
+        };
+        let o = interpret(&CtlCommand::Backends, BASE, Err(e), true);
+        assert!(!o.ok);
+        assert_eq!(o.stdout, None);
+        assert!(o.stderr[0].contains(BASE) && o.stderr[0].contains("refused"));
+    }
+
+    #[test]
+    fn listings_render_tables_or_pass_json_through() {
+        let body =
+            r#"[{"name":"pg1","address":"h:1","state":"active","healthy":true,"sessions":0}]"#;
+        let o = interpret(&CtlCommand::Backends, BASE, reply(200, body), false);
+        assert!(o.ok);
+        assert!(o.stdout.as_deref().is_some_and(|s| s.starts_with("NAME")));
+        let o = interpret(&CtlCommand::Backends, BASE, reply(200, body), true);
+        assert_eq!(o.stdout.as_deref(), Some(body));
+        // A rebalance with failed moves is still a finished rebalance.
+        let r = r#"{"moves":[{"id":"a","from":"pg1","to":"pg2","outcome":"fatal_error","reason":"x"}],"moved":0,"failed":1,"backends":[]}"#;
+        assert!(
+            interpret(
+                &CtlCommand::Rebalance { timeout: None },
+                BASE,
+                reply(200, r),
+                false
+            )
+            .ok
+        );
+    }
+
+    #[test]
+    fn excerpts_are_short_and_on_one_line() {
+        assert_eq!(excerpt("  a\nb  "), "a b");
+        let long = "é".repeat(500);
+        let e = excerpt(&long);
+        assert_eq!(e.chars().count(), 203);
+    }
+}
