@@ -5,6 +5,7 @@
 //!   cargo bench --bench audit                      # 100,000 connections
 //!   CONNECTIONS=300000 cargo bench --bench audit
 //!   PGFERRY_BENCH_SMOKE=1 cargo bench --bench audit  # 2,000, checks the rows
+//!   cargo test --bench audit                         # the same smoke run (in the suite)
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -14,7 +15,9 @@ use pgferry_audit::{
 use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
 
 fn main() {
-    let smoke = std::env::var("PGFERRY_BENCH_SMOKE").is_ok_and(|v| v == "1");
+    // `cargo test` (the suite) runs bench targets without --bench: smoke.
+    let smoke = std::env::var("PGFERRY_BENCH_SMOKE").is_ok_and(|v| v == "1")
+        || !std::env::args().any(|a| a == "--bench");
     let n: usize = if smoke {
         2_000
     } else {

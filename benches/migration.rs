@@ -4,64 +4,43 @@
 //!
 //!   cargo bench --bench migration                      # 20 sessions, 500 moves
 //!   SESSIONS=100 MOVES=2000 cargo bench --bench migration
+//!   WARM_SPARES=1 cargo bench --bench migration        # targets from warm spares
+//!   WARM_SPARES=1 BACK_TO_BACK=1 cargo bench --bench migration  # no wait for refills
 //!   PGFERRY_BENCH_SMOKE=1 cargo bench --bench migration  # a few moves, checks only
+//!   cargo test --bench migration                         # the same smoke run (in the suite)
 //!
 //! Prints p50/p90/p99/max of the pause (time a session's traffic is held)
 //! and of the whole transfer (request to resume), as the API reports them.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use common::{env_usize, http, percentile, scrape, smoke};
 use pgferry_admin::AdminState;
 use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
 use pgferry_proxy::{Config, Proxy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-password";
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-async fn http(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
-    let req = format!(
-        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.expect("read");
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let json = resp
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (status, json)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
+async fn idle_spares(admin: SocketAddr) -> f64 {
+    scrape(admin, "pgferry_warm_spares_idle").await
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else to parse.
-    let smoke = std::env::var("PGFERRY_BENCH_SMOKE").is_ok_and(|v| v == "1");
+    // `cargo bench` passes --bench; `cargo test` (the suite) does not, and
+    // gets the smoke run.
+    let smoke = smoke();
     let sessions = if smoke { 2 } else { env_usize("SESSIONS", 20) };
     let moves = if smoke { 10 } else { env_usize("MOVES", 500) };
+    let spares = if smoke {
+        1
+    } else {
+        env_usize("WARM_SPARES", 0)
+    };
 
     let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
     let pg1 = Cluster::start_temp(&bins, ClusterOptions::named("bench1")).expect("pg1");
@@ -79,6 +58,7 @@ fn main() {
     let toml = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [auth]\nuserlist = \"users.txt\"\n\
+         [migration]\nwarm_spares = {spares}\n\
          [[backend]]\nname = \"pg1\"\naddress = \"{}\"\n\
          [[backend]]\nname = \"pg2\"\naddress = \"{}\"\n",
         pg1.addr(),
@@ -129,11 +109,26 @@ fn main() {
             .filter_map(|c| c["id"].as_str().map(str::to_owned))
             .collect();
         assert_eq!(ids.len(), sessions);
+        // Each session's parameters get `spares` ready on both backends.
+        let want = (sessions * 2 * spares) as f64;
+        let ready_by = Instant::now() + std::time::Duration::from_secs(30);
+        while spares > 0 && idle_spares(admin).await < want {
+            assert!(Instant::now() < ready_by, "warm spares never filled");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
 
         let mut pauses = Vec::with_capacity(moves);
         let mut totals = Vec::with_capacity(moves);
         let started = Instant::now();
+        // With spares, each move starts once the previous move's refill
+        // is done (steady state), unless BACK_TO_BACK=1: on a 2-core box a
+        // refill (a new PostgreSQL process and its login) otherwise
+        // competes with the next move for the CPU.
+        let back_to_back = std::env::var("BACK_TO_BACK").is_ok_and(|v| v == "1");
         for m in 0..moves {
+            while spares > 0 && !back_to_back && idle_spares(admin).await < want {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
             let id = &ids[m % ids.len()];
             let (status, out) = http(admin, "POST", &format!("/v1/connections/{id}/transfer"), "").await;
             assert_eq!(status, 200, "move {m}: {out}");
@@ -148,6 +143,14 @@ fn main() {
         }
         pauses.sort_by(f64::total_cmp);
         totals.sort_by(f64::total_cmp);
+        let taken = scrape(admin, "pgferry_warm_spares_taken_total").await;
+        if spares > 0 {
+            assert!(taken > 0.0, "no migration used a warm spare");
+        }
+        println!(
+            "warm_spares = {spares}{}: {taken} of {moves} moves landed on a spare",
+            if spares > 0 && back_to_back { " (back to back)" } else { "" }
+        );
         println!(
             "migration pause, idle sessions: {sessions} sessions, {moves} moves in {:.1?} ({:.0} moves/s)",
             elapsed,

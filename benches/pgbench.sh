@@ -11,6 +11,7 @@
 #   THREADS  [2]    pgbench -j
 #   SCALE    [10]   pgbench -i -s
 #   MODES    ["simple extended"]  pgbench -M values
+#   SCRIPT   [select-only]  pgbench -b builtin: select-only (-S) or tpcb-like
 #   ROUNDS   [2]    runs per (mode, target); odd rounds go direct, pgferry,
 #                   pgbouncer; even rounds the reverse
 #   WARMUP   [5]    seconds of unrecorded select-only load per target first
@@ -41,6 +42,7 @@ CLIENTS=${CLIENTS:-16}
 THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
 MODES=${MODES:-simple extended}
+SCRIPT=${SCRIPT:-select-only}
 ROUNDS=${ROUNDS:-2}
 WARMUP=${WARMUP:-5}
 TARGETS=(direct pgferry pgbouncer)
@@ -168,11 +170,15 @@ mkdir -p "$WORK/run"
 [[ $EUID -eq 0 ]] && chown -R "$RUN_USER:" "$WORK"
 
 USED_PORTS=" "
-# free_port VAR: a TCP port nothing listens on (and not handed out before).
+# free_port VAR: a TCP port nothing listens on (and not handed out before),
+# below the kernel's ephemeral range, so that no outgoing connection (of a
+# test running alongside, say) can take it between now and the bind.
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+((EPHEMERAL_LOW > 12000)) || EPHEMERAL_LOW=32768
 free_port() {
     local p i
     for ((i = 0; i < 500; i++)); do
-        p=$((20000 + RANDOM % 30000))
+        p=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
         [[ $USED_PORTS == *" $p "* ]] && continue
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             USED_PORTS+="$p "
@@ -294,9 +300,9 @@ port_of() {
 declare -A TPS FAILED
 # run_one TARGET MODE SECONDS LOGFILE: sets RUN_TPS, RUN_FAILED, RUN_RC.
 run_one() {
-    local target=$1 mode=$2 secs=$3 out=$4
+    local target=$1 mode=$2 secs=$3 out=$4 script=${5:-$SCRIPT}
     RUN_RC=0
-    "$PGBENCH" -S -n -c "$CLIENTS" -j "$THREADS" -T "$secs" -M "$mode" \
+    "$PGBENCH" -b "$script" -n -c "$CLIENTS" -j "$THREADS" -T "$secs" -M "$mode" \
         -h 127.0.0.1 -p "$(port_of "$target")" -U bench bench >"$out" 2>&1 || RUN_RC=$?
     RUN_TPS=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out" | head -n 1)
     RUN_FAILED=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -n 1)
@@ -307,7 +313,7 @@ run_one() {
 if ((WARMUP > 0)); then
     for target in "${TARGETS[@]}"; do
         log "warm-up: $target, ${WARMUP}s"
-        run_one "$target" simple "$WARMUP" "$WORK/pgbench-warmup-$target.log"
+        run_one "$target" simple "$WARMUP" "$WORK/pgbench-warmup-$target.log" select-only
     done
 fi
 
@@ -342,13 +348,13 @@ done
 commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 report=$WORK/report.md
 {
-    echo "### pgbench -S: direct vs pgferry vs PgBouncer"
+    echo "### pgbench -b $SCRIPT: direct vs pgferry vs PgBouncer"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- machine: $(nproc) CPUs, kernel $(uname -r)"
     echo "- pgferry: commit $commit ($PGFERRY_BIN)"
     echo "- $("$PG_BINDIR/postgres" --version); $("$PGBENCH" --version); $("$PGBOUNCER" --version | head -n 1) (pool_mode=session)"
-    echo "- pgbench -S -n -c $CLIENTS -j $THREADS -T $DURATION -M <mode>, scale $SCALE, $ROUNDS round(s), warm-up ${WARMUP}s per target"
+    echo "- pgbench -b $SCRIPT -n -c $CLIENTS -j $THREADS -T $DURATION -M <mode>, scale $SCALE, $ROUNDS round(s), warm-up ${WARMUP}s per target"
     echo "- order: odd rounds direct, pgferry, pgbouncer; even rounds pgbouncer, pgferry, direct"
     echo
     header="| mode | target |"

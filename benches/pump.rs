@@ -21,7 +21,8 @@
 //! boundaries land everywhere in the buffer.
 //!
 //! `cargo bench --bench pump` runs criterion (throughput in bytes/s).
-//! `PGFERRY_BENCH_SMOKE=1 cargo bench --bench pump` runs each case once and
+//! `PGFERRY_BENCH_SMOKE=1 cargo bench --bench pump` (and `cargo test`, which
+//! runs bench targets without `--bench`) runs each case once and
 //! checks the output is byte-for-byte the input and the tracker saw every
 //! message (so a test/CI step can keep this from rotting).
 
@@ -270,7 +271,10 @@ fn bench(c: &mut Criterion) {
 }
 
 fn main() {
-    if std::env::var_os("PGFERRY_BENCH_SMOKE").is_some_and(|v| v == "1") {
+    // `cargo test` (the suite) runs bench targets without --bench: smoke.
+    if std::env::var_os("PGFERRY_BENCH_SMOKE").is_some_and(|v| v == "1")
+        || !std::env::args().any(|a| a == "--bench")
+    {
         smoke();
         return;
     }

@@ -430,3 +430,108 @@ async fn replay_failing_on_the_target_is_recoverable_and_leaves_the_session_alon
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_spares_take_the_dial_out_of_a_migration_and_dead_ones_are_replaced() {
+    let proxy = ProxyProcess::start(ProxyOptions {
+        migration_extra: "warm_spares = 2".into(),
+        ..Default::default()
+    });
+    let app = "spares-test";
+    let c = connect_app(&proxy, app).await;
+    c.batch_execute("SET search_path = shop, public; PREPARE q AS SELECT 7")
+        .await
+        .expect("state");
+    // Two spares on each backend for this session's parameters.
+    let p = &proxy;
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), "4 warm spares", || {
+            p.metric("pgferry_warm_spares_idle") == 4.0
+        })
+    });
+    // Spares are not sessions.
+    let sessions: f64 = proxy
+        .backends()
+        .values()
+        .map(|b| b["sessions"].as_f64().expect("sessions"))
+        .sum();
+    assert_eq!(sessions, 1.0);
+
+    let before = server_port(&c).await;
+    let (status, r) = transfer(&proxy, app, "{}").await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(server_port(&c).await, other_port(before));
+    assert_eq!(proxy.metric("pgferry_warm_spares_taken_total"), 1.0);
+    assert_eq!(setting(&c, "search_path").await, "shop, public");
+    let v: i32 = c.query_one("EXECUTE q", &[]).await.expect("execute").get(0);
+    assert_eq!(v, 7);
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), "spares refilled", || {
+            p.metric("pgferry_warm_spares_idle") == 4.0
+        })
+    });
+
+    // Kill the spares on the other backend behind pgferry's back: the next
+    // move finds them dead and dials instead.
+    let here = server_port(&c).await;
+    let target = cluster_by_port(other_port(here));
+    let killed = target
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = '{app}'"
+            ),
+        )
+        .expect("terminate spares");
+    assert_eq!(killed, "2");
+    // Gone once their processes have exited (after telling pgferry).
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), "killed spares gone", || {
+            target
+                .psql(
+                    "postgres",
+                    &format!(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"
+                    ),
+                )
+                .map(|n| n == "0")
+                .unwrap_or(false)
+        })
+    });
+    let (status, r) = transfer(&proxy, app, "{}").await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(server_port(&c).await, other_port(here));
+    assert_eq!(
+        proxy.metric("pgferry_warm_spares_taken_total"),
+        1.0,
+        "dead spares were used"
+    );
+    let v: i32 = c.query_one("EXECUTE q", &[]).await.expect("execute").get(0);
+    assert_eq!(v, 7);
+
+    // The last session with these parameters gone: its spares go too.
+    drop(c);
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), "spares closed", || {
+            p.metric("pgferry_warm_spares_idle") == 0.0
+        })
+    });
+    for cluster in [&env().pg1, &env().pg2] {
+        let p2 = cluster;
+        tokio::task::block_in_place(|| {
+            wait_until(
+                Duration::from_secs(10),
+                "no spare left on the server",
+                || {
+                    p2.psql(
+                    "postgres",
+                    &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"),
+                )
+                .map(|n| n == "0")
+                .unwrap_or(false)
+                },
+            )
+        });
+    }
+}

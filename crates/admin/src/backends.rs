@@ -13,6 +13,7 @@ use pgferry_proxy::balancer::drain::{drain as run_drain, DrainError};
 use pgferry_proxy::balancer::rebalance::rebalance as run_rebalance;
 use pgferry_proxy::errors::SessionError;
 use pgferry_proxy::forwarder::TransferOutcome;
+use pgferry_proxy::transfer::spares::refill_all;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -90,6 +91,7 @@ pub async fn add(State(state): State<AdminState>, body: Bytes) -> Response {
     {
         Ok(b) => {
             info!(backend = %b.name, address = %b.address, "backend added");
+            refill_all(&state.proxy);
             (StatusCode::CREATED, Json(view(&b))).into_response()
         }
         Err(e @ AddBackendError::Exists(_)) => error(StatusCode::CONFLICT, &e.to_string()),
@@ -140,6 +142,7 @@ pub async fn activate(State(state): State<AdminState>, Path(name): Path<String>)
     };
     b.set_mode(BackendMode::Active);
     info!(backend = %b.name, "backend activated");
+    refill_all(&state.proxy);
     Json(view(&b)).into_response()
 }
 
@@ -201,6 +204,7 @@ pub async fn remove(
         0
     };
     ctx.backends.remove(&name);
+    ctx.spares.discard_backend(&name);
     info!(backend = %name, closed, "backend removed");
     Json(json!({ "removed": name, "closed": closed })).into_response()
 }

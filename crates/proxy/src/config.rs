@@ -159,6 +159,10 @@ pub struct MigrationSection {
     /// every migration, in addition to those seen in `SET`/`set_config`.
     #[serde(default)]
     pub carry_settings: Vec<String>,
+    /// Authenticated server connections kept ready per (backend, client
+    /// startup parameters) for migrations to land on; 0 = dial on demand.
+    #[serde(default)]
+    pub warm_spares: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -390,6 +394,12 @@ impl Config {
             return Err((
                 "proxy.max_message_length".into(),
                 "must be at least 1024 bytes".into(),
+            ));
+        }
+        if self.migration.warm_spares > 64 {
+            return Err((
+                "migration.warm_spares".into(),
+                "at most 64 per backend and client parameter set".into(),
             ));
         }
         for (i, name) in self.migration.carry_settings.iter().enumerate() {

@@ -74,6 +74,8 @@ pub struct ProxyContext {
     /// The audit log, when `[audit]` is configured.
     pub audit: Option<pgferry_audit::AuditHandle>,
     pub balancer: BalancerState,
+    /// Warm spare server connections for migrations (`[migration] warm_spares`).
+    pub spares: transfer::spares::SparePool,
 }
 
 impl ProxyContext {
@@ -178,6 +180,10 @@ impl Proxy {
                 audit,
                 users: RwLock::new(Arc::new(users)),
                 balancer: BalancerState::default(),
+                spares: transfer::spares::SparePool::new(
+                    config.migration.warm_spares,
+                    metrics.clone(),
+                ),
                 tls,
                 dial,
                 backends,

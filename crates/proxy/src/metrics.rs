@@ -20,6 +20,8 @@ pub struct Metrics {
     pub backend_dial_errors: IntCounterVec,
     pub drain_in_progress: IntGaugeVec,
     pub rebalance_moves: IntCounter,
+    pub spares_idle: IntGauge,
+    pub spares_taken: IntCounter,
     pub bytes_client_to_server: IntCounter,
     pub bytes_server_to_client: IntCounter,
     pub migrations: Arc<MigrationOutcomes>,
@@ -163,6 +165,16 @@ impl Metrics {
                 &["backend"],
             )
             .expect("static metric definition"),
+            spares_idle: IntGauge::new(
+                "pgferry_warm_spares_idle",
+                "Warm spare server connections ready for migrations",
+            )
+            .expect("static metric definition"),
+            spares_taken: IntCounter::new(
+                "pgferry_warm_spares_taken_total",
+                "Migrations that landed on a warm spare instead of dialing",
+            )
+            .expect("static metric definition"),
             rebalance_moves: IntCounter::new(
                 "pgferry_rebalance_moves_total",
                 "Sessions moved by rebalancing (API or automatic)",
@@ -217,6 +229,8 @@ impl Metrics {
             Box::new(m.backend_dial_errors.clone()),
             Box::new(m.drain_in_progress.clone()),
             Box::new(m.rebalance_moves.clone()),
+            Box::new(m.spares_idle.clone()),
+            Box::new(m.spares_taken.clone()),
             Box::new(bytes),
             Box::new(m.migration_duration.clone()),
             Box::new(m.migration_pause.clone()),

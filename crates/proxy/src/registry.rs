@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::errors::SessionError;
-use crate::forwarder::ControlCommand;
+use crate::forwarder::{ControlCommand, ControlSender};
 
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -31,7 +31,7 @@ pub struct SessionInfo {
 
 struct Entry {
     info: SessionInfo,
-    control: mpsc::Sender<ControlCommand>,
+    control: ControlSender,
 }
 
 #[derive(Default)]
@@ -66,11 +66,7 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(
-        self: &Arc<Self>,
-        info: SessionInfo,
-        control: mpsc::Sender<ControlCommand>,
-    ) -> Registration {
+    pub fn register(self: &Arc<Self>, info: SessionInfo, control: ControlSender) -> Registration {
         let id = info.id;
         self.lock().insert(id, Entry { info, control });
         Registration {
@@ -107,14 +103,14 @@ impl Registry {
         }
     }
 
-    pub fn get(&self, id: Uuid) -> Option<(SessionInfo, mpsc::Sender<ControlCommand>)> {
+    pub fn get(&self, id: Uuid) -> Option<(SessionInfo, ControlSender)> {
         self.lock()
             .get(&id)
             .map(|e| (e.info.clone(), e.control.clone()))
     }
 
     /// The sessions running on `backend`, with their control channels.
-    pub fn on_backend(&self, backend: &str) -> Vec<(SessionInfo, mpsc::Sender<ControlCommand>)> {
+    pub fn on_backend(&self, backend: &str) -> Vec<(SessionInfo, ControlSender)> {
         self.lock()
             .values()
             .filter(|e| e.info.backend == backend)

@@ -61,6 +61,9 @@ pub fn apply(ctx: &Arc<ProxyContext>, new: &Config) -> Result<ReloadSummary, Sta
         let (ctx, name) = (ctx.clone(), c.name.clone());
         tokio::spawn(async move { drain_then_remove(&ctx, &name).await });
     }
+    if !summary.added.is_empty() {
+        crate::transfer::spares::refill_all(ctx);
+    }
     Ok(summary)
 }
 
@@ -74,6 +77,7 @@ async fn drain_then_remove(ctx: &ProxyContext, name: &str) {
                 .get(name)
                 .is_some_and(|b| b.mode() == BackendMode::Drained && b.sessions() == 0);
             if still_drained && ctx.backends.remove(name).is_some() {
+                ctx.spares.discard_backend(name);
                 info!(
                     backend = name,
                     moved = report.moved,

@@ -10,7 +10,6 @@ use pgferry_wire::messages::{encode_backend_key_data, encode_ready_for_query, en
 use pgferry_wire::{tag, CancelKey, StartupMessage};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -21,7 +20,9 @@ use crate::client::auth::{authenticate, AuthOutcome};
 use crate::client::handshake::{negotiate, Negotiated, NegotiationFailure};
 use crate::errors::SessionError;
 use crate::forwarder::tracker::SessionTracker;
-use crate::forwarder::{ForwardEnd, Forwarder, Interrupt, TransferOutcome, TransferRequest};
+use crate::forwarder::{
+    control_channel, ForwardEnd, Forwarder, Interrupt, TransferOutcome, TransferRequest,
+};
 use crate::metrics::MigrationResult;
 use crate::registry::SessionInfo;
 use crate::stream::{tune_socket, Stream};
@@ -52,9 +53,11 @@ pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
         peer,
     };
 
+    // The setup futures are boxed so that the task, which lives as long as
+    // the session, is sized for forwarding only.
     let setup = tokio::time::timeout(
         ctx.config.proxy.startup_timeout,
-        login(&ctx, tcp, peer, &trail),
+        Box::pin(login(&ctx, tcp, peer, &trail)),
     )
     .await;
     let (client, startup, credentials) = match setup {
@@ -65,7 +68,8 @@ pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
         Ok(None) => return,
         Ok(Some(x)) => x,
     };
-    let (client, server) = match connect_backend(&ctx, client, &startup, &credentials, peer).await {
+    let connecting = Box::pin(connect_backend(&ctx, client, &startup, &credentials, peer));
+    let (client, server) = match connecting.await {
         Ok(x) => x,
         Err(reason) => {
             trail.ended(reason, 0, 0);
@@ -272,7 +276,7 @@ async fn connect_backend(
 }
 
 async fn run_session(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     mut client: Stream,
     (server, relay): (ServerConnection, BytesMut),
     startup: StartupMessage,
@@ -297,8 +301,10 @@ async fn run_session(
     if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
         return;
     }
+    // Sessions live long; this buffer is not needed again.
+    drop(hello);
 
-    let (control_tx, control_rx) = mpsc::channel(8);
+    let (control_tx, control_rx) = control_channel();
     let _registration = ctx.registry.register(
         SessionInfo {
             id,
@@ -329,11 +335,20 @@ async fn run_session(
         peer: server_peer,
         key: server_key,
     };
+    // Spares for this session's parameters, on every backend, from now on.
+    let spare_demand = ctx
+        .spares
+        .enabled()
+        .then(|| ctx.spares.register(&startup, &credentials));
+    if let Some((_, params)) = &spare_demand {
+        transfer::spares::refill(ctx, params);
+    }
     let identity = SessionIdentity {
         id,
         startup: &startup,
         credentials: &credentials,
         cancel_key,
+        spare_params: spare_demand.as_ref().map(|(_, p)| p),
     };
     let tracker = SessionTracker::new(ready_status, parameters);
     let mut fwd = Forwarder::new(
@@ -348,7 +363,17 @@ async fn run_session(
         match fwd.run().await {
             Interrupt::Ended(end) => break end,
             Interrupt::SafePoint(request) => {
-                let fatal = migrate(ctx, &mut fwd, &mut server, &identity, request, trail).await;
+                // Boxed: its state is big, and an idle session's task should
+                // not carry room for it.
+                let fatal = Box::pin(migrate(
+                    ctx,
+                    &mut fwd,
+                    &mut server,
+                    &identity,
+                    request,
+                    trail,
+                ))
+                .await;
                 if let Some(fatal) = fatal {
                     break ForwardEnd::Terminated(fatal);
                 }
@@ -362,7 +387,7 @@ async fn run_session(
 /// Runs one transfer at a safe point and answers its requester. Returns
 /// the error to end the session with when the transfer was fatal.
 async fn migrate(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     fwd: &mut Forwarder<'_>,
     server: &mut ServerSide,
     identity: &SessionIdentity<'_>,
@@ -391,6 +416,9 @@ async fn migrate(
     let (outcome, fatal) = match result {
         Ok(to) => {
             fwd.resume_after_transfer();
+            if let Some(params) = identity.spare_params {
+                transfer::spares::refill(ctx, params);
+            }
             ctx.registry.record_migration(identity.id, &to);
             span.record("to", to.as_str());
             span.record("outcome", "success");

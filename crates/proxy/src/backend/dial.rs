@@ -156,6 +156,8 @@ async fn connect_inner(
                         "data after the first ReadyForQuery".into(),
                     ));
                 }
+                // Kept for the session's life.
+                parameters.shrink_to_fit();
                 return Ok(ServerConnection {
                     stream,
                     lease: BackendLease::new(backend),

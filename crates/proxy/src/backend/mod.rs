@@ -157,28 +157,59 @@ impl Backend {
     }
 }
 
-/// Counts one session on a backend for as long as it lives.
+/// Counts one session on a backend for as long as it lives. A warm spare
+/// connection holds an idle lease, which counts for nothing until a
+/// migration takes it.
 #[derive(Debug)]
 pub struct BackendLease {
     backend: Arc<Backend>,
+    counted: bool,
 }
 
 impl BackendLease {
     pub fn new(backend: Arc<Backend>) -> Self {
         backend.sessions.fetch_add(1, Ordering::Relaxed);
         backend.gauge.inc();
-        Self { backend }
+        Self {
+            backend,
+            counted: true,
+        }
     }
 
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
+
+    /// Stops counting (the connection becomes a spare).
+    pub fn into_idle(mut self) -> Self {
+        if self.counted {
+            self.uncount();
+        }
+        self
+    }
+
+    /// Counts again (a spare becomes a session's connection).
+    pub fn into_counted(mut self) -> Self {
+        if !self.counted {
+            self.backend.sessions.fetch_add(1, Ordering::Relaxed);
+            self.backend.gauge.inc();
+            self.counted = true;
+        }
+        self
+    }
+
+    fn uncount(&mut self) {
+        self.backend.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.backend.gauge.dec();
+        self.counted = false;
+    }
 }
 
 impl Drop for BackendLease {
     fn drop(&mut self) {
-        self.backend.sessions.fetch_sub(1, Ordering::Relaxed);
-        self.backend.gauge.dec();
+        if self.counted {
+            self.uncount();
+        }
     }
 }
 

@@ -11,14 +11,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::mover::{request_transfer, MoveError};
 use crate::backend::BackendMode;
-use crate::forwarder::{ControlCommand, TransferOutcome};
+use crate::forwarder::{ControlSender, TransferOutcome};
 use crate::registry::SessionInfo;
 use crate::ProxyContext;
 
@@ -99,6 +98,7 @@ pub async fn drain(
         .ok_or_else(|| DrainError::UnknownBackend(name.to_owned()))?;
     let _guard = DrainGuard::begin(ctx, name)?;
     backend.set_mode(BackendMode::Draining);
+    ctx.spares.discard_backend(name);
     let started = Instant::now();
     let deadline = started + timeout;
     let limit = ctx.config.balancer.drain_concurrency;
@@ -113,7 +113,7 @@ pub async fn drain(
     let mut no_target = false;
     // Sessions not yet asked, from the last scan of the registry; scanning
     // per finished move would cost O(n^2) on a big backend.
-    let mut queue: Vec<(SessionInfo, mpsc::Sender<ControlCommand>)> = Vec::new();
+    let mut queue: Vec<(SessionInfo, ControlSender)> = Vec::new();
     let mut last_scan: Option<Instant> = None;
     loop {
         let now = Instant::now();

@@ -120,18 +120,24 @@ pub async fn run(ctx: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
                 cfg.healthy_threshold,
             );
             match (changed, &result) {
-                (Some(false), Err(reason)) => warn!(
-                    backend = %b.name,
-                    address = %b.address,
-                    %reason,
-                    failures = cfg.unhealthy_threshold,
-                    "backend is unhealthy: no new sessions until it passes its health check"
-                ),
-                (Some(true), _) => info!(
-                    backend = %b.name,
-                    address = %b.address,
-                    "backend is healthy again"
-                ),
+                (Some(false), Err(reason)) => {
+                    warn!(
+                        backend = %b.name,
+                        address = %b.address,
+                        %reason,
+                        failures = cfg.unhealthy_threshold,
+                        "backend is unhealthy: no new sessions until it passes its health check"
+                    );
+                    ctx.spares.discard_backend(&b.name);
+                }
+                (Some(true), _) => {
+                    info!(
+                        backend = %b.name,
+                        address = %b.address,
+                        "backend is healthy again"
+                    );
+                    crate::transfer::spares::refill_all(&ctx);
+                }
                 (_, Err(reason)) => debug!(backend = %b.name, %reason, "health check failed"),
                 _ => {}
             }

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use crate::forwarder::{ControlCommand, TransferOutcome};
+use crate::forwarder::{ControlCommand, ControlSender, TransferOutcome};
 
 /// Beyond its own deadline, a session needs at most a dial, a login and a
 /// replay to answer; past this margin something is wrong with it.
@@ -23,7 +23,7 @@ pub enum MoveError {
 /// Asks the session to move to `to` (or the least-loaded other backend)
 /// at its next safe point within `timeout`, and waits for the outcome.
 pub async fn request_transfer(
-    control: &mpsc::Sender<ControlCommand>,
+    control: &ControlSender,
     to: Option<String>,
     timeout: Duration,
 ) -> Result<TransferOutcome, MoveError> {

@@ -7,13 +7,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::mover::request_transfer;
-use crate::forwarder::{ControlCommand, TransferOutcome};
+use crate::forwarder::{ControlSender, TransferOutcome};
 use crate::ProxyContext;
 
 /// How far from the mean a backend's session count may be, as a share of
@@ -108,7 +108,7 @@ pub async fn rebalance(ctx: &ProxyContext, timeout: Duration) -> RebalanceReport
     // One rebalance at a time: two would plan from the same counts.
     let _one = ctx.balancer.rebalancing.lock().await;
     let cooldown = ctx.config.balancer.cooldown;
-    let mut controls: Vec<(Uuid, mpsc::Sender<ControlCommand>)> = Vec::new();
+    let mut controls: Vec<(Uuid, ControlSender)> = Vec::new();
     let mut loads = Vec::new();
     for b in ctx.backends.all().iter().filter(|b| b.accepts_sessions()) {
         let mut sessions = ctx.registry.on_backend(&b.name);

@@ -24,6 +24,39 @@ use crate::stream::Stream;
 use pump::{Pump, PumpError};
 use tracker::{CopyState, SessionTracker, Stamp, TxStatus};
 
+/// The sending end of a session's control channel. Commands travel boxed:
+/// tokio's channel allocates a block of slots up front, and a session spends
+/// its life with an empty queue, so the slots are kept pointer-sized.
+#[derive(Clone, Debug)]
+pub struct ControlSender(mpsc::Sender<Box<ControlCommand>>);
+
+/// The forwarder's end of the control channel.
+#[derive(Debug)]
+pub struct ControlReceiver(mpsc::Receiver<Box<ControlCommand>>);
+
+/// A session's control channel (a few commands may queue).
+pub fn control_channel() -> (ControlSender, ControlReceiver) {
+    let (tx, rx) = mpsc::channel(8);
+    (ControlSender(tx), ControlReceiver(rx))
+}
+
+impl ControlSender {
+    /// Waits for room in the queue; fails if the session is gone.
+    pub async fn send(&self, cmd: ControlCommand) -> Result<(), SessionGone> {
+        self.0.send(Box::new(cmd)).await.map_err(|_| SessionGone)
+    }
+
+    /// Queues without waiting; fails if the session is gone or its queue
+    /// is full.
+    pub fn try_send(&self, cmd: ControlCommand) -> Result<(), SessionGone> {
+        self.0.try_send(Box::new(cmd)).map_err(|_| SessionGone)
+    }
+}
+
+/// The session has ended (or, for `try_send`, cannot take more commands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionGone;
+
 /// Commands other parts of the proxy send to a live session.
 #[derive(Debug)]
 pub enum ControlCommand {
@@ -127,7 +160,7 @@ pub struct Forwarder<'m> {
     pub request: Pump,
     pub response: Pump,
     pub tracker: SessionTracker,
-    control: mpsc::Receiver<ControlCommand>,
+    control: ControlReceiver,
     control_open: bool,
     pending_terminate: Option<SessionError>,
     transfer: TransferWait,
@@ -142,7 +175,7 @@ impl<'m> Forwarder<'m> {
         client: Stream,
         server: Stream,
         tracker: SessionTracker,
-        control: mpsc::Receiver<ControlCommand>,
+        control: ControlReceiver,
         max_message_len: u32,
         metrics: &'m Metrics,
     ) -> Self {
@@ -241,8 +274,8 @@ impl<'m> Forwarder<'m> {
 
     fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<Interrupt> {
         while self.control_open {
-            match self.control.poll_recv(cx) {
-                Poll::Ready(Some(cmd)) => self.handle(cmd),
+            match self.control.0.poll_recv(cx) {
+                Poll::Ready(Some(cmd)) => self.handle(*cmd),
                 Poll::Ready(None) => self.control_open = false,
                 Poll::Pending => break,
             }
@@ -368,15 +401,10 @@ mod tests {
     async fn session(
         metrics: &Metrics,
         status: u8,
-    ) -> (
-        Forwarder<'_>,
-        TcpStream,
-        TcpStream,
-        mpsc::Sender<ControlCommand>,
-    ) {
+    ) -> (Forwarder<'_>, TcpStream, TcpStream, ControlSender) {
         let (app, proxy_client) = pair().await;
         let (proxy_server, db) = pair().await;
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = control_channel();
         let fwd = Forwarder::new(
             Stream::Plain(proxy_client),
             Stream::Plain(proxy_server),

@@ -84,7 +84,8 @@ pub fn capture_query(custom_names: &[String]) -> String {
          (SELECT coalesce(json_agg(json_build_object('name', name, 'statement', statement, \
             'parameter_types', parameter_types::text[], 'from_sql', from_sql) ORDER BY prepare_time), '[]') \
             FROM pg_prepared_statements)::text, \
-         (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())::int, \
+         (CASE WHEN pg_my_temp_schema() = 0 THEN 0 \
+            ELSE (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()) END)::int, \
          (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())::int, \
          (SELECT count(*) FROM pg_listening_channels())::int, \
          (SELECT count(*) FROM pg_cursors WHERE is_holdable)::int, \

@@ -10,6 +10,7 @@
 
 pub mod capture;
 pub mod replay;
+pub mod spares;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub struct SessionIdentity<'a> {
     pub credentials: &'a BackendCredentials,
     /// The key the client holds (pgferry's own); it does not change.
     pub cancel_key: CancelKey,
+    /// Its warm-spare key, when spares are on.
+    pub spare_params: Option<&'a spares::Params>,
 }
 
 /// The backend end of the session, besides its socket (which the
@@ -110,13 +113,7 @@ pub async fn transfer(
     let mut startup_chatter = BytesMut::new();
     let (captured, dialed) = tokio::join!(
         capture(ctx, fwd, &current, session),
-        dial::connect(
-            target.clone(),
-            &ctx.dial,
-            session.startup,
-            session.credentials,
-            &mut startup_chatter,
-        )
+        target_connection(ctx, &target, session, &mut startup_chatter)
     );
     // A failed capture drops the new connection, whatever its state.
     let state = captured?;
@@ -190,6 +187,37 @@ pub async fn transfer(
         let _ = old_stream.shutdown().await;
     });
     Ok(target.name.clone())
+}
+
+/// A logged-in connection to `target` as the client: a warm spare when
+/// one is ready, else a fresh dial.
+async fn target_connection(
+    ctx: &ProxyContext,
+    target: &Arc<Backend>,
+    session: &SessionIdentity<'_>,
+    chatter: &mut BytesMut,
+) -> Result<dial::ServerConnection, DialError> {
+    if let Some(params) = session.spare_params {
+        while let Some(spare) = ctx.spares.take(&target.name, params) {
+            match spares::reset(spare, ctx.config.proxy.max_message_length).await {
+                Ok(conn) => {
+                    ctx.metrics.spares_taken.inc();
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    tracing::debug!(backend = %target.name, error = %e, "warm spare unusable")
+                }
+            }
+        }
+    }
+    dial::connect(
+        target.clone(),
+        &ctx.dial,
+        session.startup,
+        session.credentials,
+        chatter,
+    )
+    .await
 }
 
 /// Runs the capture query on the old backend and reads the session state.

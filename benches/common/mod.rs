@@ -1,0 +1,101 @@
+//! Shared by the macro benchmarks: knobs from the environment, smoke-mode
+//! detection, a tiny HTTP client for the admin API, metrics and
+//! percentiles. Benchmarks run pgferry in-process or as the built binary
+//! against throw-away clusters; nothing here is measured.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `cargo bench` passes `--bench`; `cargo test` (the suite) does not, and
+/// gets the smoke run, as does `PGFERRY_BENCH_SMOKE=1`.
+pub fn smoke() -> bool {
+    std::env::var("PGFERRY_BENCH_SMOKE").is_ok_and(|v| v == "1")
+        || !std::env::args().any(|a| a == "--bench")
+}
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One HTTP/1.0 request: (status, body).
+pub async fn http_text(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.expect("read");
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `http_text` with the body parsed as JSON (Null if it is not).
+pub async fn http(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (status, text) = http_text(admin, method, path, body).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A sample's value in Prometheus text (0 when absent).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+pub async fn scrape(admin: SocketAddr, series: &str) -> f64 {
+    metric(&http_text(admin, "GET", "/metrics", "").await.1, series)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Raises this process's open-file limit as far as allowed (benchmarks
+/// hold thousands of sockets).
+pub fn raise_fd_limit(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft >= want {
+        return soft;
+    }
+    // Root may raise the hard limit too.
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return want;
+    }
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|l| l.0)
+        .unwrap_or(soft)
+}

@@ -1,0 +1,168 @@
+//! Drain benchmark: N idle sessions on one backend moved off it by one
+//! `POST /v1/backends/pg1/drain`, pgferry running in-process (release
+//! build under `cargo bench`) between two local PostgreSQL clusters.
+//!
+//!   cargo bench --bench drain                          # 1,000 sessions
+//!   SESSIONS=2000 DRAIN_CONCURRENCY=64 cargo bench --bench drain
+//!   WARM_SPARES=1 cargo bench --bench drain            # spares for the targets
+//!   cargo test --bench drain                           # smoke: 20 sessions (in the suite)
+//!
+//! Prints the drain's own duration (as the API reports it), moved/failed/
+//! remaining, and the migration pause percentiles from /metrics.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{env_usize, http, raise_fd_limit, scrape, smoke};
+use pgferry_admin::AdminState;
+use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
+use pgferry_proxy::{Config, Proxy};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+const USER: &str = "bench";
+const PASSWORD: &str = "bench-password";
+
+fn main() {
+    let smoke = smoke();
+    let sessions = if smoke {
+        20
+    } else {
+        env_usize("SESSIONS", 1000)
+    };
+    let concurrency = env_usize("DRAIN_CONCURRENCY", 32);
+    let spares = env_usize("WARM_SPARES", 0);
+    // Client sockets, proxy sockets on both sides, and the old backends'
+    // sockets while they close.
+    raise_fd_limit((sessions as u64) * 4 + 1000);
+
+    let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
+    let opts = |name: &str| {
+        let mut o = ClusterOptions::named(name);
+        o.settings = vec![("max_connections".into(), (sessions + 50).to_string())];
+        o
+    };
+    let pg1 = Cluster::start_temp(&bins, opts("drainbench1")).expect("pg1");
+    let pg2 = Cluster::start_temp(&bins, opts("drainbench2")).expect("pg2");
+    for c in [&pg1, &pg2] {
+        c.ensure_user_and_database(USER, PASSWORD, USER)
+            .expect("user");
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("users.txt"),
+        format!("\"{USER}\" \"{PASSWORD}\"\n"),
+    )
+    .expect("userlist");
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         max_client_connections = {}\n\
+         [auth]\nuserlist = \"users.txt\"\n\
+         [migration]\nwarm_spares = {spares}\n\
+         [balancer]\ndrain_concurrency = {concurrency}\n\
+         [[backend]]\nname = \"pg1\"\naddress = \"{}\"\n\
+         [[backend]]\nname = \"pg2\"\naddress = \"{}\"\n",
+        sessions + 100,
+        pg1.addr(),
+        pg2.addr()
+    );
+    let config = Config::parse(&toml, "bench.toml", dir.path()).expect("config");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let proxy = Proxy::new(config).expect("proxy");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = admin_listener.local_addr().expect("admin addr");
+        let state = AdminState {
+            metrics: proxy.metrics(),
+            proxy: proxy.context().clone(),
+        };
+        tokio::spawn(pgferry_admin::serve(admin_listener, state, std::future::pending()));
+        tokio::spawn(async move { proxy.serve(listener, std::future::pending()).await });
+
+        // Every session on pg1: pg2 takes none until the drain starts.
+        let (status, r) = http(admin, "POST", "/v1/backends/pg2/drain", "").await;
+        assert_eq!(status, 200, "{r}");
+        let started = Instant::now();
+        let limit = std::sync::Arc::new(Semaphore::new(64));
+        let mut connecting = tokio::task::JoinSet::new();
+        for _ in 0..sessions {
+            let limit = limit.clone();
+            connecting.spawn(async move {
+                let _permit = limit.acquire_owned().await.expect("semaphore");
+                let (c, conn) = tokio_postgres::Config::new()
+                    .host("127.0.0.1")
+                    .port(addr.port())
+                    .user(USER)
+                    .password(PASSWORD)
+                    .dbname(USER)
+                    .application_name("drain-bench")
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .expect("connect");
+                tokio::spawn(conn);
+                c.simple_query("SET search_path = public")
+                    .await
+                    .expect("session state");
+                c
+            });
+        }
+        let mut clients = Vec::with_capacity(sessions);
+        while let Some(c) = connecting.join_next().await {
+            clients.push(c.expect("connect task"));
+        }
+        println!(
+            "{sessions} idle sessions on pg1 in {:.1?}",
+            started.elapsed()
+        );
+        let (status, r) = http(admin, "POST", "/v1/backends/pg2/activate", "").await;
+        assert_eq!(status, 200, "{r}");
+        if spares > 0 {
+            // One parameter set: activating pg2 fills its spares.
+            let by = Instant::now() + Duration::from_secs(30);
+            while scrape(admin, "pgferry_warm_spares_idle").await < (2 * spares) as f64 {
+                assert!(Instant::now() < by, "spares never filled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        let body = r#"{"timeout_ms": 60000}"#;
+        let t = Instant::now();
+        let (status, report) = http(admin, "POST", "/v1/backends/pg1/drain", body).await;
+        let wall = t.elapsed();
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["remaining"], 0, "{report}");
+        assert_eq!(report["failed"], 0, "{report}");
+        assert_eq!(report["moved"].as_u64(), Some(sessions as u64), "{report}");
+        // Every session still works, now on pg2.
+        for c in clients.iter().step_by((sessions / 20).max(1)) {
+            let rows = c.simple_query("SELECT 1").await.expect("session works after the drain");
+            assert!(!rows.is_empty());
+        }
+        let pause_sum = scrape(admin, "pgferry_conn_migration_pause_seconds_sum").await;
+        let pause_n = scrape(admin, "pgferry_conn_migration_pause_seconds_count").await;
+        println!(
+            "drain of {sessions} idle sessions, concurrency {concurrency}, warm_spares {spares}:"
+        );
+        println!("| sessions | drain (API duration_ms) | wall (client) | moved | failed | remaining | mean pause |");
+        println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| {sessions} | {:.0} ms | {:.0} ms | {} | {} | {} | {:.2} ms |",
+            report["duration_ms"].as_f64().unwrap_or(f64::NAN),
+            wall.as_secs_f64() * 1000.0,
+            report["moved"],
+            report["failed"],
+            report["remaining"],
+            pause_sum / pause_n.max(1.0) * 1000.0,
+        );
+        drop(clients);
+    });
+    drop(pg1);
+    drop(pg2);
+}
