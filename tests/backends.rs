@@ -248,8 +248,12 @@ async fn a_stopped_backend_turns_unhealthy_gets_no_sessions_and_comes_back() {
 }
 
 #[tokio::test]
-async fn sighup_removing_a_backend_drains_it_and_an_invalid_file_changes_nothing() {
+async fn sighup_removing_a_backend_drains_it_rereads_the_userlist_and_an_invalid_file_changes_nothing(
+) {
     let proxy = ProxyProcess::start(ProxyOptions::default());
+    // ptuser is in the userlist now...
+    let (pt, _) = connect(&proxy, PT_USER, PT_PASSWORD).await.expect("ptuser");
+    drop(pt);
     let mut clients = Vec::new();
     for _ in 0..6 {
         clients.push(connect(&proxy, USER, PASSWORD).await.expect("connect"));
@@ -263,6 +267,16 @@ async fn sighup_removing_a_backend_drains_it_and_an_invalid_file_changes_nothing
     );
     assert!(original.contains(&pg2_block));
     std::fs::write(&path, original.replace(&pg2_block, "")).expect("write");
+    // ... and not after the reload.
+    let users = proxy.dir.path().join("users.txt");
+    let userlist = std::fs::read_to_string(&users).expect("userlist");
+    let without_pt: String = userlist
+        .lines()
+        .filter(|l| !l.starts_with(&format!("\"{PT_USER}\"")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without_pt, userlist);
+    std::fs::write(&users, &without_pt).expect("write userlist");
     proxy.signal(Signal::SIGHUP);
     let admin = proxy.admin;
     tokio::task::spawn_blocking(move || {
@@ -279,6 +293,10 @@ async fn sighup_removing_a_backend_drains_it_and_an_invalid_file_changes_nothing
         c.simple_query("SELECT 1").await.expect("session survived");
     }
     assert!(proxy.log().contains("config reloaded"), "{}", proxy.log());
+    let Err(e) = connect(&proxy, PT_USER, PT_PASSWORD).await else {
+        panic!("ptuser is gone from the userlist, yet logged in");
+    };
+    assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
 
     // An invalid file: logged, nothing changes.
     std::fs::write(&path, "[proxy\nthis is not toml").expect("write");
