@@ -14,15 +14,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{env_usize, http, raise_fd_limit, scrape, smoke};
-use pgferry_admin::AdminState;
-use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
-use pgferry_proxy::{Config, Proxy};
-use tokio::net::TcpListener;
+use common::{
+    env_usize, http, raise_fd_limit, scrape, serve_in_process, smoke, two_clusters, userlist_dir,
+    PASSWORD, USER,
+};
+use pgferry_proxy::Config;
 use tokio::sync::Semaphore;
-
-const USER: &str = "bench";
-const PASSWORD: &str = "bench-password";
 
 fn main() {
     let smoke = smoke();
@@ -37,24 +34,9 @@ fn main() {
     // sockets while they close.
     raise_fd_limit((sessions as u64) * 4 + 1000);
 
-    let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
-    let opts = |name: &str| {
-        let mut o = ClusterOptions::named(name);
-        o.settings = vec![("max_connections".into(), (sessions + 50).to_string())];
-        o
-    };
-    let pg1 = Cluster::start_temp(&bins, opts("drainbench1")).expect("pg1");
-    let pg2 = Cluster::start_temp(&bins, opts("drainbench2")).expect("pg2");
-    for c in [&pg1, &pg2] {
-        c.ensure_user_and_database(USER, PASSWORD, USER)
-            .expect("user");
-    }
-    let dir = tempfile::tempdir().expect("tmp");
-    std::fs::write(
-        dir.path().join("users.txt"),
-        format!("\"{USER}\" \"{PASSWORD}\"\n"),
-    )
-    .expect("userlist");
+    let max_connections = [("max_connections", (sessions + 50).to_string())];
+    let (pg1, pg2) = two_clusters("drainbench", &max_connections);
+    let dir = userlist_dir();
     let toml = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          max_client_connections = {}\n\
@@ -74,17 +56,7 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let proxy = Proxy::new(config).expect("proxy");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin = admin_listener.local_addr().expect("admin addr");
-        let state = AdminState {
-            metrics: proxy.metrics(),
-            proxy: proxy.context().clone(),
-        };
-        tokio::spawn(pgferry_admin::serve(admin_listener, state, std::future::pending()));
-        tokio::spawn(async move { proxy.serve(listener, std::future::pending()).await });
+        let (addr, admin) = serve_in_process(config).await;
 
         // Every session on pg1: pg2 takes none until the drain starts.
         let (status, r) = http(admin, "POST", "/v1/backends/pg2/drain", "").await;

@@ -17,14 +17,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use common::{env_usize, http, percentile, scrape, smoke};
-use pgferry_admin::AdminState;
-use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
-use pgferry_proxy::{Config, Proxy};
-use tokio::net::TcpListener;
-
-const USER: &str = "bench";
-const PASSWORD: &str = "bench-password";
+use common::{
+    env_usize, http, percentile, scrape, serve_in_process, smoke, two_clusters, userlist_dir,
+    PASSWORD, USER,
+};
+use pgferry_proxy::Config;
 
 async fn idle_spares(admin: SocketAddr) -> f64 {
     scrape(admin, "pgferry_warm_spares_idle").await
@@ -42,19 +39,8 @@ fn main() {
         env_usize("WARM_SPARES", 0)
     };
 
-    let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
-    let pg1 = Cluster::start_temp(&bins, ClusterOptions::named("bench1")).expect("pg1");
-    let pg2 = Cluster::start_temp(&bins, ClusterOptions::named("bench2")).expect("pg2");
-    for c in [&pg1, &pg2] {
-        c.ensure_user_and_database(USER, PASSWORD, USER)
-            .expect("user");
-    }
-    let dir = tempfile::tempdir().expect("tmp");
-    std::fs::write(
-        dir.path().join("users.txt"),
-        format!("\"{USER}\" \"{PASSWORD}\"\n"),
-    )
-    .expect("userlist");
+    let (pg1, pg2) = two_clusters("bench", &[]);
+    let dir = userlist_dir();
     let toml = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [auth]\nuserlist = \"users.txt\"\n\
@@ -71,17 +57,7 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let proxy = Proxy::new(config).expect("proxy");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin = admin_listener.local_addr().expect("admin addr");
-        let state = AdminState {
-            metrics: proxy.metrics(),
-            proxy: proxy.context().clone(),
-        };
-        tokio::spawn(pgferry_admin::serve(admin_listener, state, std::future::pending()));
-        tokio::spawn(async move { proxy.serve(listener, std::future::pending()).await });
+        let (addr, admin) = serve_in_process(config).await;
 
         let mut clients = Vec::new();
         for i in 0..sessions {

@@ -2,116 +2,15 @@
 //! says what happened, tables have their headers, a live session survives
 //! a transfer and a drain, and an unreachable server fails with its URL.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+mod common;
 
-/// The sandbox process; SIGINTed (which stops its clusters) if the test
-/// fails half-way, so no postmaster outlives it.
-struct Sandbox {
-    child: Option<Child>,
-    psql_url: String,
-    admin: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Sandbox {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("pgferry-ctl-test")
-            .tempdir()
-            .expect("tmp");
-        // The clusters run as an unprivileged user when we are root.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
-            .args(["sandbox", "--dir"])
-            .arg(dir.path())
-            .args([
-                "--port",
-                &free_port().to_string(),
-                "--admin-port",
-                &free_port().to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sandbox");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let (mut url, mut admin) = (None, None);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let line = line.trim();
-                if let Some(rest) = line.strip_prefix("psql \"") {
-                    url = Some(rest.trim_end_matches('"').to_owned());
-                }
-                if let Some(rest) = line.strip_prefix("admin:") {
-                    admin = Some(rest.trim().trim_end_matches("/metrics").to_owned());
-                }
-                if let (Some(u), Some(a)) = (&url, &admin) {
-                    let _ = tx.send((u.clone(), a.clone()));
-                    url = None;
-                }
-            }
-        });
-        let mut sandbox = Sandbox {
-            child: Some(child),
-            psql_url: String::new(),
-            admin: String::new(),
-            _dir: dir,
-        };
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok((url, admin)) => {
-                sandbox.psql_url = url;
-                sandbox.admin = admin;
-            }
-            Err(_) => panic!("sandbox printed no connection string and admin URL"),
-        }
-        sandbox
-    }
-
-    /// SIGINT, and the exit status.
-    fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let pid = Pid::from_raw(child.id() as i32);
-        let (done_tx, done_rx) = mpsc::channel();
-        let _ = kill(pid, Signal::SIGINT);
-        std::thread::spawn(move || {
-            let _ = done_tx.send(child.wait());
-        });
-        match done_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(Ok(status)) => Some(status),
-            _ => {
-                let _ = kill(pid, Signal::SIGKILL);
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use common::sandbox::{free_port, Sandbox};
 
 struct Ctl {
     code: Option<i32>,
@@ -227,7 +126,7 @@ fn transfer(admin: &str, id: &str, to: &str) {
 
 #[test]
 fn ctl_lists_moves_drains_and_activates_against_a_real_pgferry() {
-    let mut sandbox = Sandbox::start();
+    let mut sandbox = Sandbox::start("pgferry-ctl-test");
     let admin = sandbox.admin.clone();
     let session = Session::open(&sandbox.psql_url);
 

@@ -99,3 +99,65 @@ pub fn raise_fd_limit(want: u64) -> u64 {
         .map(|l| l.0)
         .unwrap_or(soft)
 }
+
+/// pgferry in this process, with its admin API, on free ports, serving
+/// until the runtime ends: (proxy address, admin address).
+pub async fn serve_in_process(config: pgferry_proxy::Config) -> (SocketAddr, SocketAddr) {
+    use tokio::net::TcpListener;
+    let proxy = pgferry_proxy::Proxy::new(config).expect("proxy");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let admin = admin_listener.local_addr().expect("admin addr");
+    let state = pgferry_admin::AdminState {
+        metrics: proxy.metrics(),
+        proxy: proxy.context().clone(),
+    };
+    tokio::spawn(pgferry_admin::serve(
+        admin_listener,
+        state,
+        std::future::pending(),
+    ));
+    tokio::spawn(async move { proxy.serve(listener, std::future::pending()).await });
+    (addr, admin)
+}
+
+pub const USER: &str = "bench";
+pub const PASSWORD: &str = "bench-password";
+
+/// Two throw-away clusters with the bench user and database, named
+/// `{prefix}1` and `{prefix}2`, with extra postgresql.conf `settings`.
+pub fn two_clusters(
+    prefix: &str,
+    settings: &[(&str, String)],
+) -> (pgferry_pgcluster::Cluster, pgferry_pgcluster::Cluster) {
+    use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
+    let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
+    let opts = |n: u8| {
+        let mut o = ClusterOptions::named(format!("{prefix}{n}"));
+        o.settings = settings
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        o
+    };
+    let pg1 = Cluster::start_temp(&bins, opts(1)).expect("pg1");
+    let pg2 = Cluster::start_temp(&bins, opts(2)).expect("pg2");
+    for c in [&pg1, &pg2] {
+        c.ensure_user_and_database(USER, PASSWORD, USER)
+            .expect("user");
+    }
+    (pg1, pg2)
+}
+
+/// A temp dir holding `users.txt` with the bench user's password, for a
+/// config's `[auth] userlist = "users.txt"`.
+pub fn userlist_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("users.txt"),
+        format!("\"{USER}\" \"{PASSWORD}\"\n"),
+    )
+    .expect("userlist");
+    dir
+}

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
 
+pub mod sandbox;
+
 pub const USER: &str = "app";
 pub const PASSWORD: &str = "app-secret";
 pub const DB: &str = "app";
