@@ -15,8 +15,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    env_usize, http, raise_fd_limit, scrape, serve_in_process, smoke, two_clusters, userlist_dir,
-    PASSWORD, USER,
+    cluster_cpu, env_usize, http, own_cpu, raise_fd_limit, scrape, serve_in_process, smoke,
+    two_clusters, userlist_dir, PASSWORD, USER,
 };
 use pgferry_proxy::Config;
 use tokio::sync::Semaphore;
@@ -55,6 +55,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let (pg1_ref, pg2_ref) = (&pg1, &pg2);
     rt.block_on(async move {
         let (addr, admin) = serve_in_process(config).await;
 
@@ -105,9 +106,15 @@ fn main() {
         }
 
         let body = r#"{"timeout_ms": 60000}"#;
+        let cpu_before = (cluster_cpu(pg1_ref), cluster_cpu(pg2_ref), own_cpu());
         let t = Instant::now();
         let (status, report) = http(admin, "POST", "/v1/backends/pg1/drain", body).await;
         let wall = t.elapsed();
+        let cpu = (
+            cluster_cpu(pg1_ref).saturating_sub(cpu_before.0),
+            cluster_cpu(pg2_ref).saturating_sub(cpu_before.1),
+            own_cpu().saturating_sub(cpu_before.2),
+        );
         assert_eq!(status, 200, "{report}");
         assert_eq!(report["remaining"], 0, "{report}");
         assert_eq!(report["failed"], 0, "{report}");
@@ -132,6 +139,20 @@ fn main() {
             report["failed"],
             report["remaining"],
             pause_sum / pause_n.max(1.0) * 1000.0,
+        );
+        // Where the drain's CPU went (the old backends' exits are counted
+        // in their postmaster's children totals once reaped).
+        println!(
+            "CPU during the drain ({:.2} s wall, 2 CPUs = {:.2} CPU-s): PostgreSQL pg1 {:.2} s \
+             (captures, {:.2} ms per session), pg2 {:.2} s (new server processes and logins, \
+             {:.2} ms per session), this process (pgferry + idle clients) {:.2} s",
+            wall.as_secs_f64(),
+            2.0 * wall.as_secs_f64(),
+            cpu.0.as_secs_f64(),
+            cpu.0.as_secs_f64() * 1000.0 / sessions as f64,
+            cpu.1.as_secs_f64(),
+            cpu.1.as_secs_f64() * 1000.0 / sessions as f64,
+            cpu.2.as_secs_f64(),
         );
         drop(clients);
     });

@@ -161,3 +161,67 @@ pub fn userlist_dir() -> tempfile::TempDir {
     .expect("userlist");
     dir
 }
+
+/// CPU time (user + system) used so far by a cluster: its postmaster, the
+/// processes it started that have exited (reaped: the postmaster's
+/// children totals) and those still running. Linux only (/proc).
+pub fn cluster_cpu(cluster: &pgferry_pgcluster::Cluster) -> std::time::Duration {
+    // /proc reports in USER_HZ, 100 on Linux.
+    const TICK_MS: u64 = 10;
+    let Some(postmaster) = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+    else {
+        return std::time::Duration::ZERO;
+    };
+    let mut ticks = 0u64;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return std::time::Duration::ZERO;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, so field n is at index n - 3.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        if f.len() < 15 {
+            continue;
+        }
+        let (ppid, utime, stime, cutime, cstime) = (f[1], f[11], f[12], f[13], f[14]);
+        if pid == postmaster {
+            ticks += utime + stime + cutime + cstime;
+        } else if ppid == u64::from(postmaster) {
+            ticks += utime + stime;
+        }
+    }
+    std::time::Duration::from_millis(ticks * TICK_MS)
+}
+
+/// CPU time (user + system) of this process so far.
+pub fn own_cpu() -> std::time::Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| {
+                std::time::Duration::from_secs(tv.tv_sec() as u64)
+                    + std::time::Duration::from_micros(tv.tv_usec() as u64)
+            };
+            t(u.user_time()) + t(u.system_time())
+        }
+        Err(_) => std::time::Duration::ZERO,
+    }
+}
