@@ -402,9 +402,15 @@ async fn removing_a_busy_backend_needs_force_which_closes_its_sessions_with_57p0
         "{r}"
     );
     assert_eq!(proxy.backends()["pg1"]["state"], "draining");
+    // Nothing takes new sessions now: PostgreSQL's "cannot connect now".
+    let Err(e) = connect(&proxy, USER, PASSWORD).await else {
+        panic!("a session started while every backend was draining");
+    };
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P03"), "{e}");
     let (status, b) = admin_json(admin, "POST", "/v1/backends/pg1/activate", "");
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["state"], "active");
+    connect(&proxy, USER, PASSWORD).await.expect("active again");
 }
 
 #[tokio::test]

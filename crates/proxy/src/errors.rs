@@ -44,6 +44,11 @@ pub enum SessionError {
     AuditBacklogFull,
     #[error("terminating connection due to administrator command")]
     AdminShutdown,
+    /// Every backend is draining, drained or removed: none takes sessions.
+    /// The class PostgreSQL uses for "cannot connect now", which drivers
+    /// and poolers retry.
+    #[error("no backend is taking new sessions (all are draining, drained or removed)")]
+    NoBackendAvailable,
     /// A migration failed after the old backend could no longer keep the
     /// session.
     #[error("terminating connection: migration to another backend failed: {0}")]
@@ -70,6 +75,7 @@ impl SessionError {
             SessionError::TlsRequired | SessionError::NoUser => "28000",
             SessionError::TooManyConnections | SessionError::AuditBacklogFull => "53300",
             SessionError::AdminShutdown => "57P01",
+            SessionError::NoBackendAvailable => "57P03",
             SessionError::Internal(_) => "XX000",
         }
     }
@@ -108,6 +114,7 @@ impl SessionError {
             SessionError::TooManyConnections => "too_many_connections",
             SessionError::AuditBacklogFull => "audit_backlog_full",
             SessionError::AdminShutdown => "admin_shutdown",
+            SessionError::NoBackendAvailable => "no_backend_available",
             SessionError::MigrationFailed(_) => "migration_failed",
             SessionError::Internal(_) => "internal",
         }
@@ -138,6 +145,10 @@ mod tests {
         assert_eq!(
             client_sees(SessionError::TlsRequired).sqlstate(),
             Some("28000")
+        );
+        assert_eq!(
+            client_sees(SessionError::NoBackendAvailable).sqlstate(),
+            Some("57P03")
         );
         let f = client_sees(SessionError::BackendUnreachable {
             backend: "pg1".into(),

@@ -269,8 +269,7 @@ async fn connect_backend(
         goodbye_ref(&mut client, &err).await;
         return Err(err.kind());
     }
-    let err =
-        first_failure.unwrap_or_else(|| SessionError::Internal("no backends configured".into()));
+    let err = first_failure.unwrap_or(SessionError::NoBackendAvailable);
     goodbye(client, &err).await;
     Err(err.kind())
 }
