@@ -25,7 +25,8 @@
 #   KEEP_WORKDIR    1 = keep the temp dir (logs, configs) after exit
 #
 # Exits non-zero if any pgbench run fails, reports failed transactions or
-# reports zero TPS.
+# reports zero TPS. The report also gives each proxy's CPU (user + system,
+# from /proc) per transaction over its runs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -297,17 +298,36 @@ port_of() {
 
 # ---------------------------------------------------------------- the runs
 
-declare -A TPS FAILED
-# run_one TARGET MODE SECONDS LOGFILE: sets RUN_TPS, RUN_FAILED, RUN_RC.
+declare -A TPS FAILED CPU_TICKS TX
+# cpu_ticks PID: user + system CPU of a process so far, in USER_HZ (1/100 s).
+cpu_ticks() {
+    local rest
+    [[ -n $1 && -r /proc/$1/stat ]] || { echo 0; return; }
+    rest=$(sed 's/^.*) //' "/proc/$1/stat")
+    awk '{ print $12 + $13 }' <<<"$rest"
+}
+pid_of() {
+    case $1 in
+    pgferry) echo "$FERRY_PID" ;;
+    pgbouncer) echo "$BOUNCER_PID" ;;
+    *) echo "" ;;
+    esac
+}
+# run_one TARGET MODE SECONDS LOGFILE: sets RUN_TPS, RUN_FAILED, RUN_RC,
+# RUN_TX (transactions) and RUN_CPU (the proxy's CPU ticks meanwhile).
 run_one() {
-    local target=$1 mode=$2 secs=$3 out=$4 script=${5:-$SCRIPT}
+    local target=$1 mode=$2 secs=$3 out=$4 script=${5:-$SCRIPT} before
     RUN_RC=0
+    before=$(cpu_ticks "$(pid_of "$target")")
     "$PGBENCH" -b "$script" -n -c "$CLIENTS" -j "$THREADS" -T "$secs" -M "$mode" \
         -h 127.0.0.1 -p "$(port_of "$target")" -U bench bench >"$out" 2>&1 || RUN_RC=$?
+    RUN_CPU=$(($(cpu_ticks "$(pid_of "$target")") - before))
     RUN_TPS=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out" | head -n 1)
     RUN_FAILED=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -n 1)
+    RUN_TX=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -n 1)
     RUN_TPS=${RUN_TPS:-0}
     RUN_FAILED=${RUN_FAILED:-unknown}
+    RUN_TX=${RUN_TX:-0}
 }
 
 if ((WARMUP > 0)); then
@@ -334,6 +354,8 @@ for mode in $MODES; do
                 tail -n 25 "$out" >&2
             fi
             TPS[$mode,$target]+="$RUN_TPS "
+            CPU_TICKS[$mode,$target]=$((${CPU_TICKS[$mode,$target]:-0} + RUN_CPU))
+            TX[$mode,$target]=$((${TX[$mode,$target]:-0} + RUN_TX))
             if [[ $RUN_FAILED =~ ^[0-9]+$ ]]; then
                 FAILED[$mode,$target]=$((${FAILED[$mode,$target]:-0} + RUN_FAILED))
             else
@@ -363,14 +385,15 @@ report=$WORK/report.md
         header+=" TPS r$round |"
         rule+="---:|"
     done
-    echo "$header mean TPS | vs direct | vs PgBouncer | failed tx |"
-    echo "$rule---:|---:|---:|---:|"
+    echo "$header mean TPS | vs direct | vs PgBouncer | failed tx | proxy CPU µs/tx |"
+    echo "$rule---:|---:|---:|---:|---:|"
     for mode in $MODES; do
         direct_tps=${TPS[$mode,direct]}
         bouncer_tps=${TPS[$mode,pgbouncer]}
         for target in "${TARGETS[@]}"; do
             awk -v mode="$mode" -v target="$target" -v tps="${TPS[$mode,$target]}" \
-                -v d="$direct_tps" -v b="$bouncer_tps" -v failed="${FAILED[$mode,$target]}" '
+                -v d="$direct_tps" -v b="$bouncer_tps" -v failed="${FAILED[$mode,$target]}" \
+                -v ticks="${CPU_TICKS[$mode,$target]:-0}" -v tx="${TX[$mode,$target]:-0}" '
                 function mean(s,   a, n, i, t) { n = split(s, a, " "); t = 0
                     for (i = 1; i <= n; i++) t += a[i]; return n ? t / n : 0 }
                 function ratio(x, y) { return y > 0 ? sprintf("%.3f", x / y) : "n/a" }
@@ -379,6 +402,8 @@ report=$WORK/report.md
                     for (i = 1; i <= n; i++) line = line sprintf(" %.0f |", a[i])
                     m = mean(tps)
                     line = line sprintf(" %.0f | %s | %s | %s |", m, ratio(m, mean(d)), ratio(m, mean(b)), failed)
+                    # CPU of the proxy process over its runs, per transaction.
+                    line = line (target == "direct" || tx == 0 ? " - |" : sprintf(" %.1f |", ticks * 10000 / tx))
                     print line
                 }'
         done
