@@ -339,15 +339,15 @@ async fn run_session(
         .spares
         .enabled()
         .then(|| ctx.spares.register(&startup, &credentials));
-    if let Some((_, params)) = &spare_demand {
-        transfer::spares::refill(ctx, params);
+    if let Some(demand) = &spare_demand {
+        transfer::spares::refill(ctx, demand.params());
     }
     let identity = SessionIdentity {
         id,
         startup: &startup,
         credentials: &credentials,
         cancel_key,
-        spare_params: spare_demand.as_ref().map(|(_, p)| p),
+        spare_params: spare_demand.as_ref().map(|d| d.params()),
     };
     let tracker = SessionTracker::new(ready_status, parameters);
     let mut fwd = Forwarder::new(

@@ -66,6 +66,13 @@ pub struct SpareDemand<'a> {
     params: Params,
 }
 
+impl SpareDemand<'_> {
+    /// The parameter set its spares are kept for.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+}
+
 impl Drop for SpareDemand<'_> {
     fn drop(&mut self) {
         let closing = {
@@ -116,7 +123,7 @@ impl SparePool {
         &self,
         startup: &StartupMessage,
         credentials: &BackendCredentials,
-    ) -> (SpareDemand<'_>, Params) {
+    ) -> SpareDemand<'_> {
         let params: Params = Arc::new(startup.params.clone());
         let mut st = self.lock();
         st.demands
@@ -127,13 +134,7 @@ impl SparePool {
                 credentials: credentials.clone(),
             })
             .sessions += 1;
-        (
-            SpareDemand {
-                pool: self,
-                params: params.clone(),
-            },
-            params,
-        )
+        SpareDemand { pool: self, params }
     }
 
     /// A ready spare on `backend` for these parameters (reset, and still
