@@ -286,15 +286,12 @@ async fn state_that_cannot_move_is_refused_with_its_own_reason() {
 
 #[tokio::test]
 async fn target_down_gives_409_and_the_session_is_unharmed() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let dead = RefusedPort::reserve();
     let e = env();
     let proxy = ProxyProcess::start(ProxyOptions {
         backends: vec![
             ("pg1".into(), e.pg1.addr().to_string()),
-            ("dead".into(), dead.to_string()),
+            ("dead".into(), dead.addr.to_string()),
         ],
         ..Default::default()
     });

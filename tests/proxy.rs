@@ -138,13 +138,9 @@ async fn tls_required_refuses_plaintext_with_28000() {
 
 #[tokio::test]
 async fn backend_down_gives_08006() {
-    // A port nothing listens on.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let dead = RefusedPort::reserve();
     let proxy = ProxyProcess::start(ProxyOptions {
-        backends: vec![("gone".into(), dead.to_string())],
+        backends: vec![("gone".into(), dead.addr.to_string())],
         ..Default::default()
     });
     let e = connect(&proxy, USER, PASSWORD)
@@ -167,17 +163,15 @@ async fn backend_down_gives_08006() {
 
 #[tokio::test]
 async fn one_backend_down_sessions_go_to_the_other() {
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr");
+    let dead = RefusedPort::reserve();
     let proxy = ProxyProcess::start(ProxyOptions {
         backends: vec![
-            ("gone".into(), dead.to_string()),
+            ("gone".into(), dead.addr.to_string()),
             ("pg1".into(), env().pg1.addr().to_string()),
         ],
         ..Default::default()
     });
+    let mut open = Vec::new();
     for _ in 0..3 {
         let (c, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
         let row = c
@@ -185,7 +179,44 @@ async fn one_backend_down_sessions_go_to_the_other() {
             .await
             .expect("query");
         assert_eq!(row.get::<_, i32>(0) as u16, env().pg1.port());
+        open.push(c);
     }
+    // pg1 holding sessions puts "gone" first for every later choice.
+    assert!(proxy.metric("pgferry_backend_dial_errors_total{backend=\"gone\"}") >= 2.0);
+}
+
+/// A backend address that leads back to pgferry itself (an operator's
+/// slip) must be refused at the dial, not followed: each hop would open
+/// another session to itself until the process runs out of descriptors.
+#[tokio::test]
+async fn a_backend_pointing_at_the_proxy_itself_is_refused_not_followed() {
+    let proxy = ProxyProcess::start(ProxyOptions {
+        backends: vec![("pg1".into(), env().pg1.addr().to_string())],
+        ..Default::default()
+    });
+    let body = format!(r#"{{"name": "itself", "address": "{}"}}"#, proxy.addr);
+    let (status, out) = proxy.http("POST", "/v1/backends", Some(&body), None);
+    assert_eq!(status, 201, "{out}");
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (c, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+        let row = c
+            .query_one("select inet_server_port()", &[])
+            .await
+            .expect("query");
+        assert_eq!(row.get::<_, i32>(0) as u16, env().pg1.port());
+        open.push(c);
+    }
+    assert!(proxy.metric("pgferry_backend_dial_errors_total{backend=\"itself\"}") >= 3.0);
+    assert!(
+        proxy.log().contains("own listen address"),
+        "{}",
+        proxy.log()
+    );
+    // Only the four clients hold sessions: nothing recursed.
+    let (_, conns) = proxy.http_get("/v1/connections");
+    let conns: serde_json::Value = serde_json::from_str(&conns).expect("json");
+    assert_eq!(conns.as_array().map(Vec::len), Some(4), "{conns}");
 }
 
 #[test]

@@ -396,6 +396,33 @@ pub fn cluster_by_port(port: u16) -> &'static Cluster {
 
 /// Polls `cond` every 20 ms until it holds, failing after `limit`.
 /// For conditions with no event to await (state in another process).
+/// A loopback port that refuses connections and stays reserved while this
+/// lives: bound, never listening. (A listener bound and dropped frees its
+/// port, which the next `bind(:0)` — the proxy's own, say — may get.)
+pub struct RefusedPort {
+    _socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+impl RefusedPort {
+    pub fn reserve() -> Self {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        let addr = socket
+            .local_addr()
+            .expect("addr")
+            .as_socket()
+            .expect("inet");
+        Self {
+            _socket: socket,
+            addr,
+        }
+    }
+}
+
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {

@@ -170,6 +170,7 @@ impl Proxy {
             connect_timeout: config.proxy.connect_timeout,
             keepalive: config.proxy.tcp_keepalive,
             max_message_len: config.proxy.max_message_length,
+            own_listener: Arc::default(),
         };
         let backends =
             BackendSet::new(&config.backends, metrics.clone()).map_err(StartError::Backends)?;
@@ -213,6 +214,9 @@ impl Proxy {
     /// Health checks and rebalancing run meanwhile. The audit log's final
     /// flush runs after the last session ended.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        if let Ok(addr) = listener.local_addr() {
+            let _ = self.ctx.dial.own_listener.set(addr);
+        }
         let batcher = self
             .batcher
             .lock()

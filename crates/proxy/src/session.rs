@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::backend::dial::{self, DialError, ServerConnection};
 use crate::backend::login::BackendCredentials;
+use crate::backend::BackendLease;
 use crate::cancel::{send_cancel, CancelTarget};
 use crate::client::auth::{authenticate, AuthOutcome};
 use crate::client::handshake::{negotiate, Negotiated, NegotiationFailure};
@@ -240,7 +241,15 @@ async fn connect_backend(
         let mut relay = BytesMut::new();
         let name = backend.name.clone();
         let address = backend.address.clone();
-        let err = match dial::connect(backend, &ctx.dial, startup, credentials, &mut relay).await {
+        let err = match dial::connect(
+            BackendLease::new(backend),
+            &ctx.dial,
+            startup,
+            credentials,
+            &mut relay,
+        )
+        .await
+        {
             Ok(server) => return Ok((client, (server, relay))),
             Err(DialError::Unreachable(reason)) => {
                 ctx.metrics

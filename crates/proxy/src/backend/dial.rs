@@ -2,7 +2,7 @@
 //! and the startup chatter up to the first ReadyForQuery.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -29,6 +29,33 @@ pub struct DialSettings {
     pub connect_timeout: Duration,
     pub keepalive: Duration,
     pub max_message_len: u32,
+    /// Where this proxy accepts clients, once it is bound: a backend
+    /// address that leads back here is a loop, refused at the dial instead
+    /// of recursing until the process runs out of file descriptors.
+    pub own_listener: Arc<OnceLock<SocketAddr>>,
+}
+
+impl DialSettings {
+    /// Refuses a connection that reached this proxy's own listener.
+    pub fn refuse_own_listener(&self, tcp: &TcpStream, peer: SocketAddr) -> Result<(), String> {
+        let Some(listen) = self.own_listener.get() else {
+            return Ok(());
+        };
+        if peer.port() != listen.port() {
+            return Ok(());
+        }
+        let own = peer.ip() == listen.ip()
+            || (listen.ip().is_unspecified()
+                && (peer.ip().is_loopback()
+                    || tcp.local_addr().is_ok_and(|local| local.ip() == peer.ip())));
+        if own {
+            Err(format!(
+                "{peer} is this pgferry's own listen address (a backend must be a PostgreSQL server)"
+            ))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,16 +88,16 @@ impl ServerConnection {
     }
 }
 
-/// Dials `backend` and logs in as the client. ParameterStatus and
-/// NoticeResponse messages are appended, raw, to `relay` for the client.
+/// Dials the lease's backend and logs in as the client. ParameterStatus
+/// and NoticeResponse messages are appended, raw, to `relay` for the client.
 pub async fn connect(
-    backend: Arc<Backend>,
+    lease: BackendLease,
     settings: &DialSettings,
     startup: &StartupMessage,
     credentials: &BackendCredentials,
     relay: &mut BytesMut,
 ) -> Result<ServerConnection, DialError> {
-    let fut = connect_inner(backend, settings, startup, credentials, relay);
+    let fut = connect_inner(lease, settings, startup, credentials, relay);
     match tokio::time::timeout(settings.connect_timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Unreachable(format!(
@@ -81,18 +108,22 @@ pub async fn connect(
 }
 
 async fn connect_inner(
-    backend: Arc<Backend>,
+    lease: BackendLease,
     settings: &DialSettings,
     startup: &StartupMessage,
     credentials: &BackendCredentials,
     relay: &mut BytesMut,
 ) -> Result<ServerConnection, DialError> {
+    let backend = lease.backend();
     let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
         .await
         .map_err(|e| DialError::Unreachable(e.to_string()))?;
     let peer = tcp
         .peer_addr()
         .map_err(|e| DialError::Unreachable(e.to_string()))?;
+    settings
+        .refuse_own_listener(&tcp, peer)
+        .map_err(DialError::Unreachable)?;
     tune_socket(&tcp, settings.keepalive);
     let mut stream = match (&settings.tls, settings.tls_mode) {
         (Some(cfg), BackendTlsMode::Require | BackendTlsMode::VerifyFull) => {
@@ -160,7 +191,7 @@ async fn connect_inner(
                 parameters.shrink_to_fit();
                 return Ok(ServerConnection {
                     stream,
-                    lease: BackendLease::new(backend),
+                    lease,
                     peer,
                     key,
                     parameters,

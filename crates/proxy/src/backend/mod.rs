@@ -167,6 +167,9 @@ pub struct BackendLease {
 }
 
 impl BackendLease {
+    /// Counts from now: taken before dialing, so sessions still logging
+    /// in steer the next least-connections choice (a burst of new clients
+    /// spreads instead of landing on one backend).
     pub fn new(backend: Arc<Backend>) -> Self {
         backend.sessions.fetch_add(1, Ordering::Relaxed);
         backend.gauge.inc();
@@ -176,16 +179,16 @@ impl BackendLease {
         }
     }
 
-    pub fn backend(&self) -> &Arc<Backend> {
-        &self.backend
+    /// Counts for nothing (a warm spare being opened).
+    pub fn idle(backend: Arc<Backend>) -> Self {
+        Self {
+            backend,
+            counted: false,
+        }
     }
 
-    /// Stops counting (the connection becomes a spare).
-    pub fn into_idle(mut self) -> Self {
-        if self.counted {
-            self.uncount();
-        }
-        self
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
     }
 
     /// Counts again (a spare becomes a session's connection).
@@ -327,8 +330,11 @@ impl BackendSet {
     /// trying costs less than refusing the client for sure.
     pub fn candidates(&self) -> Vec<Arc<Backend>> {
         let all = self.all();
-        let mut healthy = self.least_loaded(&all, |b| b.accepts_sessions());
-        let fallback = self.least_loaded(&all, |b| {
+        // One step of the rotation per choice: stepping once per list would
+        // bring a two-backend set back to the same tie order every time.
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let mut healthy = least_loaded(&all, start, |b| b.accepts_sessions());
+        let fallback = least_loaded(&all, start, |b| {
             b.mode() == BackendMode::Active && !b.healthy() && !b.is_removed()
         });
         healthy.extend(fallback);
@@ -338,25 +344,28 @@ impl BackendSet {
     /// Where a session on `current` may be moved: active, healthy, other.
     pub fn migration_targets(&self, current: &str) -> Vec<Arc<Backend>> {
         let all = self.all();
-        self.least_loaded(&all, |b| b.accepts_sessions() && b.name != current)
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        least_loaded(&all, start, |b| b.accepts_sessions() && b.name != current)
     }
+}
 
-    fn least_loaded(
-        &self,
-        all: &[Arc<Backend>],
-        keep: impl Fn(&Backend) -> bool,
-    ) -> Vec<Arc<Backend>> {
-        let n = all.len().max(1);
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
-        let mut order: Vec<(usize, usize, Arc<Backend>)> = all
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| keep(b))
-            .map(|(i, b)| (b.sessions(), (i + n - start) % n, b.clone()))
-            .collect();
-        order.sort_by_key(|(s, r, _)| (*s, *r));
-        order.into_iter().map(|(_, _, b)| b).collect()
-    }
+/// The backends `keep` accepts, fewest sessions first; ties in the order
+/// of the list rotated by `start`.
+fn least_loaded(
+    all: &[Arc<Backend>],
+    start: usize,
+    keep: impl Fn(&Backend) -> bool,
+) -> Vec<Arc<Backend>> {
+    let n = all.len().max(1);
+    let start = start % n;
+    let mut order: Vec<(usize, usize, Arc<Backend>)> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| keep(b))
+        .map(|(i, b)| (b.sessions(), (i + n - start) % n, b.clone()))
+        .collect();
+    order.sort_by_key(|(s, r, _)| (*s, *r));
+    order.into_iter().map(|(_, _, b)| b).collect()
 }
 
 #[cfg(test)]
@@ -389,6 +398,13 @@ mod tests {
         assert_eq!(s.candidates().last().unwrap().name, "pg0");
         drop(leases);
         assert!(s.all().iter().all(|b| b.sessions() == 0));
+    }
+
+    #[test]
+    fn ties_alternate_between_two_backends() {
+        let s = set(2);
+        let firsts: Vec<_> = (0..4).map(|_| s.candidates()[0].name.clone()).collect();
+        assert_eq!(firsts, ["pg0", "pg1", "pg0", "pg1"]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::backend::dial::DialSettings;
 use crate::backend::Backend;
 use crate::config::BalancerSection;
 use crate::ProxyContext;
@@ -29,11 +30,17 @@ use crate::ProxyContext;
 const MAX_PROBE_MESSAGE: u32 = 64 * 1024;
 
 /// One probe: `Ok` when the server is taking logins, else why not.
-pub async fn probe(backend: &Backend, cfg: &BalancerSection) -> Result<(), String> {
+pub async fn probe(
+    backend: &Backend,
+    cfg: &BalancerSection,
+    dial: &DialSettings,
+) -> Result<(), String> {
     let fut = async {
         let mut tcp = TcpStream::connect((backend.host.as_str(), backend.port))
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        let peer = tcp.peer_addr().map_err(|e| format!("connect: {e}"))?;
+        dial.refuse_own_listener(&tcp, peer)?;
         let startup = StartupMessage {
             minor_version: 0,
             params: vec![
@@ -105,7 +112,7 @@ pub async fn run(ctx: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
         for b in ctx.backends.all().iter() {
             let (b, ctx) = (b.clone(), ctx.clone());
             checks.spawn(async move {
-                let r = probe(&b, &ctx.config.balancer).await;
+                let r = probe(&b, &ctx.config.balancer, &ctx.dial).await;
                 (b, r)
             });
         }

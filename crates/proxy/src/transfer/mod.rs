@@ -211,7 +211,7 @@ async fn target_connection(
         }
     }
     dial::connect(
-        target.clone(),
+        BackendLease::new(target.clone()),
         &ctx.dial,
         session.startup,
         session.credentials,

@@ -26,7 +26,7 @@ use tracing::debug;
 
 use crate::backend::dial::{self, read_message, DialError, ServerConnection};
 use crate::backend::login::BackendCredentials;
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendLease};
 use crate::metrics::Metrics;
 use crate::stream::Stream;
 use crate::ProxyContext;
@@ -251,7 +251,7 @@ async fn fill_one(
     let mut chatter = BytesMut::new();
     let max_len = ctx.config.proxy.max_message_length;
     let dialed = match dial::connect(
-        backend.clone(),
+        BackendLease::idle(backend.clone()),
         &ctx.dial,
         startup,
         credentials,
@@ -259,8 +259,7 @@ async fn fill_one(
     )
     .await
     {
-        Ok(mut c) => {
-            c.lease = c.lease.into_idle();
+        Ok(c) => {
             // The first catalog-heavy queries on a new server process cost
             // several times what they cost later (cold caches); pay for the
             // capture and replay ones now, off any session's pause. What
