@@ -300,18 +300,8 @@ async fn run_session(
     });
     let _cancel_guard = CancelGuard(ctx, cancel_key);
 
-    let mut hello = relay;
-    if encode_backend_key_data(&mut hello, cancel_key).is_err()
-        || encode_ready_for_query(&mut hello, server.ready_status).is_err()
-    {
-        return;
-    }
-    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
-        return;
-    }
-    // Sessions live long; this buffer is not needed again.
-    drop(hello);
-
+    // Listed before the client hears ReadyForQuery: a client that asks the
+    // admin API about itself right after connecting must find itself.
     let (control_tx, control_rx) = control_channel();
     let _registration = ctx.registry.register(
         SessionInfo {
@@ -328,6 +318,18 @@ async fn run_session(
         },
         control_tx,
     );
+    let mut hello = relay;
+    if encode_backend_key_data(&mut hello, cancel_key).is_err()
+        || encode_ready_for_query(&mut hello, server.ready_status).is_err()
+    {
+        return;
+    }
+    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+        return;
+    }
+    // Sessions live long; this buffer is not needed again.
+    drop(hello);
+
     debug!(%id, %peer, user = startup.user(), backend = %server.backend().name, "session started");
 
     let ServerConnection {
