@@ -143,6 +143,18 @@ fn main() {
                 percentile(v, 1.0)
             );
         }
+        // Where the pause goes, from pgferry's own phase histograms.
+        let mut phases = Vec::new();
+        for phase in ["capture", "connect", "replay"] {
+            let series = |part: &str| {
+                format!("pgferry_conn_migration_phase_seconds_{part}{{phase=\"{phase}\"}}")
+            };
+            let sum = scrape(admin, &series("sum")).await;
+            let count = scrape(admin, &series("count")).await;
+            assert_eq!(count as usize, moves, "{phase} observed once per move");
+            phases.push(format!("{phase} {:.2} ms", 1000.0 * sum / count));
+        }
+        println!("mean per phase (capture and connect overlap): {}", phases.join(", "));
     });
     drop(pg1);
     drop(pg2);

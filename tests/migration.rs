@@ -532,3 +532,117 @@ async fn warm_spares_take_the_dial_out_of_a_migration_and_dead_ones_are_replaced
         });
     }
 }
+
+/// A session the client has not touched since its last move is moved
+/// again without the capture query (its state is known); any message from
+/// the client makes the state unknown again, and blockers are checked.
+#[tokio::test]
+async fn an_untouched_session_moves_again_on_known_state_until_the_client_speaks() {
+    let proxy = migration_proxy();
+    let c = connect_app(&proxy, "known-state").await;
+    c.batch_execute("SET search_path = shop; PREPARE k(int) AS SELECT $1 + 1")
+        .await
+        .expect("state");
+    let reused = || proxy.metric("pgferry_conn_migration_state_reused_total");
+    let captures = || proxy.metric("pgferry_conn_migration_phase_seconds_count{phase=\"capture\"}");
+
+    // First move: captured.
+    let (status, out) = transfer(&proxy, "known-state", "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!((captures(), reused()), (1.0, 0.0));
+    // Second, with nothing sent in between: the known state is replayed.
+    let (status, out) = transfer(&proxy, "known-state", "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!((captures(), reused()), (1.0, 1.0));
+    // It was the right state: it is there on the backend it came back to.
+    assert_eq!(setting(&c, "search_path").await, "shop");
+    let row = c.query_one("EXECUTE k(41)", &[]).await.expect("execute");
+    assert_eq!(row.get::<_, i32>(0), 42);
+
+    // The client spoke (the queries above): the next move captures, and
+    // sees a change made since.
+    c.batch_execute("SET search_path = other")
+        .await
+        .expect("set");
+    let before = server_port(&c).await;
+    let (status, out) = transfer(&proxy, "known-state", "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!((captures(), reused()), (2.0, 1.0));
+    assert_ne!(server_port(&c).await, before);
+    assert_eq!(setting(&c, "search_path").await, "other");
+
+    // State that cannot move is found even right after a move.
+    let (status, out) = transfer(&proxy, "known-state", "").await;
+    assert_eq!(status, 200, "{out}");
+    c.batch_execute("CREATE TEMP TABLE pinned(v int)")
+        .await
+        .expect("temp");
+    let (status, out) = transfer(&proxy, "known-state", "").await;
+    assert_eq!(status, 409, "{out}");
+    assert!(
+        out["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("temporary tables"),
+        "{out}"
+    );
+}
+
+/// `pg_prepared_statements` shows an SQL PREPARE with the whole query
+/// string it came in; a move replays only the PREPARE, never the other
+/// statements of that string (here an INSERT and a SET).
+#[tokio::test]
+async fn a_prepare_sent_with_other_statements_moves_without_running_them_again() {
+    let proxy = migration_proxy();
+    let e = env();
+    for pg in [&e.pg1, &e.pg2] {
+        pg.psql(
+            DB,
+            "CREATE TABLE IF NOT EXISTS replay_guard(app text); \
+             GRANT ALL ON replay_guard TO PUBLIC",
+        )
+        .expect("table");
+    }
+    let c = connect_app(&proxy, "multi-prepare").await;
+    c.batch_execute(
+        "SET search_path = shop; \
+         INSERT INTO public.replay_guard VALUES ('multi-prepare'); \
+         PREPARE \"Twice\"(int) AS SELECT $1 * 2; \
+         SELECT ';'",
+    )
+    .await
+    .expect("batch");
+    c.batch_execute("SET search_path = public")
+        .await
+        .expect("set");
+    let before = server_port(&c).await;
+    let (status, out) = transfer(&proxy, "multi-prepare", "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_ne!(server_port(&c).await, before);
+    assert_eq!(setting(&c, "search_path").await, "public");
+    let row = c
+        .query_one("EXECUTE \"Twice\"(21)", &[])
+        .await
+        .expect("execute");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let text: String = c
+        .query_one(
+            "SELECT statement FROM pg_prepared_statements WHERE name = 'Twice'",
+            &[],
+        )
+        .await
+        .expect("statement")
+        .get(0);
+    assert_eq!(text, "PREPARE \"Twice\"(int) AS SELECT $1 * 2");
+    // Both servers share nothing: count the rows where the INSERT ran.
+    let rows = |port: u16| {
+        cluster_by_port(port)
+            .psql(
+                DB,
+                "SELECT count(*) FROM replay_guard WHERE app = 'multi-prepare'",
+            )
+            .expect("count")
+    };
+    assert_eq!(rows(before), "1");
+    assert_eq!(rows(other_port(before)), "0");
+}

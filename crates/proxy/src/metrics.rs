@@ -6,7 +6,8 @@ use std::sync::Arc;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub struct Metrics {
@@ -28,6 +29,12 @@ pub struct Metrics {
     pub migration_duration: Histogram,
     pub migration_pause: Histogram,
     pub migration_state_bytes: Histogram,
+    /// Where a pause goes: `capture` (old backend), `connect` (target
+    /// connection: a spare or a dial, concurrent with capture), `replay`.
+    pub migration_phase: HistogramVec,
+    /// Migrations that reused the state known from the session's previous
+    /// capture or replay (the client had sent nothing since).
+    pub migration_state_reused: IntCounter,
 }
 
 /// How a migration ended, for the outcome counters.
@@ -215,6 +222,22 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(64.0, 4.0, 10).expect("static buckets")),
             )
             .expect("static metric definition"),
+            migration_phase: HistogramVec::new(
+                HistogramOpts::new(
+                    "pgferry_conn_migration_phase_seconds",
+                    "Time spent in each phase of a migration: capture and connect run \
+                     concurrently, replay after both",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets")),
+                &["phase"],
+            )
+            .expect("static metric definition"),
+            migration_state_reused: IntCounter::new(
+                "pgferry_conn_migration_state_reused_total",
+                "Migrations that skipped the capture query: the client had sent nothing since \
+                 the session's state was last captured or replayed",
+            )
+            .expect("static metric definition"),
             registry,
         };
         // Registration only fails on duplicate names, which are static here.
@@ -234,6 +257,8 @@ impl Metrics {
             Box::new(bytes),
             Box::new(m.migration_duration.clone()),
             Box::new(m.migration_pause.clone()),
+            Box::new(m.migration_phase.clone()),
+            Box::new(m.migration_state_reused.clone()),
             Box::new(m.migration_state_bytes.clone()),
             Box::new(MigrationCollector {
                 outcomes: m.migrations.clone(),

@@ -344,6 +344,7 @@ async fn run_session(
         lease,
         peer: server_peer,
         key: server_key,
+        known: None,
     };
     // Spares for this session's parameters, on every backend, from now on.
     let spare_demand = ctx

@@ -19,6 +19,23 @@ impl Stream {
         !matches!(self, Stream::Plain(_))
     }
 
+    /// Nothing has arrived that is not read yet (a peek; consumes nothing
+    /// and registers no waker). A TLS stream may hold decrypted bytes the
+    /// socket cannot show, so it never counts as silent.
+    pub fn is_silent(&self) -> bool {
+        match self {
+            Stream::Plain(s) => {
+                let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+                // Non-blocking socket: WouldBlock means nothing is there.
+                matches!(
+                    socket2::SockRef::from(s).peek(&mut byte),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
+                )
+            }
+            Stream::ServerTls(_) | Stream::ClientTls(_) => false,
+        }
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,

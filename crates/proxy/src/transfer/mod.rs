@@ -9,6 +9,8 @@
 //! losing the old backend mid-capture is fatal.
 
 pub mod capture;
+pub mod known_state;
+pub mod prepare_text;
 pub mod replay;
 pub mod spares;
 
@@ -28,6 +30,7 @@ use crate::cancel::CancelTarget;
 use crate::forwarder::Forwarder;
 use crate::ProxyContext;
 use capture::{capture_query, parse_capture};
+use known_state::KnownState;
 
 /// Who the session is, for dialing a target as the client.
 pub struct SessionIdentity<'a> {
@@ -46,6 +49,9 @@ pub struct ServerSide {
     pub lease: BackendLease,
     pub peer: SocketAddr,
     pub key: CancelKey,
+    /// The session's state here as of its last capture or replay, kept
+    /// for the next migration (boxed: most sessions never have one).
+    pub known: Option<Box<KnownState>>,
 }
 
 impl ServerSide {
@@ -111,13 +117,47 @@ pub async fn transfer(
     // 1. Capture on the old backend while dialing the target: the two are
     //    independent, and the session's traffic is held during both.
     let mut startup_chatter = BytesMut::new();
-    let (captured, dialed) = tokio::join!(
-        capture(ctx, fwd, &current, session),
-        target_connection(ctx, &target, session, &mut startup_chatter)
+    let phase = |name: &str| ctx.metrics.migration_phase.with_label_values(&[name]);
+    let custom = custom_setting_names(ctx, fwd);
+    let last_request = fwd.tracker.last_request();
+    // Reused only while the old backend has nothing unread to say: the
+    // capture would relay that to the client; a swap would drop it.
+    let known = server
+        .known
+        .take()
+        .and_then(|k| k.still_holds(last_request, &custom))
+        .filter(|_| fwd.server.is_silent());
+    let connect = timed(
+        phase("connect"),
+        target_connection(ctx, &target, session, &mut startup_chatter),
     );
+    let (captured, dialed) = match known {
+        Some(state) => {
+            ctx.metrics.migration_state_reused.inc();
+            (Ok(state), connect.await)
+        }
+        None => {
+            let captured = timed(
+                phase("capture"),
+                capture(ctx, fwd, &current, session, &custom),
+            );
+            let (captured, dialed) = tokio::join!(captured, connect);
+            if let Ok(state) = &captured {
+                ctx.metrics.migration_state_bytes.observe(state.size as f64);
+            }
+            (captured, dialed)
+        }
+    };
     // A failed capture drops the new connection, whatever its state.
-    let state = captured?;
-    ctx.metrics.migration_state_bytes.observe(state.size as f64);
+    let mut state = captured?;
+    let backslash_escapes = fwd
+        .tracker
+        .parameters()
+        .iter()
+        .any(|(n, v)| n == "standard_conforming_strings" && v == "off");
+    prepare_text::isolate_prepares(&mut state, backslash_escapes).map_err(Recoverable)?;
+    // True here whatever happens next, and on the target after a replay.
+    server.known = KnownState::keep(last_request, &custom, &state);
     let mut conn = match dialed {
         Ok(c) => c,
         Err(e) => {
@@ -135,9 +175,12 @@ pub async fn transfer(
     };
 
     // 2. Replay; any error drops the new connection.
-    let params = tokio::time::timeout(
-        ctx.config.proxy.connect_timeout,
-        replay::replay(&mut conn, &state, max_len),
+    let params = timed(
+        phase("replay"),
+        tokio::time::timeout(
+            ctx.config.proxy.connect_timeout,
+            replay::replay(&mut conn, &state, max_len),
+        ),
     )
     .await
     .map_err(|_| Recoverable(format!("replay on {} timed out", target.name)))?
@@ -163,7 +206,16 @@ pub async fn transfer(
         ..
     } = conn;
     let mut old_stream = std::mem::replace(&mut fwd.server, stream);
-    let _old = std::mem::replace(server, ServerSide { lease, peer, key });
+    let known = server.known.take();
+    let _old = std::mem::replace(
+        server,
+        ServerSide {
+            lease,
+            peer,
+            key,
+            known,
+        },
+    );
     ctx.cancel_map.retarget(
         session.cancel_key,
         CancelTarget {
@@ -189,6 +241,26 @@ pub async fn transfer(
     Ok(target.name.clone())
 }
 
+/// Custom settings (placeholders such as `app.tenant`) a capture asks for:
+/// the configured ones and those the client was seen setting.
+fn custom_setting_names(ctx: &ProxyContext, fwd: &Forwarder<'_>) -> Vec<String> {
+    let mut custom: Vec<String> = ctx.config.migration.carry_settings.clone();
+    for n in fwd.tracker.custom_settings() {
+        if !custom.contains(n) {
+            custom.push(n.clone());
+        }
+    }
+    custom
+}
+
+/// Runs `fut`, recording how long it took.
+async fn timed<F: std::future::Future>(h: prometheus::Histogram, fut: F) -> F::Output {
+    let t = std::time::Instant::now();
+    let r = fut.await;
+    h.observe(t.elapsed().as_secs_f64());
+    r
+}
+
 /// A logged-in connection to `target` as the client: a warm spare when
 /// one is ready, else a fresh dial.
 async fn target_connection(
@@ -197,17 +269,14 @@ async fn target_connection(
     session: &SessionIdentity<'_>,
     chatter: &mut BytesMut,
 ) -> Result<dial::ServerConnection, DialError> {
+    // A spare was reset (DISCARD ALL) before it was parked and nothing has
+    // been sent on it since (`take` checks it is still silent), so it is
+    // used as it is: a second reset here would only compete with the
+    // capture for the CPU.
     if let Some(params) = session.spare_params {
-        while let Some(spare) = ctx.spares.take(&target.name, params) {
-            match spares::reset(spare, ctx.config.proxy.max_message_length).await {
-                Ok(conn) => {
-                    ctx.metrics.spares_taken.inc();
-                    return Ok(conn);
-                }
-                Err(e) => {
-                    tracing::debug!(backend = %target.name, error = %e, "warm spare unusable")
-                }
-            }
+        if let Some(conn) = ctx.spares.take(&target.name, params) {
+            ctx.metrics.spares_taken.inc();
+            return Ok(conn);
         }
     }
     dial::connect(
@@ -227,16 +296,11 @@ async fn capture(
     fwd: &mut Forwarder<'_>,
     current: &str,
     session: &SessionIdentity<'_>,
+    custom: &[String],
 ) -> Result<capture::SessionState, TransferError> {
     let max_len = ctx.config.proxy.max_message_length;
-    let mut custom: Vec<String> = ctx.config.migration.carry_settings.clone();
-    for n in fwd.tracker.custom_settings() {
-        if !custom.contains(n) {
-            custom.push(n.clone());
-        }
-    }
     let mut out = BytesMut::new();
-    encode_query(&mut out, &capture_query(&custom)).map_err(|e| Recoverable(e.to_string()))?;
+    encode_query(&mut out, &capture_query(custom)).map_err(|e| Recoverable(e.to_string()))?;
     let old_dead =
         |e: &dyn std::fmt::Display| Fatal(format!("backend {current} failed during capture: {e}"));
     fwd.server.write_all(&out).await.map_err(|e| old_dead(&e))?;
@@ -284,7 +348,7 @@ async fn capture(
     let row = row.ok_or_else(|| Recoverable("capture returned no row".into()))?;
     let cols =
         pgferry_wire::messages::decode_data_row(&row).map_err(|e| Recoverable(e.to_string()))?;
-    match parse_capture(&cols, &custom, session.startup.user()).map_err(Recoverable)? {
+    match parse_capture(&cols, custom, session.startup.user()).map_err(Recoverable)? {
         Ok(state) => Ok(state),
         Err(blocker) => Err(Recoverable(blocker.reason().into())),
     }
