@@ -6,6 +6,8 @@
 //!   SESSIONS=100 MOVES=2000 cargo bench --bench migration
 //!   WARM_SPARES=1 cargo bench --bench migration        # targets from warm spares
 //!   WARM_SPARES=1 BACK_TO_BACK=1 cargo bench --bench migration  # no wait for refills
+//!   TOUCH=1 WARM_SPARES=1 cargo bench --bench migration  # a statement before every move,
+//!                                                        # so every move captures
 //!   PGFERRY_BENCH_SMOKE=1 cargo bench --bench migration  # a few moves, checks only
 //!   cargo test --bench migration                         # the same smoke run (in the suite)
 //!
@@ -78,13 +80,22 @@ fn main() {
             clients.push(c);
         }
         let (_, list) = http(admin, "GET", "/v1/connections", "").await;
-        let ids: Vec<String> = list
+        // (id, client), matched by application_name.
+        let ids: Vec<(String, usize)> = list
             .as_array()
             .expect("list")
             .iter()
-            .filter_map(|c| c["id"].as_str().map(str::to_owned))
+            .filter_map(|c| {
+                let id = c["id"].as_str()?.to_owned();
+                let i = c["application_name"].as_str()?.strip_prefix("bench-")?.parse().ok()?;
+                Some((id, i))
+            })
             .collect();
         assert_eq!(ids.len(), sessions);
+        // TOUCH=1: each session runs a statement before each of its moves,
+        // so every move captures (an untouched session moved again replays
+        // the state pgferry already knows).
+        let touch = std::env::var("TOUCH").is_ok_and(|v| v == "1");
         // Each session's parameters get `spares` ready on both backends.
         let want = (sessions * 2 * spares) as f64;
         let ready_by = Instant::now() + std::time::Duration::from_secs(30);
@@ -105,7 +116,10 @@ fn main() {
             while spares > 0 && !back_to_back && idle_spares(admin).await < want {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
-            let id = &ids[m % ids.len()];
+            let (id, client) = &ids[m % ids.len()];
+            if touch {
+                clients[*client].simple_query("SELECT 1").await.expect("touch");
+            }
             let (status, out) = http(admin, "POST", &format!("/v1/connections/{id}/transfer"), "").await;
             assert_eq!(status, 200, "move {m}: {out}");
             pauses.push(out["pause_ms"].as_f64().expect("pause_ms"));
@@ -120,12 +134,19 @@ fn main() {
         pauses.sort_by(f64::total_cmp);
         totals.sort_by(f64::total_cmp);
         let taken = scrape(admin, "pgferry_warm_spares_taken_total").await;
+        let reused = scrape(admin, "pgferry_conn_migration_state_reused_total").await;
+        let expected_reuse = if touch { 0 } else { moves.saturating_sub(sessions) };
+        assert_eq!(reused as usize, expected_reuse, "moves that replayed a known state");
         if spares > 0 {
             assert!(taken > 0.0, "no migration used a warm spare");
         }
         println!(
             "warm_spares = {spares}{}: {taken} of {moves} moves landed on a spare",
             if spares > 0 && back_to_back { " (back to back)" } else { "" }
+        );
+        println!(
+            "{reused} of {moves} moves replayed a known state (TOUCH={})",
+            u8::from(touch)
         );
         println!(
             "migration pause, idle sessions: {sessions} sessions, {moves} moves in {:.1?} ({:.0} moves/s)",
@@ -151,8 +172,11 @@ fn main() {
             };
             let sum = scrape(admin, &series("sum")).await;
             let count = scrape(admin, &series("count")).await;
-            assert_eq!(count as usize, moves, "{phase} observed once per move");
-            phases.push(format!("{phase} {:.2} ms", 1000.0 * sum / count));
+            let expected = if phase == "capture" { moves - reused as usize } else { moves };
+            assert_eq!(count as usize, expected, "{phase} observed once per move that ran it");
+            if count > 0.0 {
+                phases.push(format!("{phase} {:.2} ms", 1000.0 * sum / count));
+            }
         }
         println!("mean per phase (capture and connect overlap): {}", phases.join(", "));
     });

@@ -298,9 +298,46 @@ async fn capture(
     session: &SessionIdentity<'_>,
     custom: &[String],
 ) -> Result<capture::SessionState, TransferError> {
+    let row = query_old_backend(ctx, fwd, current, &capture_query(custom)).await?;
+    let cols =
+        pgferry_wire::messages::decode_data_row(&row).map_err(|e| Recoverable(e.to_string()))?;
+    let state = match parse_capture(&cols, custom, session.startup.user()).map_err(Recoverable)? {
+        Ok(state) => state,
+        Err(blocker) => return Err(Recoverable(blocker.reason().into())),
+    };
+    // Only a session that once made a temporary object has a temporary
+    // schema; whether it still holds any is asked apart, so that other
+    // sessions' captures need not plan a pg_class scan.
+    if let Some(schema) = state.temp_schema {
+        let row =
+            query_old_backend(ctx, fwd, current, &capture::temp_relations_query(schema)).await?;
+        let cols = pgferry_wire::messages::decode_data_row(&row)
+            .map_err(|e| Recoverable(e.to_string()))?;
+        let count = cols
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|c| std::str::from_utf8(c).ok()?.parse::<i64>().ok())
+            .ok_or_else(|| Recoverable("temporary relation count unreadable".into()))?;
+        if count > 0 {
+            return Err(Recoverable(capture::Blocker::TempTables.reason().into()));
+        }
+    }
+    Ok(state)
+}
+
+/// Runs one simple query on the session's current backend (its traffic
+/// held) and returns its one row. Messages meant for the client that
+/// arrive meanwhile are delivered. Losing the backend here is fatal.
+async fn query_old_backend(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    current: &str,
+    sql: &str,
+) -> Result<bytes::Bytes, TransferError> {
     let max_len = ctx.config.proxy.max_message_length;
     let mut out = BytesMut::new();
-    encode_query(&mut out, &capture_query(custom)).map_err(|e| Recoverable(e.to_string()))?;
+    encode_query(&mut out, sql).map_err(|e| Recoverable(e.to_string()))?;
     let old_dead =
         |e: &dyn std::fmt::Display| Fatal(format!("backend {current} failed during capture: {e}"));
     fwd.server.write_all(&out).await.map_err(|e| old_dead(&e))?;
@@ -345,11 +382,5 @@ async fn capture(
     if let Some(e) = error {
         return Err(Recoverable(format!("capture failed: {e}")));
     }
-    let row = row.ok_or_else(|| Recoverable("capture returned no row".into()))?;
-    let cols =
-        pgferry_wire::messages::decode_data_row(&row).map_err(|e| Recoverable(e.to_string()))?;
-    match parse_capture(&cols, custom, session.startup.user()).map_err(Recoverable)? {
-        Ok(state) => Ok(state),
-        Err(blocker) => Err(Recoverable(blocker.reason().into())),
-    }
+    row.ok_or_else(|| Recoverable("capture returned no row".into()))
 }
