@@ -192,7 +192,7 @@ fn forward_once(
     record: bool,
 ) -> (Sink, SessionTracker) {
     rt.block_on(async {
-        let mut tracker = SessionTracker::new(b'I', Vec::new());
+        let mut tracker = SessionTracker::new(b'I', Default::default());
         let mut pump = Pump::new(DEFAULT_MAX_MESSAGE_LEN);
         let mut src = Source::new(stream);
         let mut dst = Sink {

@@ -20,6 +20,7 @@ pub mod errors;
 pub mod forwarder;
 pub mod listener;
 pub mod metrics;
+pub mod parameters;
 pub mod registry;
 pub mod reload;
 pub mod session;

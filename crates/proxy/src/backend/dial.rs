@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use super::login::{BackendCredentials, Login, LoginStep};
 use super::{Backend, BackendLease};
 use crate::config::BackendTlsMode;
+use crate::parameters::ParameterList;
 use crate::stream::{tune_socket, Stream};
 
 /// How to reach backends, shared by every dial.
@@ -78,7 +79,7 @@ pub struct ServerConnection {
     /// The backend's own cancel key.
     pub key: CancelKey,
     /// ParameterStatus values in the order received.
-    pub parameters: Vec<(String, String)>,
+    pub parameters: ParameterList,
     pub ready_status: u8,
 }
 
@@ -187,14 +188,17 @@ async fn connect_inner(
                         "data after the first ReadyForQuery".into(),
                     ));
                 }
-                // Kept for the session's life.
-                parameters.shrink_to_fit();
                 return Ok(ServerConnection {
                     stream,
                     lease,
                     peer,
                     key,
-                    parameters,
+                    // Kept for the session's life: one allocation.
+                    parameters: ParameterList::from_pairs(
+                        parameters
+                            .iter()
+                            .map(|(n, v): &(String, String)| (n.as_str(), v.as_str())),
+                    ),
                     ready_status,
                 });
             }

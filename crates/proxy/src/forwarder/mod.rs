@@ -408,7 +408,7 @@ mod tests {
         let fwd = Forwarder::new(
             Stream::Plain(proxy_client),
             Stream::Plain(proxy_server),
-            SessionTracker::new(status, vec![]),
+            SessionTracker::new(status, Default::default()),
             rx,
             1 << 20,
             metrics,

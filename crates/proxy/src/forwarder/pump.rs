@@ -354,7 +354,7 @@ mod tests {
     #[tokio::test]
     async fn byte_at_a_time_is_exact() {
         for (read_chunk, write_chunk) in [(1, 1), (1, 7), (3, 1), (4096, 5), (100_000, 100_000)] {
-            let mut tracker = SessionTracker::new(b'I', vec![]);
+            let mut tracker = SessionTracker::new(b'I', Default::default());
             let mut req = Pump::new(1 << 30);
             let mut src = Trickle::new(client_stream(), read_chunk);
             let mut dst = SlowSink {
@@ -393,9 +393,7 @@ mod tests {
                 7 + 14,
                 "one tick per message, both directions"
             );
-            assert!(tracker
-                .parameters()
-                .contains(&("application_name".into(), "moved".into())));
+            assert!(tracker.parameters().contains("application_name", "moved"));
         }
     }
 
@@ -403,9 +401,9 @@ mod tests {
     async fn extended_copy_in_discounts_ignored_syncs() {
         // libpq's extended COPY FROM STDIN: P B E S, then (after
         // CopyInResponse) d d c S. The server ignores the first Sync.
-        let mut tracker = SessionTracker::new(b'I', vec![]);
+        let mut tracker = SessionTracker::new(b'I', Default::default());
         let run = |bytes: Vec<u8>, tracker: &mut SessionTracker, request: bool| {
-            let mut t = std::mem::replace(tracker, SessionTracker::new(b'I', vec![]));
+            let mut t = std::mem::replace(tracker, SessionTracker::new(b'I', Default::default()));
             async move {
                 let mut p = Pump::new(1 << 30);
                 let mut src = Trickle::new(bytes, 2);
@@ -464,7 +462,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_and_short_lengths_are_errors() {
-        let mut tracker = SessionTracker::new(b'I', vec![]);
+        let mut tracker = SessionTracker::new(b'I', Default::default());
         for bad in [vec![b'Q', 0, 0, 0, 2], vec![b'Q', 0x10, 0, 0, 0]] {
             let mut p = Pump::new(1 << 20);
             let mut src = Trickle::new(bad, 1);

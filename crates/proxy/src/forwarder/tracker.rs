@@ -5,6 +5,8 @@
 
 use pgferry_wire::messages::decode_parameter_status;
 
+use crate::parameters::ParameterList;
+
 use super::setting_names::find_custom_settings;
 use pgferry_wire::{tag, Flow, FrameVisitor};
 
@@ -68,7 +70,7 @@ pub struct SessionTracker {
     /// A transfer waits for a safe point: stop the request direction right
     /// after the next sync point, so its answer can drain.
     hold_at_sync: bool,
-    parameters: Vec<(String, String)>,
+    parameters: ParameterList,
     capture: Vec<u8>,
     /// Start of each Query/Parse text, scanned for custom setting names.
     request_text: Vec<u8>,
@@ -76,7 +78,7 @@ pub struct SessionTracker {
 }
 
 impl SessionTracker {
-    pub fn new(initial_status: u8, parameters: Vec<(String, String)>) -> Self {
+    pub fn new(initial_status: u8, parameters: ParameterList) -> Self {
         Self {
             clock: 0,
             last_request: None,
@@ -128,12 +130,12 @@ impl SessionTracker {
 
     /// Replaces the parameters after a transfer (the client has been told
     /// about every difference).
-    pub fn set_parameters(&mut self, parameters: Vec<(String, String)>) {
+    pub fn set_parameters(&mut self, parameters: ParameterList) {
         self.parameters = parameters;
     }
 
     /// ParameterStatus values as the client last saw them.
-    pub fn parameters(&self) -> &[(String, String)] {
+    pub fn parameters(&self) -> &ParameterList {
         &self.parameters
     }
 
@@ -268,10 +270,7 @@ impl FrameVisitor for ResponseSide<'_> {
             }
             tag::PARAMETER_STATUS => {
                 if let Ok((name, value)) = decode_parameter_status(&s.capture) {
-                    match s.parameters.iter_mut().find(|(n, _)| *n == name) {
-                        Some(slot) => slot.1 = value,
-                        None => s.parameters.push((name, value)),
-                    }
+                    s.parameters.set(&name, &value);
                 }
             }
             _ => {}

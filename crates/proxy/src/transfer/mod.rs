@@ -153,8 +153,7 @@ pub async fn transfer(
     let backslash_escapes = fwd
         .tracker
         .parameters()
-        .iter()
-        .any(|(n, v)| n == "standard_conforming_strings" && v == "off");
+        .contains("standard_conforming_strings", "off");
     prepare_text::isolate_prepares(&mut state, backslash_escapes).map_err(Recoverable)?;
     // True here whatever happens next, and on the target after a replay.
     server.known = KnownState::keep(last_request, &custom, &state);
@@ -188,12 +187,8 @@ pub async fn transfer(
 
     // 3. Swap. From here on the session runs on the target.
     let mut for_client = BytesMut::new();
-    for (name, value) in &params {
-        let known = fwd
-            .tracker
-            .parameters()
-            .iter()
-            .any(|(n, v)| n == name && v == value);
+    for (name, value) in params.iter() {
+        let known = fwd.tracker.parameters().contains(name, value);
         if !known && encode_parameter_status(&mut for_client, name, value).is_err() {
             tracing::warn!(%name, "could not relay parameter status");
         }

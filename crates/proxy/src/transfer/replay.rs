@@ -11,6 +11,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::capture::{quote_ident, quote_literal, PreparedStatement, SessionState};
 use crate::backend::dial::{read_message, ServerConnection};
+use crate::parameters::ParameterList;
 
 /// The statement that restores identity and settings, if any is needed.
 pub fn settings_sql(state: &SessionState) -> Option<String> {
@@ -76,7 +77,7 @@ pub async fn replay(
     conn: &mut ServerConnection,
     state: &SessionState,
     max_len: u32,
-) -> Result<Vec<(String, String)>, String> {
+) -> Result<ParameterList, String> {
     let mut params = conn.parameters.clone();
     let mut out = BytesMut::new();
     let mut queries = 0;
@@ -127,7 +128,7 @@ async fn exchange(
     out: &[u8],
     ready: usize,
     max_len: u32,
-    params: &mut Vec<(String, String)>,
+    params: &mut ParameterList,
     want_last_row: bool,
 ) -> Result<Option<Vec<String>>, String> {
     conn.stream
@@ -157,10 +158,7 @@ async fn exchange(
             }
             tag::PARAMETER_STATUS => {
                 let (n, v) = decode_parameter_status(&m.body).map_err(|e| e.to_string())?;
-                match params.iter_mut().find(|(k, _)| *k == n) {
-                    Some(slot) => slot.1 = v,
-                    None => params.push((n, v)),
-                }
+                params.set(&n, &v);
             }
             tag::DATA_ROW if want_last_row && seen + 1 == ready => {
                 let cols = decode_data_row(&m.body).map_err(|e| e.to_string())?;

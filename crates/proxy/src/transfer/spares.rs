@@ -348,10 +348,7 @@ async fn simple_exchange(
             }
             tag::PARAMETER_STATUS => {
                 if let Ok((n, v)) = pgferry_wire::messages::decode_parameter_status(&m.body) {
-                    match conn.parameters.iter_mut().find(|(k, _)| *k == n) {
-                        Some(p) => p.1 = v,
-                        None => conn.parameters.push((n, v)),
-                    }
+                    conn.parameters.set(&n, &v);
                 }
             }
             tag::READY_FOR_QUERY => break,
