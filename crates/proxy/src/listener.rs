@@ -42,11 +42,7 @@ pub async fn accept_loop(
         ctx.metrics.client_connections_accepted.inc();
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    session::serve(ctx, tcp, peer).await;
-                    drop(permit);
-                });
+                tokio::spawn(session::serve(ctx.clone(), tcp, peer, permit));
             }
             Err(_) => {
                 ctx.metrics.client_connections_rejected.inc();

@@ -10,6 +10,7 @@ use pgferry_wire::messages::{encode_backend_key_data, encode_ready_for_query, en
 use pgferry_wire::{tag, CancelKey, StartupMessage};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -36,16 +37,23 @@ use tracing::Instrument;
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Keeps `pgferry_client_connections` right on every exit path.
-struct ClientGauge<'a>(&'a prometheus::IntGauge);
-impl Drop for ClientGauge<'_> {
+struct ClientGauge(prometheus::IntGauge);
+impl Drop for ClientGauge {
     fn drop(&mut self) {
         self.0.dec();
     }
 }
 
-pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
+/// Serves one client connection. `slot` is its place under
+/// `max_client_connections`, held until the connection ends.
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+) {
     ctx.metrics.client_connections.inc();
-    let _gauge = ClientGauge(&ctx.metrics.client_connections);
+    let gauge = ClientGauge(ctx.metrics.client_connections.clone());
     tune_socket(&tcp, ctx.config.proxy.tcp_keepalive);
     let trail = AuditTrail {
         audit: ctx.audit.as_ref(),
@@ -77,7 +85,32 @@ pub async fn serve(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    run_session(&ctx, client, server, startup, credentials, &trail).await;
+    // The session goes on in a task of its own, sized for forwarding only:
+    // this task's state (its setup steps, and its slots for what they
+    // handed over) is freed now rather than carried for the session's life.
+    let (id, accepted_at) = (trail.id, trail.accepted_at);
+    tokio::spawn(run_session(
+        ctx,
+        client,
+        server,
+        SessionBasics {
+            startup,
+            credentials,
+            id,
+            accepted_at,
+            peer,
+        },
+        (gauge, slot),
+    ));
+}
+
+/// Who a session is, handed from its setup to its own task.
+struct SessionBasics {
+    startup: StartupMessage,
+    credentials: BackendCredentials,
+    id: Uuid,
+    accepted_at: SystemTime,
+    peer: SocketAddr,
 }
 
 /// This connection's audit row; does nothing without `[audit]`.
@@ -284,14 +317,26 @@ async fn connect_backend(
 }
 
 async fn run_session(
-    ctx: &Arc<ProxyContext>,
+    ctx: Arc<ProxyContext>,
     mut client: Stream,
     (server, relay): (ServerConnection, BytesMut),
-    startup: StartupMessage,
-    credentials: BackendCredentials,
-    trail: &AuditTrail<'_>,
+    basics: SessionBasics,
+    _held: (ClientGauge, OwnedSemaphorePermit),
 ) {
-    let (id, peer) = (trail.id, trail.peer);
+    let SessionBasics {
+        startup,
+        credentials,
+        id,
+        accepted_at,
+        peer,
+    } = basics;
+    let ctx = &ctx;
+    let trail = &AuditTrail {
+        audit: ctx.audit.as_ref(),
+        id,
+        accepted_at,
+        peer,
+    };
     trail.backend(&server.backend().name);
     let cancel_key = ctx.cancel_map.register(CancelTarget {
         backend: server.backend().name.clone(),
@@ -324,11 +369,10 @@ async fn run_session(
     {
         return;
     }
-    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+    // Boxed like the other one-off steps: the task is sized for forwarding.
+    if Box::pin(send_all(&mut client, hello)).await.is_err() {
         return;
     }
-    // Sessions live long; this buffer is not needed again.
-    drop(hello);
 
     debug!(%id, %peer, user = startup.user(), backend = %server.backend().name, "session started");
 
@@ -391,8 +435,14 @@ async fn run_session(
             }
         }
     };
-    let reason = finish(&mut fwd, end, &server.backend().name, id).await;
+    let reason = Box::pin(finish(&mut fwd, end, &server.backend().name, id)).await;
     trail.ended(reason, fwd.bytes_from_client, fwd.bytes_to_client);
+}
+
+/// Writes `bytes` and flushes; the buffer is dropped after.
+async fn send_all(stream: &mut Stream, bytes: BytesMut) -> std::io::Result<()> {
+    stream.write_all(&bytes).await?;
+    stream.flush().await
 }
 
 /// Runs one transfer at a safe point and answers its requester. Returns
