@@ -171,9 +171,16 @@ async fn one_backend_down_sessions_go_to_the_other() {
         ],
         ..Default::default()
     });
+    let _open = sessions_all_on_pg1(&proxy, 3).await;
+    // pg1 holding sessions puts "gone" first for every later choice.
+    assert!(proxy.metric("pgferry_backend_dial_errors_total{backend=\"gone\"}") >= 2.0);
+}
+
+/// Opens `n` sessions, kept open, and checks each runs on pg1.
+async fn sessions_all_on_pg1(proxy: &ProxyProcess, n: usize) -> Vec<tokio_postgres::Client> {
     let mut open = Vec::new();
-    for _ in 0..3 {
-        let (c, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+    for _ in 0..n {
+        let (c, _conn) = connect(proxy, USER, PASSWORD).await.expect("connect");
         let row = c
             .query_one("select inet_server_port()", &[])
             .await
@@ -181,8 +188,7 @@ async fn one_backend_down_sessions_go_to_the_other() {
         assert_eq!(row.get::<_, i32>(0) as u16, env().pg1.port());
         open.push(c);
     }
-    // pg1 holding sessions puts "gone" first for every later choice.
-    assert!(proxy.metric("pgferry_backend_dial_errors_total{backend=\"gone\"}") >= 2.0);
+    open
 }
 
 /// A backend address that leads back to pgferry itself (an operator's
@@ -197,16 +203,7 @@ async fn a_backend_pointing_at_the_proxy_itself_is_refused_not_followed() {
     let body = format!(r#"{{"name": "itself", "address": "{}"}}"#, proxy.addr);
     let (status, out) = proxy.http("POST", "/v1/backends", Some(&body), None);
     assert_eq!(status, 201, "{out}");
-    let mut open = Vec::new();
-    for _ in 0..4 {
-        let (c, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
-        let row = c
-            .query_one("select inet_server_port()", &[])
-            .await
-            .expect("query");
-        assert_eq!(row.get::<_, i32>(0) as u16, env().pg1.port());
-        open.push(c);
-    }
+    let _open = sessions_all_on_pg1(&proxy, 4).await;
     assert!(proxy.metric("pgferry_backend_dial_errors_total{backend=\"itself\"}") >= 3.0);
     assert!(
         proxy.log().contains("own listen address"),
