@@ -224,6 +224,7 @@ pub async fn rebalance(State(state): State<AdminState>, body: Bytes) -> Response
                 TransferOutcome::Success { .. } => ("success", None),
                 TransferOutcome::RecoverableError(r) => ("recoverable_error", Some(r.clone())),
                 TransferOutcome::FatalError(r) => ("fatal_error", Some(r.clone())),
+                TransferOutcome::SessionEnded(r) => ("session_ended", Some(r.clone())),
             };
             json!({
                 "id": m.planned.id.to_string(),

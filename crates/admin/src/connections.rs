@@ -190,5 +190,11 @@ pub async fn transfer(
             StatusCode::INTERNAL_SERVER_ERROR,
             serde_json::json!({ "outcome": "fatal_error", "reason": reason }),
         ),
+        // The backend ended the session itself: gone, like a 500, but not
+        // pgferry's failure.
+        TransferOutcome::SessionEnded(reason) => outcome_json(
+            StatusCode::GONE,
+            serde_json::json!({ "outcome": "session_ended", "reason": reason }),
+        ),
     }
 }

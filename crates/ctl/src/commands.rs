@@ -250,6 +250,9 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
         (CtlCommand::Transfer { .. }, Some("fatal_error"), _) => {
             line.push_str(" (the session was closed)")
         }
+        (CtlCommand::Transfer { .. }, Some("session_ended"), _) => {
+            line.push_str(" (its backend ended the session; the client got the server's error)")
+        }
         (CtlCommand::Remove { force: false, .. }, _, Some(n)) if n > 0 => {
             line.push_str(" (--force closes them)")
         }

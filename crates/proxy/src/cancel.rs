@@ -1,16 +1,22 @@
-//! The cancel map: pgferry's own cancel keys, each mapped to the backend
-//! that currently serves the session.
+//! The cancel map: the cancel key each client holds, mapped to the backend
+//! that currently serves its session.
 //!
-//! Clients only ever see keys pgferry made up, so a session can change
-//! backends (migration) without its cancel key changing. Touched at connect,
-//! disconnect, migration and cancel: never on the forwarding path.
+//! A client's key carries the process id of the backend the session first
+//! landed on (so `PQbackendPID` matches `pg_backend_pid()` and the pids in
+//! notifications and server logs) and a secret pgferry made up. Cancels are
+//! routed by the whole (pid, secret) pair, so pids that collide across
+//! backends are harmless, and a session keeps its key when it moves.
+//! Touched at connect, disconnect, migration and cancel: never on the
+//! forwarding path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use pgferry_wire::CancelKey;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
 
 /// Where a cancel for one session must go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +27,29 @@ pub struct CancelTarget {
     pub key: CancelKey,
 }
 
+#[derive(Debug)]
+struct Entry {
+    target: CancelTarget,
+    /// The session is being moved: its current backend runs pgferry's own
+    /// capture and replay, which a client's cancel must never hit.
+    moving: bool,
+}
+
+/// What a cancel request should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelRoute {
+    Send(CancelTarget),
+    /// No live session holds this key (PostgreSQL ignores such requests).
+    Unknown,
+    /// The session is still moving after the wait allowed.
+    StillMoving,
+}
+
 #[derive(Default)]
 pub struct CancelMap {
-    inner: Mutex<HashMap<CancelKey, CancelTarget>>,
+    inner: Mutex<HashMap<CancelKey, Entry>>,
+    /// Woken whenever a move ends or a key goes.
+    changed: Notify,
 }
 
 impl CancelMap {
@@ -31,32 +57,69 @@ impl CancelMap {
         Self::default()
     }
 
-    /// Makes up a fresh key, unique among live sessions, for `target`.
+    /// The client's key for a session on `target`: the backend's process
+    /// id with a fresh secret, unique among live sessions.
     pub fn register(&self, target: CancelTarget) -> CancelKey {
         let mut map = self.lock();
         loop {
             let key = CancelKey {
-                pid: rand::random::<i32>() & 0x7fff_ffff,
+                pid: target.key.pid,
                 secret: rand::random(),
             };
             if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
-                v.insert(target);
+                v.insert(Entry {
+                    target,
+                    moving: false,
+                });
                 return key;
             }
         }
     }
 
+    /// Cancels for `key` wait (see `route`) until the guard is dropped.
+    pub fn moving(&self, key: CancelKey) -> MovingGuard<'_> {
+        if let Some(e) = self.lock().get_mut(&key) {
+            e.moving = true;
+        }
+        MovingGuard { map: self, key }
+    }
+
     /// Points an existing key at a new backend (after a migration).
     pub fn retarget(&self, key: CancelKey, target: CancelTarget) {
-        self.lock().insert(key, target);
+        if let Some(e) = self.lock().get_mut(&key) {
+            e.target = target;
+        }
     }
 
     pub fn remove(&self, key: CancelKey) {
         self.lock().remove(&key);
+        self.changed.notify_waiters();
     }
 
+    /// Where the session holding `key` runs now, moving or not.
     pub fn lookup(&self, key: CancelKey) -> Option<CancelTarget> {
-        self.lock().get(&key).cloned()
+        self.lock().get(&key).map(|e| e.target.clone())
+    }
+
+    /// Where a cancel for `key` should go, waiting up to `wait` while the
+    /// session moves: then it goes to the backend the session runs on
+    /// afterwards, never into the move's own queries.
+    pub async fn route(&self, key: CancelKey, wait: Duration) -> CancelRoute {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so no change is missed.
+            changed.as_mut().enable();
+            match self.lock().get(&key) {
+                None => return CancelRoute::Unknown,
+                Some(e) if !e.moving => return CancelRoute::Send(e.target.clone()),
+                Some(_) => tracing::debug!("cancel request held while its session moves"),
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return CancelRoute::StillMoving;
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -67,10 +130,25 @@ impl CancelMap {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, CancelTarget>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, Entry>> {
         // A panic while holding this lock cannot leave the map inconsistent
         // (single inserts/removes), so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Marks a session as moving for as long as it lives.
+pub struct MovingGuard<'a> {
+    map: &'a CancelMap,
+    key: CancelKey,
+}
+
+impl Drop for MovingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.map.lock().get_mut(&self.key) {
+            e.moving = false;
+        }
+        self.map.changed.notify_waiters();
     }
 }
 
@@ -99,21 +177,53 @@ pub async fn send_cancel(
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_are_unique_and_retargetable() {
-        let map = CancelMap::new();
-        let t = |port| CancelTarget {
+    fn t(port: u16) -> CancelTarget {
+        CancelTarget {
             backend: "pg1".into(),
             address: SocketAddr::from(([127, 0, 0, 1], port)),
             key: CancelKey { pid: 1, secret: 2 },
-        };
+        }
+    }
+
+    #[test]
+    fn keys_carry_the_backend_pid_are_unique_and_retargetable() {
+        let map = CancelMap::new();
+        // Sessions on backends whose process ids collide all get their own key.
         let keys: Vec<_> = (0..1000).map(|_| map.register(t(1))).collect();
         assert_eq!(map.len(), 1000);
-        assert!(keys.iter().all(|k| k.pid >= 0));
+        assert!(keys.iter().all(|k| k.pid == 1));
         map.retarget(keys[0], t(2));
         assert_eq!(map.lookup(keys[0]).unwrap().address.port(), 2);
         map.remove(keys[0]);
         assert!(map.lookup(keys[0]).is_none());
         assert!(map.lookup(CancelKey { pid: -1, secret: 0 }).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_waits_for_a_move_and_goes_to_the_new_backend() {
+        let map = std::sync::Arc::new(CancelMap::new());
+        let key = map.register(t(1));
+        let guard = map.moving(key);
+        let waiting = {
+            let map = map.clone();
+            tokio::spawn(async move { map.route(key, Duration::from_secs(30)).await })
+        };
+        // Not answered while the move runs.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        map.retarget(key, t(2));
+        drop(guard);
+        assert_eq!(waiting.await.unwrap(), CancelRoute::Send(t(2)));
+        // A move that outlasts the wait drops the cancel.
+        let _guard = map.moving(key);
+        assert_eq!(
+            map.route(key, Duration::from_millis(10)).await,
+            CancelRoute::StillMoving
+        );
+        assert_eq!(
+            map.route(CancelKey { pid: 9, secret: 9 }, Duration::ZERO)
+                .await,
+            CancelRoute::Unknown
+        );
     }
 }

@@ -43,16 +43,19 @@ pub enum MigrationResult {
     Success,
     Recoverable,
     Fatal,
+    /// The backend ended the session during the move.
+    SessionEnded,
 }
 
 /// The migration outcome counters, exported together so that
-/// `attempted == success + recoverable + fatal` holds in every scrape
+/// `attempted == success + recoverable + fatal + session_ended` holds in every scrape
 /// (separate counters read at different moments could disagree).
 #[derive(Default)]
 pub struct MigrationOutcomes {
     success: AtomicU64,
     recoverable: AtomicU64,
     fatal: AtomicU64,
+    session_ended: AtomicU64,
 }
 
 impl MigrationOutcomes {
@@ -61,20 +64,22 @@ impl MigrationOutcomes {
             MigrationResult::Success => &self.success,
             MigrationResult::Recoverable => &self.recoverable,
             MigrationResult::Fatal => &self.fatal,
+            MigrationResult::SessionEnded => &self.session_ended,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (success, recoverable, fatal) read once.
-    pub fn read(&self) -> (u64, u64, u64) {
+    /// (success, recoverable, fatal, session_ended) read once.
+    pub fn read(&self) -> (u64, u64, u64, u64) {
         (
             self.success.load(Ordering::Relaxed),
             self.recoverable.load(Ordering::Relaxed),
             self.fatal.load(Ordering::Relaxed),
+            self.session_ended.load(Ordering::Relaxed),
         )
     }
 
-    const NAMES: [(&'static str, &'static str); 4] = [
+    const NAMES: [(&'static str, &'static str); 5] = [
         (
             "pgferry_conn_migration_attempted_total",
             "Session migrations attempted",
@@ -91,6 +96,10 @@ impl MigrationOutcomes {
             "pgferry_conn_migration_error_fatal_total",
             "Session migrations that failed and closed the session",
         ),
+        (
+            "pgferry_conn_migration_session_ended_total",
+            "Session migrations cut short because the backend ended the session itself",
+        ),
     ];
 }
 
@@ -105,8 +114,8 @@ impl Collector for MigrationCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let (s, r, f) = self.outcomes.read();
-        let values = [s + r + f, s, r, f];
+        let (s, r, f, e) = self.outcomes.read();
+        let values = [s + r + f + e, s, r, f, e];
         MigrationOutcomes::NAMES
             .iter()
             .zip(values)

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::backend::dial::{self, DialError, ServerConnection};
 use crate::backend::login::BackendCredentials;
 use crate::backend::BackendLease;
-use crate::cancel::{send_cancel, CancelTarget};
+use crate::cancel::{send_cancel, CancelRoute, CancelTarget};
 use crate::client::auth::{authenticate, AuthOutcome};
 use crate::client::handshake::{negotiate, Negotiated, NegotiationFailure};
 use crate::errors::SessionError;
@@ -250,10 +250,19 @@ async fn login(
 }
 
 async fn forward_cancel(ctx: &ProxyContext, key: CancelKey) {
-    // Unknown keys are ignored silently, as PostgreSQL does.
-    let Some(target) = ctx.cancel_map.lookup(key) else {
-        debug!("cancel request with unknown key");
-        return;
+    // A move's capture, dial and replay are each bounded by connect_timeout.
+    let wait = ctx.config.proxy.connect_timeout * 3;
+    let target = match ctx.cancel_map.route(key, wait).await {
+        CancelRoute::Send(target) => target,
+        // Unknown keys are ignored silently, as PostgreSQL does.
+        CancelRoute::Unknown => {
+            debug!("cancel request with unknown key");
+            return;
+        }
+        CancelRoute::StillMoving => {
+            warn!("cancel request dropped: its session was still moving");
+            return;
+        }
     };
     if let Err(e) = send_cancel(&target, ctx.config.proxy.connect_timeout).await {
         warn!(backend = %target.backend, error = %e, "could not forward cancel request");
@@ -429,8 +438,8 @@ async fn run_session(
                     trail,
                 ))
                 .await;
-                if let Some(fatal) = fatal {
-                    break ForwardEnd::Terminated(fatal);
+                if let Some(end) = fatal {
+                    break end;
                 }
             }
         }
@@ -446,7 +455,7 @@ async fn send_all(stream: &mut Stream, bytes: BytesMut) -> std::io::Result<()> {
 }
 
 /// Runs one transfer at a safe point and answers its requester. Returns
-/// the error to end the session with when the transfer was fatal.
+/// how the session ends when the transfer ended it.
 async fn migrate(
     ctx: &Arc<ProxyContext>,
     fwd: &mut Forwarder<'_>,
@@ -454,7 +463,7 @@ async fn migrate(
     identity: &SessionIdentity<'_>,
     request: TransferRequest,
     trail: &AuditTrail<'_>,
-) -> Option<SessionError> {
+) -> Option<ForwardEnd> {
     let from = server.backend().name.clone();
     let started_at = SystemTime::now()
         .checked_sub(request.requested_at.elapsed())
@@ -511,7 +520,20 @@ async fn migrate(
             ctx.metrics.migrations.record(MigrationResult::Fatal);
             (
                 TransferOutcome::FatalError(reason.clone()),
-                Some(SessionError::MigrationFailed(reason)),
+                Some(ForwardEnd::Terminated(SessionError::MigrationFailed(
+                    reason,
+                ))),
+            )
+        }
+        Err(TransferError::BackendEnded { .. }) => {
+            // The client has the server's own words (or, if it said none,
+            // gets what a closed backend gets); not pgferry's failure.
+            span.record("outcome", "session_ended");
+            span.record("reason", transfer::BACKEND_ENDED);
+            ctx.metrics.migrations.record(MigrationResult::SessionEnded);
+            (
+                TransferOutcome::SessionEnded(transfer::BACKEND_ENDED.into()),
+                Some(ForwardEnd::ServerClosed),
             )
         }
     };
@@ -520,6 +542,7 @@ async fn migrate(
         TransferOutcome::Success { to, .. } => ("success", Some(to.clone()), None),
         TransferOutcome::RecoverableError(r) => ("recoverable_error", None, Some(r.clone())),
         TransferOutcome::FatalError(r) => ("fatal_error", None, Some(r.clone())),
+        TransferOutcome::SessionEnded(r) => ("session_ended", None, Some(r.clone())),
     };
     trail.migrated(pgferry_audit::MigrationRecord {
         id: Uuid::new_v4(),

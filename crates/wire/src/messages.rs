@@ -32,6 +32,11 @@ pub mod tag {
     pub const COPY_DONE: u8 = b'c';
     pub const COPY_FAIL: u8 = b'f';
     pub const COPY_DATA: u8 = b'd';
+    pub const BIND: u8 = b'B';
+    pub const CLOSE: u8 = b'C';
+    pub const DESCRIBE: u8 = b'D';
+    pub const EXECUTE: u8 = b'E';
+    pub const FLUSH: u8 = b'H';
     // Backend.
     pub const AUTHENTICATION: u8 = b'R';
     pub const PARAMETER_STATUS: u8 = b'S';
@@ -46,6 +51,13 @@ pub mod tag {
     pub const COPY_IN_RESPONSE: u8 = b'G';
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const PARSE_COMPLETE: u8 = b'1';
+    pub const BIND_COMPLETE: u8 = b'2';
+    pub const CLOSE_COMPLETE: u8 = b'3';
+    pub const NO_DATA: u8 = b'n';
+    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+    pub const PORTAL_SUSPENDED: u8 = b's';
+    pub const NOTIFICATION_RESPONSE: u8 = b'A';
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -260,6 +272,15 @@ impl ErrorFields {
             .map(|(_, v)| v.as_str())
     }
 
+    /// FATAL or PANIC: the server ends the session after sending it.
+    /// (`V` is the untranslated severity; servers before 9.6 send only `S`.)
+    pub fn ends_session(&self) -> bool {
+        matches!(
+            self.get(b'V').or_else(|| self.get(b'S')),
+            Some("FATAL" | "PANIC")
+        )
+    }
+
     pub fn sqlstate(&self) -> Option<&str> {
         self.get(b'C')
     }
@@ -425,13 +446,16 @@ pub fn encode_ready_for_query(buf: &mut BytesMut, status: u8) -> Result<(), Enco
     enc(&ReadyForQuery::new(status), buf)
 }
 
+/// `newest` is the whole protocol number (`PROTOCOL_3_0`), as PostgreSQL
+/// sends it and libpq reads it, although the protocol chapter speaks of
+/// the minor version.
 pub fn encode_negotiate_protocol_version(
     buf: &mut BytesMut,
-    newest_minor: i32,
+    newest: u32,
     unsupported: &[String],
 ) -> Result<(), EncodeError> {
     enc(
-        &NegotiateProtocolVersion::new(newest_minor, unsupported.to_vec()),
+        &NegotiateProtocolVersion::new(newest as i32, unsupported.to_vec()),
         buf,
     )
 }
@@ -608,5 +632,40 @@ mod tests {
             decode_row_description(&rd).unwrap(),
             vec!["name".to_owned()]
         );
+    }
+
+    #[test]
+    fn negotiate_protocol_version_carries_the_whole_version() {
+        let mut buf = BytesMut::new();
+        encode_negotiate_protocol_version(
+            &mut buf,
+            crate::startup::PROTOCOL_3_0,
+            &["_pq_.x".to_owned()],
+        )
+        .unwrap();
+        let m = take_message(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(m.tag, tag::NEGOTIATE_PROTOCOL_VERSION);
+        // 3.0 as libpq reads it (major in the high half), not "0".
+        assert_eq!(&m.body[..4], &[0, 3, 0, 0]);
+        assert_eq!(&m.body[4..8], &1u32.to_be_bytes());
+        assert_eq!(&m.body[8..], b"_pq_.x\0");
+    }
+
+    #[test]
+    fn fatal_and_panic_end_the_session() {
+        let f = |sev: &str| ErrorFields {
+            fields: vec![
+                (b'S', sev.into()),
+                (b'V', sev.into()),
+                (b'C', "57P01".into()),
+            ],
+        };
+        assert!(f("FATAL").ends_session());
+        assert!(f("PANIC").ends_session());
+        assert!(!f("ERROR").ends_session());
+        // Translated S with the untranslated V: V decides.
+        let mut translated = f("FATAL");
+        translated.fields[0].1 = "FATAL (translated)".into();
+        assert!(translated.ends_session());
     }
 }

@@ -171,7 +171,8 @@ pub async fn drain(
                         failures.insert(id, reason);
                         closed.insert(id);
                     }
-                    Err(MoveError::SessionGone) => {
+                    // Its backend ended it: nothing left to move.
+                    Ok(TransferOutcome::SessionEnded(_)) | Err(MoveError::SessionGone) => {
                         failures.remove(&id);
                     }
                     Err(e @ MoveError::NoAnswer) => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use pgferry_wire::messages::encode_negotiate_protocol_version;
-use pgferry_wire::startup::{parse_startup_body, startup_body_len};
+use pgferry_wire::startup::{parse_startup_body, startup_body_len, PROTOCOL_3_0};
 use pgferry_wire::{CancelKey, StartupError, StartupMessage, StartupPacket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -121,8 +121,13 @@ pub async fn negotiate(tcp: TcpStream, tls: &TlsPolicy) -> Result<Negotiated, Ne
                 }
                 if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
                     let mut out = BytesMut::new();
-                    if encode_negotiate_protocol_version(&mut out, 0, &startup.protocol_options)
-                        .is_ok()
+                    // 3.0 is what the backends are spoken to in.
+                    if encode_negotiate_protocol_version(
+                        &mut out,
+                        PROTOCOL_3_0,
+                        &startup.protocol_options,
+                    )
+                    .is_ok()
                     {
                         if let Err(e) = stream.write_all(&out).await {
                             return Err(NegotiationFailure::Silent(e.to_string()));

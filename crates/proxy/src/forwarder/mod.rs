@@ -7,6 +7,7 @@
 //! a later transfer can swap the server socket with no lock in sight.
 
 pub mod buffer_pool;
+pub mod extended;
 pub mod pump;
 pub mod setting_names;
 pub mod tracker;
@@ -88,7 +89,13 @@ pub enum TransferOutcome {
     RecoverableError(String),
     /// The session could not be kept and was closed.
     FatalError(String),
+    /// The backend ended the session itself as the move ran (its FATAL
+    /// reached the client): gone, but not through pgferry's fault.
+    SessionEnded(String),
 }
+
+/// Why a session that sent Terminate is not moved.
+pub const SESSION_CLOSING: &str = "session is closing";
 
 /// A transfer that has found its safe point, handed to the session layer.
 #[derive(Debug)]
@@ -258,6 +265,10 @@ impl<'m> Forwarder<'m> {
                     self.refuse(reply, "another transfer of this session is in progress");
                     return;
                 }
+                if self.tracker.client_terminated() {
+                    self.refuse(reply, SESSION_CLOSING);
+                    return;
+                }
                 self.tracker.set_hold_at_sync(true);
                 self.transfer = TransferWait::Waiting {
                     request: TransferRequest {
@@ -312,6 +323,17 @@ impl<'m> Forwarder<'m> {
     fn poll_transfer_wait(&mut self, cx: &mut Context<'_>) -> WaitStep {
         if !matches!(self.transfer, TransferWait::Waiting { .. }) {
             return WaitStep::Waiting;
+        }
+        // A client that sent Terminate is leaving: never move it (its
+        // backend is closing the session, a capture would only fail).
+        if self.tracker.client_terminated() {
+            if let TransferWait::Waiting { request, .. } =
+                std::mem::replace(&mut self.transfer, TransferWait::None)
+            {
+                self.refuse(request.reply, SESSION_CLOSING);
+            }
+            self.resume_after_transfer();
+            return WaitStep::Resumed;
         }
         if self.at_safe_point() {
             if let TransferWait::Waiting { request, .. } =

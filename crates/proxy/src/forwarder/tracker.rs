@@ -7,6 +7,7 @@ use pgferry_wire::messages::decode_parameter_status;
 
 use crate::parameters::ParameterList;
 
+use super::extended::{Extended, Unnamed};
 use super::setting_names::find_custom_settings;
 use pgferry_wire::{tag, Flow, FrameVisitor};
 
@@ -75,6 +76,8 @@ pub struct SessionTracker {
     /// Start of each Query/Parse text, scanned for custom setting names.
     request_text: Vec<u8>,
     custom_settings: Vec<String>,
+    /// Unanswered extended-protocol messages and the unnamed statement.
+    extended: Extended,
 }
 
 impl SessionTracker {
@@ -93,6 +96,7 @@ impl SessionTracker {
             capture: Vec::new(),
             request_text: Vec::new(),
             custom_settings: Vec::new(),
+            extended: Extended::default(),
         }
     }
 
@@ -124,6 +128,11 @@ impl SessionTracker {
         &self.custom_settings
     }
 
+    /// A message the proxy itself relayed to the client during a move.
+    pub fn note_relayed(&mut self, tag: u8) {
+        self.last_response = Some(self.tick(tag));
+    }
+
     pub fn set_hold_at_sync(&mut self, hold: bool) {
         self.hold_at_sync = hold;
     }
@@ -139,10 +148,27 @@ impl SessionTracker {
         &self.parameters
     }
 
-    /// No request is waiting for an answer, no transaction is open and no
-    /// COPY runs. (Whether a message is half-forwarded is the pumps' part.)
+    /// The unnamed prepared statement, as the server has it.
+    pub fn unnamed_statement(&self) -> &Unnamed {
+        self.extended.unnamed()
+    }
+
+    /// The client is inside an extended-protocol exchange it has not
+    /// synced (Parse/Bind/Execute/... or Flush since its last sync point):
+    /// the server holds an implicit transaction open.
+    pub fn in_unsynced_exchange(&self) -> bool {
+        self.extended.unsynced()
+    }
+
+    /// No request is waiting for an answer, no transaction is open (not
+    /// even the implicit one of an unsynced extended-protocol exchange) and
+    /// no COPY runs. (Whether a message is half-forwarded is the pumps'
+    /// part.)
     pub fn is_quiescent(&self) -> bool {
-        self.outstanding == 0 && self.tx_status == TxStatus::Idle && self.copy == CopyState::None
+        self.outstanding == 0
+            && self.tx_status == TxStatus::Idle
+            && self.copy == CopyState::None
+            && !self.extended.unsynced()
     }
 
     fn tick(&mut self, tag: u8) -> Stamp {
@@ -165,9 +191,10 @@ impl SessionTracker {
 pub struct RequestSide<'a>(&'a mut SessionTracker);
 
 impl FrameVisitor for RequestSide<'_> {
-    fn start(&mut self, t: u8, _len: u32) -> bool {
+    fn start(&mut self, t: u8, len: u32) -> bool {
         let s = &mut *self.0;
         s.last_request = Some(s.tick(t));
+        let extended_body = s.extended.request_start(t, len);
         match t {
             tag::QUERY | tag::FUNCTION_CALL => {
                 s.outstanding += 1;
@@ -181,6 +208,7 @@ impl FrameVisitor for RequestSide<'_> {
             tag::COPY_DONE | tag::COPY_FAIL => {
                 if s.copy == CopyState::In {
                     s.outstanding = s.outstanding.saturating_sub(s.syncs_in_copy);
+                    s.extended.forget_trailing_syncs(s.syncs_in_copy);
                 }
                 s.syncs_in_copy = 0;
             }
@@ -191,17 +219,23 @@ impl FrameVisitor for RequestSide<'_> {
             s.request_text.clear();
             return true;
         }
-        false
+        extended_body
     }
 
-    fn body(&mut self, _tag: u8, chunk: &[u8]) {
+    fn body(&mut self, t: u8, chunk: &[u8]) {
         let s = &mut *self.0;
-        let room = MAX_SCANNED_TEXT.saturating_sub(s.request_text.len());
-        s.request_text
-            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if matches!(t, tag::PARSE | tag::CLOSE) {
+            s.extended.request_body(chunk);
+        }
+        if matches!(t, tag::QUERY | tag::PARSE) {
+            let room = MAX_SCANNED_TEXT.saturating_sub(s.request_text.len());
+            s.request_text
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
     }
 
     fn end(&mut self, t: u8) -> Flow {
+        self.0.extended.request_end(t);
         if matches!(t, tag::QUERY | tag::PARSE) {
             let s = &mut *self.0;
             // Cheap pre-check before the scan proper.
@@ -275,6 +309,7 @@ impl FrameVisitor for ResponseSide<'_> {
             }
             _ => {}
         }
+        s.extended.response_end(t, s.outstanding == 0);
         Flow::Continue
     }
 }

@@ -67,8 +67,19 @@ const NOT_REPLAYED: &[&str] = &[
     "transaction_deferrable",
 ];
 
+/// The unnamed prepared statement as the proxy saw the client create it
+/// (PostgreSQL does not list it in `pg_prepared_statements`).
+#[derive(Debug, Clone, Copy)]
+pub struct UnnamedStatement<'a> {
+    pub query: &'a str,
+    /// As the client's Parse gave them (0: left to the server).
+    pub parameter_oids: &'a [u32],
+}
+
 /// The capture query. Placeholders (`app.tenant`) are invisible in
-/// `pg_settings`, so their names come from the caller.
+/// `pg_settings`, so their names come from the caller; so does the
+/// unnamed statement, whose parameter type OIDs are turned into names here
+/// (`-` for 0) to be resolved on the target like the named ones'.
 ///
 /// It is planned on every move, so it calls the set-returning functions
 /// behind the `pg_settings`/`pg_prepared_statements`/`pg_locks`/
@@ -76,7 +87,7 @@ const NOT_REPLAYED: &[&str] = &[
 /// `pg_class` scan for temporary tables to a second query that only
 /// sessions with a temporary schema need: together about 25% less server
 /// time than querying the views (docs/performance.md).
-pub fn capture_query(custom_names: &[String]) -> String {
+pub fn capture_query(custom_names: &[String], unnamed: Option<UnnamedStatement<'_>>) -> String {
     let custom: Vec<String> = custom_names
         .iter()
         .map(|n| format!("current_setting({}, true)", quote_literal(n)))
@@ -85,6 +96,16 @@ pub fn capture_query(custom_names: &[String]) -> String {
         "'[]'".to_owned()
     } else {
         format!("json_build_array({})::text", custom.join(", "))
+    };
+    let unnamed_types = match unnamed {
+        Some(u) => {
+            let oids: Vec<String> = u.parameter_oids.iter().map(u32::to_string).collect();
+            format!(
+                "to_json('{{{}}}'::pg_catalog.oid[]::pg_catalog.regtype[]::text[])::text",
+                oids.join(",")
+            )
+        }
+        None => "NULL".to_owned(),
     };
     format!(
         "SELECT \
@@ -100,7 +121,8 @@ pub fn capture_query(custom_names: &[String]) -> String {
             WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid())::int, \
          (SELECT count(*) FROM pg_catalog.pg_listening_channels())::int, \
          (SELECT count(*) FROM pg_catalog.pg_cursor() c WHERE c.is_holdable)::int, \
-         {custom}"
+         {custom}, \
+         {unnamed_types}"
     )
 }
 
@@ -113,6 +135,7 @@ pub fn temp_relations_query(schema: u32) -> String {
 pub fn parse_capture(
     row: &[Option<&[u8]>],
     custom_names: &[String],
+    unnamed: Option<UnnamedStatement<'_>>,
     login_user: &str,
 ) -> Result<Result<SessionState, Blocker>, String> {
     let col = |i: usize| -> Result<&str, String> {
@@ -149,8 +172,20 @@ pub fn parse_capture(
     };
     let session_user = col(2)?;
     let session_authorization = (session_user != login_user).then(|| session_user.to_owned());
-    let prepared: Vec<PreparedStatement> =
+    let mut prepared: Vec<PreparedStatement> =
         serde_json::from_str(col(3)?).map_err(|e| format!("capture prepared statements: {e}"))?;
+    let mut size: usize = row.iter().map(|c| c.map_or(0, |b| b.len())).sum();
+    if let Some(u) = unnamed {
+        let parameter_types: Vec<String> = serde_json::from_str(col(9)?)
+            .map_err(|e| format!("capture unnamed statement types: {e}"))?;
+        size += u.query.len();
+        prepared.push(PreparedStatement {
+            name: String::new(),
+            statement: u.query.to_owned(),
+            parameter_types,
+            from_sql: false,
+        });
+    }
     let values: Vec<Option<String>> =
         serde_json::from_str(col(8)?).map_err(|e| format!("capture custom settings: {e}"))?;
     let custom = custom_names
@@ -158,7 +193,6 @@ pub fn parse_capture(
         .zip(values)
         .filter_map(|(n, v)| Some((n.clone(), v?)))
         .collect();
-    let size = row.iter().map(|c| c.map_or(0, |b| b.len())).sum();
     let temp_schema =
         u32::try_from(count(4)?).map_err(|_| "capture column 4 is not an OID".to_owned())?;
     Ok(Ok(SessionState {
@@ -203,8 +237,9 @@ mod tests {
             "0",
             "0",
             r#"["acme", null]"#,
+            r#"["integer","-"]"#,
         ]);
-        let st = parse_capture(&r, &names, "alice").unwrap().unwrap();
+        let st = parse_capture(&r, &names, None, "alice").unwrap().unwrap();
         assert_eq!(st.settings, vec![("search_path".into(), "a, b".into())]);
         assert_eq!(st.role.as_deref(), Some("reporter"));
         assert_eq!(st.session_authorization, None);
@@ -214,20 +249,37 @@ mod tests {
         assert_eq!(st.temp_schema, None);
         let mut with_temp = r.clone();
         with_temp[4] = Some(b"16390");
-        let st = parse_capture(&with_temp, &names, "alice").unwrap().unwrap();
+        let st = parse_capture(&with_temp, &names, None, "alice")
+            .unwrap()
+            .unwrap();
         assert_eq!(st.temp_schema, Some(16390));
         blocked[6] = Some(b"2");
         assert_eq!(
-            parse_capture(&blocked, &names, "alice").unwrap(),
+            parse_capture(&blocked, &names, None, "alice").unwrap(),
             Err(Blocker::Listen)
         );
         let mut other_user = r.clone();
         other_user[2] = Some(b"bob");
-        let st = parse_capture(&other_user, &names, "alice")
+        let st = parse_capture(&other_user, &names, None, "alice")
             .unwrap()
             .unwrap();
         assert_eq!(st.session_authorization.as_deref(), Some("bob"));
-        assert!(parse_capture(&r[..3], &names, "alice").is_err());
+        assert!(parse_capture(&r[..3], &names, None, "alice").is_err());
+        // The unnamed statement joins the protocol-level ones, its types
+        // by name.
+        let unnamed = UnnamedStatement {
+            query: "select $1, $2",
+            parameter_oids: &[23, 0],
+        };
+        let st = parse_capture(&r, &names, Some(unnamed), "alice")
+            .unwrap()
+            .unwrap();
+        let last = st.prepared.last().unwrap();
+        assert_eq!(
+            (last.name.as_str(), last.statement.as_str(), last.from_sql),
+            ("", "select $1, $2", false)
+        );
+        assert_eq!(last.parameter_types, vec!["integer".to_owned(), "-".into()]);
     }
 
     #[test]

@@ -27,9 +27,10 @@ use crate::backend::dial::{self, put_raw, read_message, DialError};
 use crate::backend::login::BackendCredentials;
 use crate::backend::{Backend, BackendLease};
 use crate::cancel::CancelTarget;
+use crate::forwarder::extended::{decode_unnamed_parse, Unnamed, MAX_UNNAMED_STATEMENT};
 use crate::forwarder::Forwarder;
 use crate::ProxyContext;
-use capture::{capture_query, parse_capture};
+use capture::{capture_query, parse_capture, UnnamedStatement};
 use known_state::KnownState;
 
 /// Who the session is, for dialing a target as the client.
@@ -66,9 +67,18 @@ pub enum TransferError {
     Recoverable(String),
     /// The session cannot go on.
     Fatal(String),
+    /// The old backend ended the session itself (`pg_terminate_backend`,
+    /// `idle_session_timeout`, a shutdown) as the move started or while it
+    /// ran. What it said has reached the client unchanged (`said_why`: it
+    /// sent an ErrorResponse); the session ends as it would have without
+    /// pgferry. Not a pgferry failure.
+    BackendEnded { said_why: bool },
 }
 
-use TransferError::{Fatal, Recoverable};
+/// How a move that met `TransferError::BackendEnded` is reported.
+pub const BACKEND_ENDED: &str = "backend ended the session";
+
+use TransferError::{BackendEnded, Fatal, Recoverable};
 
 /// The target for a transfer: the named backend, or the least-loaded
 /// other one; either must be taking sessions.
@@ -113,6 +123,9 @@ pub async fn transfer(
     let max_len = ctx.config.proxy.max_message_length;
     let current = server.backend().name.clone();
     let target = choose_target(ctx, &current, to)?;
+    // The client's cancels wait until the move is over: they must reach
+    // the client's queries, never the capture or replay.
+    let _moving = ctx.cancel_map.moving(session.cancel_key);
 
     // 1. Capture on the old backend while dialing the target: the two are
     //    independent, and the session's traffic is held during both.
@@ -120,6 +133,27 @@ pub async fn transfer(
     let phase = |name: &str| ctx.metrics.migration_phase.with_label_values(&[name]);
     let custom = custom_setting_names(ctx, fwd);
     let last_request = fwd.tracker.last_request();
+    let unnamed = match fwd.tracker.unnamed_statement() {
+        Unnamed::None => None,
+        Unnamed::Known(body) => Some(decode_unnamed_parse(body).ok_or_else(|| {
+            Recoverable("the session's unnamed prepared statement is unreadable".into())
+        })?),
+        Unnamed::TooLarge => {
+            return Err(Recoverable(format!(
+                "the session's unnamed prepared statement is over {MAX_UNNAMED_STATEMENT} bytes"
+            )))
+        }
+        Unnamed::Unknown => {
+            return Err(Recoverable(
+                "the session's unnamed prepared statement is not known".into(),
+            ))
+        }
+    };
+    let unnamed = unnamed.map(|(query, oids)| (query.to_owned(), oids));
+    let unnamed = unnamed.as_ref().map(|(query, oids)| UnnamedStatement {
+        query,
+        parameter_oids: oids,
+    });
     // Reused only while the old backend has nothing unread to say: the
     // capture would relay that to the client; a swap would drop it.
     let known = server
@@ -139,7 +173,7 @@ pub async fn transfer(
         None => {
             let captured = timed(
                 phase("capture"),
-                capture(ctx, fwd, &current, session, &custom),
+                capture(ctx, fwd, &current, session, &custom, unnamed),
             );
             let (captured, dialed) = tokio::join!(captured, connect);
             if let Ok(state) = &captured {
@@ -185,7 +219,12 @@ pub async fn transfer(
     .map_err(|_| Recoverable(format!("replay on {} timed out", target.name)))?
     .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
 
-    // 3. Swap. From here on the session runs on the target.
+    // 3. Whatever the old backend said meanwhile is the client's to hear;
+    //    if it ended the session (an administrator's pg_terminate_backend
+    //    during the move), the session ends, as it would have.
+    last_words(fwd, max_len).await?;
+
+    // 4. Swap. From here on the session runs on the target.
     let mut for_client = BytesMut::new();
     for (name, value) in params.iter() {
         let known = fwd.tracker.parameters().contains(name, value);
@@ -226,11 +265,25 @@ pub async fn transfer(
         let _ = fwd.client.flush().await;
     }
     // Say goodbye to the old backend off the session's path.
+    let session_id = session.id;
     tokio::spawn(async move {
         let mut x = BytesMut::new();
         if encode_terminate(&mut x).is_ok() {
             let _ = old_stream.write_all(&x).await;
         }
+        // A FATAL now means a kill raced the swap by microseconds: the
+        // session lives on elsewhere, which only the log can tell.
+        let mut inbuf = BytesMut::new();
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            while let Ok(m) = read_message(&mut old_stream, &mut inbuf, max_len).await {
+                if m.tag == tag::ERROR_RESPONSE
+                    && ErrorFields::decode(&m.body).is_ok_and(|f| f.ends_session())
+                {
+                    tracing::warn!(session = %session_id, "the old backend ended the session as it moved; it goes on on the new backend");
+                }
+            }
+        })
+        .await;
         let _ = old_stream.shutdown().await;
     });
     Ok(target.name.clone())
@@ -292,11 +345,13 @@ async fn capture(
     current: &str,
     session: &SessionIdentity<'_>,
     custom: &[String],
+    unnamed: Option<UnnamedStatement<'_>>,
 ) -> Result<capture::SessionState, TransferError> {
-    let row = query_old_backend(ctx, fwd, current, &capture_query(custom)).await?;
+    let row = query_old_backend(ctx, fwd, current, &capture_query(custom, unnamed)).await?;
     let cols =
         pgferry_wire::messages::decode_data_row(&row).map_err(|e| Recoverable(e.to_string()))?;
-    let state = match parse_capture(&cols, custom, session.startup.user()).map_err(Recoverable)? {
+    let parsed = parse_capture(&cols, custom, unnamed, session.startup.user());
+    let state = match parsed.map_err(Recoverable)? {
         Ok(state) => state,
         Err(blocker) => return Err(Recoverable(blocker.reason().into())),
     };
@@ -321,9 +376,14 @@ async fn capture(
     Ok(state)
 }
 
+/// Time allowed for a backend's last words once it is known to be leaving.
+const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs one simple query on the session's current backend (its traffic
 /// held) and returns its one row. Messages meant for the client that
-/// arrive meanwhile are delivered. Losing the backend here is fatal.
+/// arrive meanwhile are delivered. A backend that ends the session here
+/// (its FATAL relayed) gives `BackendEnded`; one that stops answering is
+/// fatal.
 async fn query_old_backend(
     ctx: &ProxyContext,
     fwd: &mut Forwarder<'_>,
@@ -335,32 +395,55 @@ async fn query_old_backend(
     encode_query(&mut out, sql).map_err(|e| Recoverable(e.to_string()))?;
     let old_dead =
         |e: &dyn std::fmt::Display| Fatal(format!("backend {current} failed during capture: {e}"));
-    fwd.server.write_all(&out).await.map_err(|e| old_dead(&e))?;
-    fwd.server.flush().await.map_err(|e| old_dead(&e))?;
     let mut inbuf = BytesMut::new();
+    // Messages the client must still get (notices, notifications, the
+    // server's own FATAL).
+    let mut for_client = BytesMut::new();
+    let sent = async {
+        fwd.server.write_all(&out).await?;
+        fwd.server.flush().await
+    }
+    .await;
+    if sent.is_err() {
+        // The backend had closed: it may have said why before it went.
+        let said_why = drain_goodbye(&mut fwd.server, &mut inbuf, &mut for_client, max_len).await;
+        relay(fwd, &mut for_client).await;
+        return Err(BackendEnded { said_why });
+    }
     let mut row = None;
     let mut error = None;
-    // Messages the client must still get (notices, notifications).
-    let mut for_client = BytesMut::new();
     // A backend that stops answering mid-capture cannot be handed the
     // session back (its answer would arrive later, out of turn).
     let capture_deadline = tokio::time::Instant::now() + ctx.config.proxy.connect_timeout;
     loop {
-        let m = tokio::time::timeout_at(
+        let m = match tokio::time::timeout_at(
             capture_deadline,
             read_message(&mut fwd.server, &mut inbuf, max_len),
         )
         .await
-        .map_err(|_| old_dead(&"no answer before connect_timeout"))?
-        .map_err(|e| old_dead(&e))?;
+        {
+            Err(_) => return Err(old_dead(&"no answer before connect_timeout")),
+            Ok(Err(_)) => {
+                // Closed or reset: the session is over on that backend.
+                relay(fwd, &mut for_client).await;
+                return Err(BackendEnded { said_why: false });
+            }
+            Ok(Ok(m)) => m,
+        };
         match m.tag {
             tag::DATA_ROW => row = Some(m.body),
             tag::ERROR_RESPONSE => {
                 let f = ErrorFields::decode(&m.body).map_err(|e| old_dead(&e))?;
+                if f.ends_session() {
+                    put_raw(&mut for_client, m.tag, &m.body);
+                    drain_goodbye(&mut fwd.server, &mut inbuf, &mut for_client, max_len).await;
+                    relay(fwd, &mut for_client).await;
+                    return Err(BackendEnded { said_why: true });
+                }
                 error = Some(f.message().unwrap_or("error").to_owned());
             }
             tag::READY_FOR_QUERY => break,
-            tag::NOTICE_RESPONSE | b'A' | tag::PARAMETER_STATUS => {
+            tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
                 put_raw(&mut for_client, m.tag, &m.body)
             }
             _ => {}
@@ -368,14 +451,108 @@ async fn query_old_backend(
     }
     // Whatever happens next, the client gets what arrived meanwhile (a
     // LISTENing session's notification must not be lost to a refused move).
-    // Both directions are at a message boundary, so whole messages may go.
-    if !for_client.is_empty() {
-        let _ = fwd.client.write_all(&for_client).await;
-        let _ = fwd.client.flush().await;
-        for_client.clear();
-    }
+    relay(fwd, &mut for_client).await;
     if let Some(e) = error {
         return Err(Recoverable(format!("capture failed: {e}")));
     }
     row.ok_or_else(|| Recoverable("capture returned no row".into()))
+}
+
+/// Reads what a closing backend still has to say, until it is gone or
+/// `GOODBYE_TIMEOUT`, keeping what is meant for the client. True if that
+/// includes an ErrorResponse.
+async fn drain_goodbye(
+    server: &mut crate::stream::Stream,
+    inbuf: &mut BytesMut,
+    for_client: &mut BytesMut,
+    max_len: u32,
+) -> bool {
+    let mut said_why = false;
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        while let Ok(m) = read_message(server, inbuf, max_len).await {
+            if matches!(
+                m.tag,
+                tag::ERROR_RESPONSE | tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE
+            ) {
+                said_why |= m.tag == tag::ERROR_RESPONSE;
+                put_raw(for_client, m.tag, &m.body);
+            }
+        }
+    })
+    .await;
+    said_why
+}
+
+/// Checks, without waiting, whether the old backend said anything while
+/// the move ran: notices and notifications go to the client; a FATAL (or
+/// the connection gone) ends the session with `BackendEnded`.
+async fn last_words(fwd: &mut Forwarder<'_>, max_len: u32) -> Result<(), TransferError> {
+    if fwd.server.is_silent() {
+        return Ok(());
+    }
+    let mut inbuf = BytesMut::new();
+    let mut for_client = BytesMut::new();
+    let mut ended = None;
+    loop {
+        // One look without waiting, unless a message is half-read.
+        let limit = if inbuf.is_empty() {
+            std::time::Duration::ZERO
+        } else {
+            GOODBYE_TIMEOUT
+        };
+        match tokio::time::timeout(limit, read_message(&mut fwd.server, &mut inbuf, max_len)).await
+        {
+            Err(_) => break,
+            Ok(Err(_)) => {
+                ended.get_or_insert(false);
+                break;
+            }
+            Ok(Ok(m)) => match m.tag {
+                tag::ERROR_RESPONSE => {
+                    put_raw(&mut for_client, m.tag, &m.body);
+                    if ErrorFields::decode(&m.body).is_ok_and(|f| f.ends_session()) {
+                        ended = Some(true);
+                    }
+                }
+                tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
+                    put_raw(&mut for_client, m.tag, &m.body)
+                }
+                _ => {}
+            },
+        }
+    }
+    if let Some(true) = ended {
+        drain_goodbye(&mut fwd.server, &mut inbuf, &mut for_client, max_len).await;
+    }
+    relay(fwd, &mut for_client).await;
+    match ended {
+        Some(said_why) => Err(BackendEnded { said_why }),
+        None => Ok(()),
+    }
+}
+
+/// Sends whole messages to the client (both directions are at a message
+/// boundary during a move) and notes the last one as the latest response.
+async fn relay(fwd: &mut Forwarder<'_>, for_client: &mut BytesMut) {
+    if for_client.is_empty() {
+        return;
+    }
+    if let Some(tag) = last_tag(for_client) {
+        fwd.tracker.note_relayed(tag);
+    }
+    let _ = fwd.client.write_all(for_client).await;
+    let _ = fwd.client.flush().await;
+    for_client.clear();
+}
+
+/// The tag of the last whole message in `buf`.
+fn last_tag(buf: &[u8]) -> Option<u8> {
+    let mut pos = 0;
+    let mut last = None;
+    while let Some(header) = buf.get(pos..pos + 5) {
+        last = Some(header[0]);
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        pos += 1 + len;
+    }
+    last
 }

@@ -306,7 +306,7 @@ fn warm_up_sql() -> String {
     format!(
         "{}; SELECT set_config('application_name', current_setting('application_name'), false), \
          ARRAY['int4']::text[]::regtype[]::oid[]::text",
-        super::capture::capture_query(&[])
+        super::capture::capture_query(&[], None)
     )
 }
 
