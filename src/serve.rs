@@ -29,6 +29,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
+    raise_fd_limit(config.proxy.max_client_connections);
     let proxy = Arc::new(Proxy::new(config.clone())?);
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(proxy.clone(), path, stop.clone()));
@@ -70,6 +71,44 @@ pub async fn run(
         .await;
     info!("pgferry stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one: every session holds
+/// two sockets, and systemd's default soft limit (1,024) would cap pgferry
+/// at about 500 sessions whatever its hard limit allows.
+fn raise_fd_limit(max_client_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        warn!("cannot read the open files limit");
+        return;
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                info!(
+                    from = soft,
+                    to = hard,
+                    "raised the soft limit on open files"
+                );
+                limit = hard;
+            }
+            Err(e) => warn!(error = %e, soft, hard, "cannot raise the soft limit on open files"),
+        }
+    }
+    // A client and a backend socket per session, plus listeners, admin
+    // connections, health probes, spares and the audit connection.
+    let needed = (max_client_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if limit < needed {
+        warn!(
+            limit,
+            needed,
+            max_client_connections,
+            "the open files limit is too low for max_client_connections; raise LimitNOFILE (systemd) or ulimit -n"
+        );
+    }
 }
 
 /// Re-reads the config file on every SIGHUP until `stop`; a file that

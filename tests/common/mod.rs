@@ -113,6 +113,9 @@ pub struct ProxyOptions {
     /// Userlist file contents; defaults to app's plaintext password and
     /// ptuser's verifier.
     pub userlist: Option<String>,
+    /// Start pgferry with this soft limit on open files (as systemd's
+    /// default LimitNOFILE does).
+    pub soft_nofile: Option<u64>,
 }
 
 impl Default for ProxyOptions {
@@ -129,6 +132,7 @@ impl Default for ProxyOptions {
             migration_extra: String::new(),
             extra_sections: String::new(),
             userlist: None,
+            soft_nofile: None,
         }
     }
 }
@@ -186,15 +190,30 @@ impl ProxyProcess {
         let config = dir.path().join("pgferry.toml");
         std::fs::write(&config, toml).expect("write config");
 
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pgferry"))
-            .arg("run")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
+        cmd.arg("run")
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info,pgferry_proxy=debug")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn pgferry");
+            .stderr(Stdio::piped());
+        if let Some(soft) = opts.soft_nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only an async-signal-safe setrlimit between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let (_, hard) =
+                        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )?;
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn pgferry");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("stderr");
@@ -293,6 +312,11 @@ impl ProxyProcess {
                 (name == series).then(|| value.parse().ok()).flatten()
             })
             .unwrap_or(0.0)
+    }
+
+    /// The process id of pgferry.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends `signal` to the proxy process.

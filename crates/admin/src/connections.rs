@@ -144,6 +144,17 @@ pub async fn transfer(
     let Some((info, control)) = state.proxy.registry.get(id) else {
         return not_found();
     };
+    // At once, not queued behind the running move (the session would move
+    // again right after it).
+    if info.transferring {
+        return outcome_json(
+            StatusCode::CONFLICT,
+            serde_json::json!({
+                "outcome": "recoverable_error",
+                "reason": pgferry_proxy::forwarder::TRANSFER_IN_PROGRESS,
+            }),
+        );
+    }
     if let Some(to) = &body.to {
         if state.proxy.backends.get(to).is_none() {
             return error(StatusCode::BAD_REQUEST, &format!("unknown backend {to:?}"));

@@ -441,6 +441,7 @@ async fn run_session(
                 if let Some(end) = fatal {
                     break end;
                 }
+                fwd.settle_queued_commands();
             }
         }
     };

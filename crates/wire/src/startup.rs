@@ -22,6 +22,10 @@ pub enum StartupError {
     Malformed(&'static str),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
+    /// PostgreSQL would take the last value and pgferry authenticates the
+    /// first: a repeated `user` could log in as another role.
+    #[error("startup packet repeats the parameter \"{0}\"")]
+    DuplicateParameter(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +166,11 @@ fn parse_params(mut rest: &[u8], minor_version: u16) -> Result<StartupMessage, S
             break;
         }
         let value = take_cstr(&mut rest)?;
+        if params.iter().any(|(k, _): &(String, String)| k == key)
+            || protocol_options.iter().any(|o: &String| o == key)
+        {
+            return Err(StartupError::DuplicateParameter(key.to_owned()));
+        }
         if let Some(opt) = key.strip_prefix("_pq_.") {
             protocol_options.push(format!("_pq_.{opt}"));
         } else {
@@ -286,6 +295,16 @@ mod tests {
         assert!(parse_startup_body(&packet(PROTOCOL_3_0, b"user\0x")).is_err());
         assert!(parse_startup_body(&packet(PROTOCOL_3_0, b"user\0x\0\0junk")).is_err());
         assert!(parse_startup_body(&packet(CANCEL_REQUEST_CODE, b"1234")).is_err());
+        for twice in [
+            &b"user\0app\0database\0app\0user\0postgres\0\0"[..],
+            b"user\0app\0database\0app\0database\0postgres\0\0",
+            b"user\0app\0_pq_.x\0\x31\0_pq_.x\0\x31\0\0",
+        ] {
+            assert!(matches!(
+                parse_startup_body(&packet(PROTOCOL_3_0, twice)),
+                Err(StartupError::DuplicateParameter(_))
+            ));
+        }
         assert!(parse_startup_body(&[1, 2]).is_err());
         // Never panics on arbitrary bytes.
         let mut seed = 0x1234_5678u32;

@@ -94,6 +94,9 @@ pub enum TransferOutcome {
     SessionEnded(String),
 }
 
+/// Why a transfer asked for during another one is refused.
+pub const TRANSFER_IN_PROGRESS: &str = "another transfer of this session is in progress";
+
 /// Why a session that sent Terminate is not moved.
 pub const SESSION_CLOSING: &str = "session is closing";
 
@@ -229,6 +232,20 @@ impl<'m> Forwarder<'m> {
         let _ = reply.send(TransferOutcome::RecoverableError(reason.into()));
     }
 
+    /// Answers what queued on the control channel while a move ran. A
+    /// transfer asked for meanwhile was asked of a session that has just
+    /// moved (or stayed): carried out later it would only move the session
+    /// again (ten concurrent requests made four moves in a row), so it is
+    /// refused like one that finds a transfer waiting.
+    pub fn settle_queued_commands(&mut self) {
+        while let Ok(cmd) = self.control.0.try_recv() {
+            match *cmd {
+                ControlCommand::Transfer { reply, .. } => self.refuse(reply, TRANSFER_IN_PROGRESS),
+                other => self.handle(other),
+            }
+        }
+    }
+
     /// Releases the request direction held for a transfer: bytes the
     /// client sent meanwhile go to whatever server is now in `self.server`.
     pub fn resume_after_transfer(&mut self) {
@@ -262,7 +279,7 @@ impl<'m> Forwarder<'m> {
             }
             ControlCommand::Transfer { to, timeout, reply } => {
                 if matches!(self.transfer, TransferWait::Waiting { .. }) {
-                    self.refuse(reply, "another transfer of this session is in progress");
+                    self.refuse(reply, TRANSFER_IN_PROGRESS);
                     return;
                 }
                 if self.tracker.client_terminated() {

@@ -1,0 +1,146 @@
+//! Hostile input and bad days: each case gets a clean error, and nobody
+//! else is hurt. Real pgferry, real PostgreSQL 15; raw clients where the
+//! input is bytes no driver would send.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::raw::{self, Msg};
+use common::*;
+
+/// Reads one message from a raw socket (None at EOF).
+fn read_msg(s: &mut TcpStream) -> Option<Msg> {
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).ok()?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let mut body = vec![0u8; len.checked_sub(4)?];
+    s.read_exact(&mut body).ok()?;
+    Some(Msg {
+        tag: header[0],
+        body,
+    })
+}
+
+#[test]
+fn a_startup_packet_repeating_a_key_is_refused_before_authentication() {
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    for (key, params) in [
+        (
+            "user",
+            [("user", USER), ("database", DB), ("user", "postgres")],
+        ),
+        (
+            "database",
+            [("user", USER), ("database", DB), ("database", "postgres")],
+        ),
+    ] {
+        let mut s = TcpStream::connect(proxy.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(&raw::startup_packet(raw::PROTOCOL_3_0, &params))
+            .expect("send startup");
+        let m = read_msg(&mut s).expect("an answer");
+        assert_eq!(
+            m.tag, b'E',
+            "no authentication request for a repeated {key}"
+        );
+        assert_eq!(m.sqlstate().as_deref(), Some("08P01"));
+        assert_eq!(m.field(b'S').as_deref(), Some("FATAL"));
+        assert!(
+            m.field(b'M').is_some_and(|t| t.contains(key)),
+            "{:?}",
+            m.field(b'M')
+        );
+        assert!(read_msg(&mut s).is_none(), "then the connection is closed");
+    }
+    // Everyone else is served as before.
+    let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "after");
+    assert_eq!(c.value("SELECT current_user"), USER);
+}
+
+#[test]
+fn transfer_requests_during_a_move_are_refused_at_once_and_never_carried_out_later() {
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "pingpong");
+    let info = proxy.connection_by_app("pingpong");
+    let id = info["id"].as_str().expect("id").to_owned();
+    let cluster = if info["backend"] == "pg1" {
+        &env().pg1
+    } else {
+        &env().pg2
+    };
+    let pid: i32 = cluster
+        .psql(
+            "postgres",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pingpong'",
+        )
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let admin = proxy.admin;
+    let path = format!("/v1/connections/{id}/transfer");
+    let body = "{\"timeout_ms\": 5000}";
+    // The first move is held in its capture by a frozen backend.
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let first = {
+        let path = path.clone();
+        std::thread::spawn(move || admin_json(admin, "POST", &path, body))
+    };
+    wait_until(Duration::from_secs(10), "the move running", || {
+        has_session_in_state(admin, "pingpong", "transferring")
+    });
+    let others: Vec<(u16, serde_json::Value)> = (0..9)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || admin_json(admin, "POST", &path, body))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().expect("request"))
+        .collect();
+    // All answered while the first move is still running.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    for (status, body) in &others {
+        assert_eq!(*status, 409, "{body}");
+        assert_eq!(
+            body["reason"],
+            "another transfer of this session is in progress"
+        );
+    }
+    let (status, body) = first.join().expect("first");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(c.value("SELECT 1"), "1");
+    assert_eq!(proxy.connection_by_app("pingpong")["migrations"], 1);
+    assert_eq!(proxy.metric("pgferry_conn_migration_success_total"), 1.0);
+}
+
+#[test]
+fn the_soft_limit_on_open_files_is_raised_to_the_hard_one() {
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    assert!(
+        hard > 1024,
+        "this test needs a hard limit above 1024 (it is {hard})"
+    );
+    let proxy = ProxyProcess::start(ProxyOptions {
+        soft_nofile: Some(1024),
+        ..Default::default()
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid())).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    let soft: u64 = line
+        .split_whitespace()
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .expect("soft limit");
+    assert_eq!(soft, hard, "{line}");
+    assert!(proxy.log().contains("raised the soft limit on open files"));
+}
