@@ -72,21 +72,11 @@ fn transfer_requests_during_a_move_are_refused_at_once_and_never_carried_out_lat
     } else {
         &env().pg2
     };
-    let pid: i32 = cluster
-        .psql(
-            "postgres",
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pingpong'",
-        )
-        .expect("pid")
-        .trim()
-        .parse()
-        .expect("a pid");
     let admin = proxy.admin;
     let path = format!("/v1/connections/{id}/transfer");
     let body = "{\"timeout_ms\": 5000}";
     // The first move is held in its capture by a frozen backend.
-    let pid = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let frozen = Frozen::new(server_pid(cluster, "pingpong"));
     let first = {
         let path = path.clone();
         std::thread::spawn(move || admin_json(admin, "POST", &path, body))
@@ -104,7 +94,7 @@ fn transfer_requests_during_a_move_are_refused_at_once_and_never_carried_out_lat
         .map(|h| h.join().expect("request"))
         .collect();
     // All answered while the first move is still running.
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    drop(frozen);
     for (status, body) in &others {
         assert_eq!(*status, 409, "{body}");
         assert_eq!(
@@ -143,4 +133,50 @@ fn the_soft_limit_on_open_files_is_raised_to_the_hard_one() {
         .expect("soft limit");
     assert_eq!(soft, hard, "{line}");
     assert!(proxy.log().contains("raised the soft limit on open files"));
+}
+
+#[test]
+fn a_slow_source_backend_abandons_the_move_and_keeps_the_session() {
+    let proxy = ProxyProcess::start(ProxyOptions {
+        migration_extra: "capture_timeout = \"300ms\"".into(),
+        ..Default::default()
+    });
+    let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "slow");
+    let info = proxy.connection_by_app("slow");
+    let cluster = if info["backend"] == "pg1" {
+        &env().pg1
+    } else {
+        &env().pg2
+    };
+    let id = info["id"].as_str().expect("id").to_owned();
+    let admin = proxy.admin;
+    let frozen = Frozen::new(server_pid(cluster, "slow"));
+    let mover = std::thread::spawn(move || {
+        admin_json(
+            admin,
+            "POST",
+            &format!("/v1/connections/{id}/transfer"),
+            "{\"timeout_ms\": 5000}",
+        )
+    });
+    // Frozen past capture_timeout: the backend is slow, not gone.
+    wait_until(Duration::from_secs(20), "the late capture", || {
+        proxy.log().contains("capture answer late")
+    });
+    drop(frozen);
+    let (status, body) = mover.join().expect("mover");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("capture answer later")),
+        "{body}"
+    );
+    // The session is where it was and answers in turn.
+    assert_eq!(c.value("SELECT 'still here'"), "still here");
+    assert_eq!(proxy.connection_by_app("slow")["backend"], info["backend"]);
+    assert_eq!(
+        proxy.metric("pgferry_conn_migration_error_fatal_total"),
+        0.0
+    );
 }

@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use common::raw::{self, RawClient};
 use common::*;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 fn raw_client(proxy: &ProxyProcess, app: &str) -> RawClient {
     RawClient::connect(proxy.addr, USER, PASSWORD, DB, app)
@@ -47,35 +45,6 @@ fn backend_of(proxy: &ProxyProcess, app: &str) -> &'static pgferry_pgcluster::Cl
         Some("pg1") => &e.pg1,
         Some("pg2") => &e.pg2,
         other => panic!("unexpected backend {other:?}"),
-    }
-}
-
-/// The server process serving the session named `app`, from the server's
-/// own view (not from anything pgferry says).
-fn server_pid(cluster: &pgferry_pgcluster::Cluster, app: &str) -> i32 {
-    cluster
-        .psql(
-            "postgres",
-            &format!("SELECT pid FROM pg_stat_activity WHERE application_name = '{app}'"),
-        )
-        .expect("pid query")
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no server process for {app}"))
-}
-
-/// SIGSTOPs a process until dropped (then SIGCONT), so a test can hold a
-/// backend still at an exact point.
-struct Frozen(i32);
-impl Frozen {
-    fn new(pid: i32) -> Self {
-        kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP");
-        Frozen(pid)
-    }
-}
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
     }
 }
 

@@ -587,3 +587,39 @@ pub fn number_after(text: &str, label: &str) -> f64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no {label:?} in pgbench output:\n{text}"))
 }
+
+/// The server process serving the session named `app`, from the server's
+/// own view (not from anything pgferry says).
+pub fn server_pid(cluster: &Cluster, app: &str) -> i32 {
+    cluster
+        .psql(
+            "postgres",
+            &format!("SELECT pid FROM pg_stat_activity WHERE application_name = '{app}'"),
+        )
+        .expect("pid query")
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no server process for {app}"))
+}
+
+/// SIGSTOPs a process until dropped (then SIGCONT), so a test can hold a
+/// backend still at an exact point.
+pub struct Frozen(i32);
+impl Frozen {
+    pub fn new(pid: i32) -> Self {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .expect("SIGSTOP");
+        Frozen(pid)
+    }
+}
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+    }
+}

@@ -152,7 +152,7 @@ pub struct AuditSection {
     pub retention_interval: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationSection {
     /// Custom settings (placeholders such as `app.tenant`) to carry on
@@ -163,6 +163,21 @@ pub struct MigrationSection {
     /// startup parameters) for migrations to land on; 0 = dial on demand.
     #[serde(default)]
     pub warm_spares: usize,
+    /// How long a move waits for the capture query's answer. A later answer
+    /// abandons the move (recoverable): the session stays where it is once
+    /// the slow backend has answered.
+    #[serde(default = "defaults::capture_timeout", deserialize_with = "duration")]
+    pub capture_timeout: Duration,
+}
+
+impl Default for MigrationSection {
+    fn default() -> Self {
+        Self {
+            carry_settings: Vec::new(),
+            warm_spares: 0,
+            capture_timeout: defaults::capture_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +263,9 @@ mod defaults {
         Duration::from_secs(10)
     }
     pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn capture_timeout() -> Duration {
         Duration::from_secs(5)
     }
     pub fn max_message_length() -> u32 {

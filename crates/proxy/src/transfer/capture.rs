@@ -44,6 +44,7 @@ pub enum Blocker {
     AdvisoryLocks,
     Listen,
     HoldCursors,
+    PreparedTransactions,
 }
 
 impl Blocker {
@@ -53,6 +54,9 @@ impl Blocker {
             Blocker::AdvisoryLocks => "session holds advisory locks",
             Blocker::Listen => "session is listening on notification channels",
             Blocker::HoldCursors => "session has WITH HOLD cursors",
+            Blocker::PreparedTransactions => {
+                "the session's user has prepared transactions here (two-phase commit pending)"
+            }
         }
     }
 }
@@ -122,7 +126,11 @@ pub fn capture_query(custom_names: &[String], unnamed: Option<UnnamedStatement<'
          (SELECT count(*) FROM pg_catalog.pg_listening_channels())::int, \
          (SELECT count(*) FROM pg_catalog.pg_cursor() c WHERE c.is_holdable)::int, \
          {custom}, \
-         {unnamed_types}"
+         {unnamed_types}, \
+         (SELECT count(*) FROM pg_catalog.pg_prepared_xact() x \
+            WHERE x.dbid = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database()) \
+              AND x.ownerid IN (SELECT r.oid FROM pg_catalog.pg_roles r \
+                                 WHERE r.rolname IN (session_user, current_user)))::int"
     )
 }
 
@@ -155,6 +163,10 @@ pub fn parse_capture(
         (5, Blocker::AdvisoryLocks),
         (6, Blocker::Listen),
         (7, Blocker::HoldCursors),
+        // PREPARE TRANSACTION leaves the transaction on this server, for
+        // this session (or its transaction manager) to COMMIT PREPARED
+        // here: not on another backend.
+        (10, Blocker::PreparedTransactions),
     ] {
         if count(i)? > 0 {
             return Ok(Err(blocker));
@@ -238,6 +250,7 @@ mod tests {
             "0",
             r#"["acme", null]"#,
             r#"["integer","-"]"#,
+            "0",
         ]);
         let st = parse_capture(&r, &names, None, "alice").unwrap().unwrap();
         assert_eq!(st.settings, vec![("search_path".into(), "a, b".into())]);
@@ -257,6 +270,12 @@ mod tests {
         assert_eq!(
             parse_capture(&blocked, &names, None, "alice").unwrap(),
             Err(Blocker::Listen)
+        );
+        let mut two_phase = r.clone();
+        two_phase[10] = Some(b"1");
+        assert_eq!(
+            parse_capture(&two_phase, &names, None, "alice").unwrap(),
+            Err(Blocker::PreparedTransactions)
         );
         let mut other_user = r.clone();
         other_user[2] = Some(b"bob");

@@ -376,6 +376,10 @@ async fn capture(
     Ok(state)
 }
 
+/// How long a late capture answer is waited for before the backend counts
+/// as gone (its session is then closed: it cannot be resumed out of turn).
+const LATE_CAPTURE_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Time allowed for a backend's last words once it is known to be leaving.
 const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -412,17 +416,31 @@ async fn query_old_backend(
     }
     let mut row = None;
     let mut error = None;
-    // A backend that stops answering mid-capture cannot be handed the
-    // session back (its answer would arrive later, out of turn).
-    let capture_deadline = tokio::time::Instant::now() + ctx.config.proxy.connect_timeout;
+    // Past `capture_timeout` the move is abandoned, but the answer is still
+    // awaited: it must not reach the client out of turn, and a backend that
+    // is only slow keeps the session (the client's own next query would
+    // have waited for it too). Only one silent for LATE_CAPTURE_LIMIT is
+    // given up on.
+    let started = tokio::time::Instant::now();
+    let mut deadline = started + ctx.config.migration.capture_timeout;
+    let mut late = false;
     loop {
         let m = match tokio::time::timeout_at(
-            capture_deadline,
+            deadline,
             read_message(&mut fwd.server, &mut inbuf, max_len),
         )
         .await
         {
-            Err(_) => return Err(old_dead(&"no answer before connect_timeout")),
+            Err(_) if !late => {
+                tracing::warn!(
+                    backend = %current,
+                    "capture answer late; the move is abandoned, waiting for the backend"
+                );
+                late = true;
+                deadline = started + LATE_CAPTURE_LIMIT;
+                continue;
+            }
+            Err(_) => return Err(old_dead(&"no answer to the capture query")),
             Ok(Err(_)) => {
                 // Closed or reset: the session is over on that backend.
                 relay(fwd, &mut for_client).await;
@@ -452,6 +470,12 @@ async fn query_old_backend(
     // Whatever happens next, the client gets what arrived meanwhile (a
     // LISTENing session's notification must not be lost to a refused move).
     relay(fwd, &mut for_client).await;
+    if late {
+        return Err(Recoverable(format!(
+            "capture answer later than capture_timeout ({:?}): backend {current} is slow",
+            ctx.config.migration.capture_timeout
+        )));
+    }
     if let Some(e) = error {
         return Err(Recoverable(format!("capture failed: {e}")));
     }
