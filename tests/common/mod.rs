@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
 
+pub mod mover;
 pub mod sandbox;
 
 pub const USER: &str = "app";
