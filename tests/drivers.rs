@@ -741,6 +741,15 @@ fn driver_matrix() {
         moves.fatal,
         started.elapsed()
     );
+    if !moves.fatal_by_app.is_empty() {
+        let log = proxy.log();
+        let lines: Vec<_> = log.lines().filter(|l| l.contains("fatal_error")).collect();
+        eprintln!(
+            "!!!!!!!! fatal migrations (session closed) by application_name: {:?}\n{}",
+            moves.fatal_by_app,
+            lines.join("\n")
+        );
+    }
     if !left_prepared.is_empty() {
         eprintln!("prepared transactions left behind (rolled back now): {left_prepared:?}");
     }
