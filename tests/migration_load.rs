@@ -3,58 +3,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::mover::Mover;
 use common::*;
-
-/// Every `period`, asks for a transfer of every session of `app` (all at
-/// once, each waiting up to `timeout_ms`), until `stop`. Returns the number
-/// of 200 answers and of 500 answers.
-fn transfer_loop(
-    admin: std::net::SocketAddr,
-    app: &'static str,
-    period: Duration,
-    timeout_ms: u64,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(usize, usize)> {
-    std::thread::spawn(move || {
-        let ok = Arc::new(AtomicUsize::new(0));
-        let fatal = Arc::new(AtomicUsize::new(0));
-        while !stop.load(Ordering::Relaxed) {
-            let round = Instant::now();
-            let handles: Vec<_> = sessions_of(admin, app)
-                .into_iter()
-                .map(|id| {
-                    let (ok, fatal) = (ok.clone(), fatal.clone());
-                    std::thread::spawn(move || {
-                        let body = format!("{{\"timeout_ms\": {timeout_ms}}}");
-                        let (status, _) = admin_json(
-                            admin,
-                            "POST",
-                            &format!("/v1/connections/{id}/transfer"),
-                            &body,
-                        );
-                        match status {
-                            200 => ok.fetch_add(1, Ordering::Relaxed),
-                            500 => fatal.fetch_add(1, Ordering::Relaxed),
-                            _ => 0,
-                        };
-                    })
-                })
-                .collect();
-            for h in handles {
-                let _ = h.join();
-            }
-            // Pacing between rounds, not synchronization.
-            if let Some(rest) = period.checked_sub(round.elapsed()) {
-                std::thread::sleep(rest);
-            }
-        }
-        (ok.load(Ordering::Relaxed), fatal.load(Ordering::Relaxed))
-    })
-}
 
 #[test]
 fn pgbench_prepared_with_a_transfer_of_every_session_every_100ms() {
@@ -63,20 +15,18 @@ fn pgbench_prepared_with_a_transfer_of_every_session_every_100ms() {
         pgbench(c.port(), &["-i", "-s", "1", "-q"]);
     }
     let proxy = ProxyProcess::start(ProxyOptions::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let mover = transfer_loop(
+    let mover = Mover::start(
         proxy.admin,
-        "pgbench",
+        |app| app == "pgbench",
         Duration::from_millis(100),
         2000,
-        stop.clone(),
     );
     let out = pgbench(
         proxy.port(),
         &["-M", "prepared", "-c", "8", "-j", "2", "-T", "30", "-n"],
     );
-    stop.store(true, Ordering::Relaxed);
-    let (ok, fatal) = mover.join().expect("mover");
+    let moves = mover.stop();
+    let (ok, fatal) = (moves.ok, moves.fatal);
     let failed = number_after(&out, "number of failed transactions:");
     let processed = number_after(&out, "number of transactions actually processed:");
     assert_eq!(failed, 0.0, "pgbench failures under migration:\n{out}");
@@ -108,13 +58,11 @@ async fn pipelined_client_gets_every_result_in_order_under_migrations_every_50ms
         .prepare("select $1::int4 * 2, inet_server_port()")
         .await
         .expect("prepare");
-    let stop = Arc::new(AtomicBool::new(false));
-    let mover = transfer_loop(
+    let mover = Mover::start(
         proxy.admin,
-        "pipeliner",
+        |app| app == "pipeliner",
         Duration::from_millis(50),
         5000,
-        stop.clone(),
     );
     let mut ports = std::collections::HashSet::new();
     let started = Instant::now();
@@ -134,10 +82,10 @@ async fn pipelined_client_gets_every_result_in_order_under_migrations_every_50ms
         }
         batches += 1;
     }
-    stop.store(true, Ordering::Relaxed);
-    let (ok, fatal) = tokio::task::spawn_blocking(move || mover.join().expect("mover"))
+    let moves = tokio::task::spawn_blocking(move || mover.stop())
         .await
         .expect("join");
+    let (ok, fatal) = (moves.ok, moves.fatal);
     assert_eq!(fatal, 0);
     assert!(ok >= 5, "only {ok} migrations happened");
     assert_eq!(ports.len(), 2, "answers came from both backends: {ports:?}");

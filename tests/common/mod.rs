@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
 
+pub mod mover;
 pub mod raw;
 pub mod sandbox;
 
@@ -36,9 +37,8 @@ pub fn env() -> &'static Env {
     ENV.get_or_init(|| {
         let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
         let b2 = bins.clone();
-        let second =
-            std::thread::spawn(move || Cluster::start_temp(&b2, ClusterOptions::named("pg2")));
-        let pg1 = Cluster::start_temp(&bins, ClusterOptions::named("pg1")).expect("start pg1");
+        let second = std::thread::spawn(move || Cluster::start_temp(&b2, cluster_options("pg2")));
+        let pg1 = Cluster::start_temp(&bins, cluster_options("pg1")).expect("start pg1");
         let pg2 = second.join().expect("pg2 thread").expect("start pg2");
         for c in [&pg1, &pg2] {
             c.ensure_user_and_database(USER, PASSWORD, DB)
@@ -72,6 +72,16 @@ pub fn env() -> &'static Env {
             pt_verifier,
         }
     })
+}
+
+/// Options of the shared clusters.
+fn cluster_options(name: &str) -> ClusterOptions {
+    ClusterOptions {
+        // Two-phase commit (the driver matrix's tpc case) needs it; a handful
+        // of slots cost a few kB of shared memory.
+        settings: vec![("max_prepared_transactions".into(), "10".into())],
+        ..ClusterOptions::named(name)
+    }
 }
 
 pub fn psql_bin() -> PathBuf {
