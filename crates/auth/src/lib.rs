@@ -3,8 +3,8 @@
 //! This crate owns:
 //! - the userlist file in PgBouncer `auth_file` format ([`userlist`]): who may log in and with
 //!   which secret (plaintext password or SCRAM-SHA-256 verifier);
-//! - the server side of SCRAM-SHA-256 ([`ScramServer`]): the proxy terminates client
-//!   authentication itself;
+//! - the server side of SCRAM-SHA-256 and SCRAM-SHA-256-PLUS ([`ScramServer`],
+//!   [`ChannelBinding`]): the proxy terminates client authentication itself;
 //! - the client side of SCRAM-SHA-256 ([`ScramClient`]): the proxy authenticates to a PostgreSQL
 //!   backend with a plaintext password, or with the `ClientKey` recovered from the client's own
 //!   exchange ("SCRAM pass-through").
@@ -20,7 +20,7 @@ pub mod scram;
 pub mod userlist;
 
 pub use scram::{
-    ClientKey, DerivedKeys, ScramClient, ScramCredential, ScramError, ScramServer,
+    ChannelBinding, ClientKey, DerivedKeys, ScramClient, ScramCredential, ScramError, ScramServer,
     ScramServerFinal, ScramVerifier,
 };
 pub use userlist::{Secret, UserEntry, UserList, UserListError};

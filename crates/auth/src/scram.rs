@@ -1,4 +1,5 @@
-//! SCRAM-SHA-256 (RFC 5802 / RFC 7677) the way PostgreSQL speaks it.
+//! SCRAM-SHA-256 (RFC 5802 / RFC 7677) the way PostgreSQL speaks it, with SCRAM-SHA-256-PLUS
+//! (`tls-server-end-point` channel binding, RFC 5929) on the server side.
 //!
 //! [`ScramServer`] runs the exchange toward a client, [`ScramClient`] toward a backend. Both are
 //! small state machines fed with the SASL payloads (the bytes inside SASLInitialResponse,
@@ -16,8 +17,15 @@ use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 use zeroize::{Zeroize, Zeroizing};
 
-/// The only mechanism we accept. We never advertise `SCRAM-SHA-256-PLUS`.
+/// SCRAM without channel binding; offered on every connection.
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+
+/// SCRAM with channel binding; offered only on TLS connections whose server certificate gives a
+/// `tls-server-end-point` hash (see [`ChannelBinding`]).
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// The one channel binding type we (and PostgreSQL) support, RFC 5929.
+pub const CBIND_TYPE: &str = "tls-server-end-point";
 
 /// Prefix of a verifier as stored in `pg_authid.rolpassword`.
 const VERIFIER_PREFIX: &str = "SCRAM-SHA-256$";
@@ -45,8 +53,16 @@ pub enum ScramError {
     UnsupportedMechanism(String),
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    #[error("channel binding is not supported")]
+    /// `p=<type>` with a type other than `tls-server-end-point`.
+    #[error("unsupported SCRAM channel-binding type")]
     ChannelBindingUnsupported,
+    /// The client sent `y` ("I support binding but you do not") although we offered
+    /// SCRAM-SHA-256-PLUS: someone may have stripped it from the mechanism list.
+    #[error("SCRAM channel binding negotiation error")]
+    ChannelBindingNegotiation,
+    /// The client bound the exchange to a different certificate than ours (or sent junk).
+    #[error("SCRAM channel binding check failed")]
+    ChannelBindingMismatch,
     #[error("server's SCRAM salt or iteration count differs from the userlist verifier")]
     VerifierMismatch,
     #[error("server signature mismatch")]
@@ -316,11 +332,41 @@ fn ascii_string(bytes: &[u8]) -> String {
 // Server
 // ---------------------------------------------------------------------------------------------
 
+/// What the client's connection to us allows for channel binding. Decided per connection (TLS
+/// or not) from data computed once per server certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Plaintext: nothing to bind to, only SCRAM-SHA-256 is offered.
+    None,
+    /// TLS, but no `tls-server-end-point` hash exists for our certificate (Ed25519 or an unknown
+    /// signature algorithm): PostgreSQL cannot bind those either, so -PLUS is not offered.
+    TlsUnbindable,
+    /// TLS, with the RFC 5929 hash of our certificate: -PLUS is offered, first.
+    TlsServerEndPoint(Vec<u8>),
+}
+
+impl ChannelBinding {
+    /// The mechanisms for AuthenticationSASL, in PostgreSQL's order (strongest first).
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        match self {
+            ChannelBinding::TlsServerEndPoint(_) => &[MECHANISM_PLUS, MECHANISM],
+            ChannelBinding::None | ChannelBinding::TlsUnbindable => &[MECHANISM],
+        }
+    }
+
+    fn offers_plus(&self) -> bool {
+        matches!(self, ChannelBinding::TlsServerEndPoint(_))
+    }
+}
+
 enum ServerState {
     Initial,
     SentFirst {
-        /// base64 of the gs2 header, which the client must echo in `c=`.
-        cbind_b64: String,
+        /// What the client must send in `c=`: base64 of the gs2 header, followed by the
+        /// channel binding data when bound.
+        expected_cbind: String,
+        /// Whether the exchange is SCRAM-SHA-256-PLUS (`p=tls-server-end-point`).
+        bound: bool,
         client_first_bare: Vec<u8>,
         server_first: Vec<u8>,
         combined_nonce: Vec<u8>,
@@ -328,10 +374,11 @@ enum ServerState {
     Done,
 }
 
-/// Server side of one SCRAM-SHA-256 exchange with a client.
+/// Server side of one SCRAM-SHA-256(-PLUS) exchange with a client.
 pub struct ScramServer {
     verifier: ScramVerifier,
     known_user: bool,
+    binding: ChannelBinding,
     state: ServerState,
 }
 
@@ -353,16 +400,29 @@ pub struct ScramServerFinal {
 impl ScramServer {
     /// `known_user == false` means `verifier` is a mock: the exchange runs fully but always fails
     /// at the final step, so a probe cannot tell unknown users from wrong passwords.
+    /// The exchange runs as on a plaintext connection (no channel binding).
     pub fn new(verifier: ScramVerifier, known_user: bool) -> Self {
+        Self::with_channel_binding(verifier, known_user, ChannelBinding::None)
+    }
+
+    /// Like [`ScramServer::new`] for a connection that allows `binding`; the mechanisms offered
+    /// to the client must be `binding.mechanisms()`.
+    pub fn with_channel_binding(
+        verifier: ScramVerifier,
+        known_user: bool,
+        binding: ChannelBinding,
+    ) -> Self {
         Self {
             verifier,
             known_user,
+            binding,
             state: ServerState::Initial,
         }
     }
 
-    /// `mechanism` is the name from SASLInitialResponse; must be "SCRAM-SHA-256" (we do not
-    /// advertise -PLUS). `data` is the client-first-message. Returns the server-first-message.
+    /// `mechanism` is the name from SASLInitialResponse: "SCRAM-SHA-256", or
+    /// "SCRAM-SHA-256-PLUS" when it was offered. `data` is the client-first-message. Returns the
+    /// server-first-message.
     pub fn handle_client_first(
         &mut self,
         mechanism: &str,
@@ -384,16 +444,42 @@ impl ScramServer {
         }
         // Any failure below ends the exchange.
         self.state = ServerState::Done;
-        if mechanism != MECHANISM {
-            return Err(ScramError::UnsupportedMechanism(mechanism.to_owned()));
-        }
+        // -PLUS is accepted only where it was offered; PostgreSQL treats choosing it on a
+        // plaintext connection like any other mechanism it does not support.
+        let bound = match mechanism {
+            MECHANISM => false,
+            MECHANISM_PLUS if self.binding.offers_plus() => true,
+            _ => return Err(ScramError::UnsupportedMechanism(mechanism.to_owned())),
+        };
         reject_nul(data)?;
 
-        // gs2-header = gs2-cbind-flag "," [ authzid ] ","
+        // gs2-header = gs2-cbind-flag "," [ authzid ] ","; the flag must agree with the
+        // mechanism (RFC 5802 section 6, PostgreSQL's read_client_first_message).
         let (flag, rest) = split_field(data);
         match flag {
-            b"n" | b"y" => {}
-            [b'p', b'=', ..] => return Err(ScramError::ChannelBindingUnsupported),
+            b"n" | b"y" if bound => {
+                return Err(ScramError::Malformed(
+                    "client selected SCRAM-SHA-256-PLUS, but sent no channel binding data",
+                ))
+            }
+            b"n" => {}
+            // "y": the client can bind but believes we cannot. We offered -PLUS, so the list
+            // it saw was tampered with: a downgrade, refused as PostgreSQL does.
+            b"y" if self.binding.offers_plus() => {
+                return Err(ScramError::ChannelBindingNegotiation)
+            }
+            b"y" => {}
+            [b'p', b'=', ..] if !bound => {
+                return Err(ScramError::Malformed(
+                    "client selected SCRAM-SHA-256 without channel binding, \
+                     but sent channel binding data",
+                ))
+            }
+            [b'p', b'=', cb_name @ ..] => {
+                if cb_name != CBIND_TYPE.as_bytes() {
+                    return Err(ScramError::ChannelBindingUnsupported);
+                }
+            }
             _ => return Err(ScramError::Malformed("bad channel binding flag")),
         }
         let rest = rest.ok_or(ScramError::Malformed("truncated gs2 header"))?;
@@ -446,8 +532,18 @@ impl ScramServer {
             .as_bytes(),
         );
 
+        // cbind-input = gs2-header [ cbind-data ]: the data only for "p" (RFC 5802 section 7).
+        let expected_cbind = match (&self.binding, bound) {
+            (ChannelBinding::TlsServerEndPoint(hash), true) => {
+                let mut input = gs2_header.to_vec();
+                input.extend_from_slice(hash);
+                B64.encode(input)
+            }
+            _ => B64.encode(gs2_header),
+        };
         self.state = ServerState::SentFirst {
-            cbind_b64: B64.encode(gs2_header),
+            expected_cbind,
+            bound,
             client_first_bare: bare.to_vec(),
             server_first: server_first.clone(),
             combined_nonce,
@@ -459,7 +555,8 @@ impl ScramServer {
     /// (`v=...`) and the recovered ClientKey.
     pub fn handle_client_final(&mut self, data: &[u8]) -> Result<ScramServerFinal, ScramError> {
         let ServerState::SentFirst {
-            cbind_b64,
+            expected_cbind,
+            bound,
             client_first_bare,
             server_first,
             combined_nonce,
@@ -483,7 +580,14 @@ impl ScramServer {
         let (cbind_field, rest) = split_field(without_proof);
         let cbind = attr_value(cbind_field, b'c')
             .ok_or(ScramError::Malformed("expected channel binding (c=)"))?;
-        if cbind != cbind_b64.as_bytes() {
+        if bound {
+            // Constant time: the expected value is public, but the comparison should not
+            // tell a prober how much of a forged binding was right. Checked before the proof,
+            // like PostgreSQL, and the same way for mock users.
+            if !bool::from(cbind.ct_eq(expected_cbind.as_bytes())) {
+                return Err(ScramError::ChannelBindingMismatch);
+            }
+        } else if cbind != expected_cbind.as_bytes() {
             return Err(ScramError::Malformed(
                 "channel binding data does not match gs2 header",
             ));
@@ -509,6 +613,9 @@ impl ScramServer {
         let proof = decode_key(proof_b64)
             .ok_or(ScramError::Malformed("proof is not 32 bytes of base64"))?;
 
+        // client-final-without-proof exactly as the client sent and signed it: with -PLUS it
+        // holds the binding data, and any other AuthMessage would recover a wrong ClientKey
+        // for pass-through.
         let auth_message = [
             client_first_bare.as_slice(),
             b",",

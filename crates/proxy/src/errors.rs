@@ -37,6 +37,18 @@ pub enum SessionError {
     AuthFailed { user: String },
     #[error("TLS is required: connect with sslmode=require")]
     TlsRequired,
+    /// The client said it can bind but thinks we cannot, although we offered
+    /// SCRAM-SHA-256-PLUS: the mechanism list it saw was altered (a downgrade).
+    /// PostgreSQL's message.
+    #[error(
+        "SCRAM channel binding negotiation error: the client supports SCRAM channel binding \
+         but thinks the server does not. However, this server does support channel binding."
+    )]
+    ChannelBindingNegotiation,
+    /// The client's channel binding data is not the hash of our certificate: it
+    /// reached us through something holding another certificate. PostgreSQL's message.
+    #[error("SCRAM channel binding check failed")]
+    ChannelBindingCheckFailed,
     #[error("sorry, too many clients already (max_client_connections)")]
     TooManyConnections,
     /// `[audit] on_overflow = "reject_connections"` and the backlog is full.
@@ -72,7 +84,10 @@ impl SessionError {
             },
             SessionError::UnsupportedProtocol(_) => "0A000",
             SessionError::AuthFailed { .. } => "28P01",
-            SessionError::TlsRequired | SessionError::NoUser => "28000",
+            SessionError::TlsRequired
+            | SessionError::NoUser
+            | SessionError::ChannelBindingNegotiation
+            | SessionError::ChannelBindingCheckFailed => "28000",
             SessionError::TooManyConnections | SessionError::AuditBacklogFull => "53300",
             SessionError::AdminShutdown => "57P01",
             SessionError::NoBackendAvailable => "57P03",
@@ -111,6 +126,8 @@ impl SessionError {
             SessionError::NoUser => "no_user",
             SessionError::AuthFailed { .. } => "auth_failed",
             SessionError::TlsRequired => "tls_required",
+            SessionError::ChannelBindingNegotiation => "channel_binding_negotiation",
+            SessionError::ChannelBindingCheckFailed => "channel_binding_check_failed",
             SessionError::TooManyConnections => "too_many_connections",
             SessionError::AuditBacklogFull => "audit_backlog_full",
             SessionError::AdminShutdown => "admin_shutdown",
@@ -146,6 +163,15 @@ mod tests {
             client_sees(SessionError::TlsRequired).sqlstate(),
             Some("28000")
         );
+        let f = client_sees(SessionError::ChannelBindingCheckFailed);
+        assert_eq!(f.sqlstate(), Some("28000"));
+        assert_eq!(f.message(), Some("SCRAM channel binding check failed"));
+        let f = client_sees(SessionError::ChannelBindingNegotiation);
+        assert_eq!(f.sqlstate(), Some("28000"));
+        assert!(f
+            .message()
+            .unwrap()
+            .starts_with("SCRAM channel binding negotiation error"));
         assert_eq!(
             client_sees(SessionError::NoBackendAvailable).sqlstate(),
             Some("57P03")

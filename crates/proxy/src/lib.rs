@@ -157,13 +157,20 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
         let users = UserList::load(&config.auth.userlist)?;
-        let acceptor = match &config.tls {
-            Some(t) => Some(client::handshake::acceptor(tls::server_config(t)?)),
-            None => None,
+        let (acceptor, end_point) = match &config.tls {
+            Some(t) => {
+                let server = tls::server_tls(t)?;
+                (
+                    Some(client::handshake::acceptor(server.config)),
+                    server.end_point,
+                )
+            }
+            None => (None, None),
         };
         let tls = TlsPolicy {
             acceptor,
             require: config.tls.as_ref().is_some_and(|t| t.require),
+            end_point,
         };
         let dial = DialSettings {
             tls_mode: config.backend_tls.mode,

@@ -225,7 +225,7 @@ async fn login(
         goodbye(stream, &SessionError::AuditBacklogFull).await;
         return None;
     }
-    match authenticate(&mut stream, startup.user(), &ctx.users()).await {
+    match authenticate(&mut stream, startup.user(), &ctx.users(), &ctx.tls).await {
         Ok(AuthOutcome::Authenticated(creds)) => {
             trail.connected(&startup);
             Some((stream, startup, creds))

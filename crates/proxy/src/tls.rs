@@ -12,6 +12,8 @@ use thiserror::Error;
 
 use crate::config::{BackendTlsMode, BackendTlsSection, TlsSection};
 
+pub mod end_point;
+
 #[derive(Debug, Error)]
 pub enum TlsConfigError {
     #[error("{path}: {reason}")]
@@ -42,15 +44,38 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigErro
     Ok(certs)
 }
 
-/// The rustls server config for client connections.
-pub fn server_config(tls: &TlsSection) -> Result<Arc<ServerConfig>, TlsConfigError> {
+/// The server side toward clients.
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    /// `tls-server-end-point` data of the certificate (SCRAM-SHA-256-PLUS); `None` when its
+    /// signature algorithm gives no hash, and then -PLUS is not offered.
+    pub end_point: Option<Vec<u8>>,
+}
+
+/// The rustls server config for client connections, and the channel binding data of its
+/// certificate, computed here once from the very bytes rustls serves.
+pub fn server_tls(tls: &TlsSection) -> Result<ServerTls, TlsConfigError> {
     let certs = load_certs(&tls.cert)?;
+    // The leaf comes first in the chain (load_certs refuses an empty file).
+    let end_point = certs
+        .first()
+        .and_then(|leaf| end_point::tls_server_end_point(leaf));
+    if end_point.is_none() {
+        tracing::warn!(
+            cert = %tls.cert.display(),
+            "the TLS certificate's signature algorithm gives no tls-server-end-point hash \
+             (e.g. Ed25519): SCRAM-SHA-256-PLUS (channel binding) is not offered"
+        );
+    }
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_err(&tls.key, e))?;
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    Ok(Arc::new(cfg))
+    Ok(ServerTls {
+        config: Arc::new(cfg),
+        end_point,
+    })
 }
 
 /// The rustls client config for backend connections; `None` when disabled.

@@ -1,6 +1,6 @@
 use super::*;
 use crate::userlist::UserList;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::authentication::sasl::{ChannelBinding as PpBinding, ScramSha256};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -229,7 +229,7 @@ fn saslprep_matches_postgres_protocol() {
 
 #[test]
 fn postgres_protocol_client_against_our_server() {
-    for cb in [ChannelBinding::unsupported(), ChannelBinding::unrequested()] {
+    for cb in [PpBinding::unsupported(), PpBinding::unrequested()] {
         let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
         let mut server = ScramServer::new(v, true);
         let mut client = ScramSha256::new(b"pw", cb);
@@ -248,9 +248,10 @@ fn server_rejects_bad_client_messages() {
     let first = |data: &str| {
         ScramServer::new(v.clone(), true).handle_client_first(MECHANISM, data.as_bytes())
     };
+    // Binding data with the mechanism that has none (PostgreSQL: "malformed SCRAM message").
     assert!(matches!(
         first("p=tls-server-end-point,,n=,r=abc"),
-        Err(ScramError::ChannelBindingUnsupported)
+        Err(ScramError::Malformed(_))
     ));
     assert!(matches!(
         first("n,,m=ext,n=,r=abc"),
@@ -480,6 +481,13 @@ fn garbage_never_panics() {
         let mut s = ScramServer::new(v.clone(), true);
         s.handle_client_first(MECHANISM, &cf).unwrap();
         let _ = s.handle_client_final(input);
+        // The same with channel binding (-PLUS) on a TLS connection.
+        let _ = ScramServer::with_channel_binding(v.clone(), true, tls())
+            .handle_client_first(MECHANISM_PLUS, input);
+        let mut s = ScramServer::with_channel_binding(v.clone(), true, tls());
+        s.handle_client_first(MECHANISM_PLUS, b"p=tls-server-end-point,,n=,r=fixednonce")
+            .unwrap();
+        let _ = s.handle_client_final(input);
         // Client, server-first (cheap iteration counts only: garbage may say i=99999999).
         let mut c = ScramClient::new(password("pencil"));
         c.client_first_with("", "fixednonce");
@@ -521,4 +529,186 @@ fn derived_keys_are_reused_per_salt_and_still_authenticate() {
     let mut server = ScramServer::new(verifier, true);
     let mut client = ScramClient::with_derived_keys(password("pencil"), keys.clone());
     assert!(exchange(&mut server, &mut client).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// SCRAM-SHA-256-PLUS (tls-server-end-point)
+// ---------------------------------------------------------------------------------------------
+
+/// Stands in for the hash of the proxy's certificate.
+fn end_point() -> Vec<u8> {
+    sha256(b"pgferry test certificate").to_vec()
+}
+
+fn tls() -> ChannelBinding {
+    ChannelBinding::TlsServerEndPoint(end_point())
+}
+
+/// A whole exchange driven by postgres-protocol's client (an independent implementation) with
+/// `mechanism` and the client's binding choice.
+fn pp_exchange(
+    server: &mut ScramServer,
+    mechanism: &str,
+    password: &str,
+    cb: PpBinding,
+) -> Result<ClientKey, ScramError> {
+    let mut client = ScramSha256::new(password.as_bytes(), cb);
+    let sf = server.handle_client_first(mechanism, client.message())?;
+    client.update(&sf).expect("client accepts server-first");
+    let fin = server.handle_client_final(client.message())?;
+    client
+        .finish(&fin.server_final)
+        .expect("client accepts server signature");
+    Ok(fin.client_key)
+}
+
+#[test]
+fn mechanisms_offered_per_connection() {
+    assert_eq!(tls().mechanisms(), [MECHANISM_PLUS, MECHANISM]);
+    assert_eq!(ChannelBinding::None.mechanisms(), [MECHANISM]);
+    assert_eq!(ChannelBinding::TlsUnbindable.mechanisms(), [MECHANISM]);
+}
+
+#[test]
+fn plus_exchange_with_correct_binding() {
+    let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+    let mut server = ScramServer::with_channel_binding(v.clone(), true, tls());
+    let ck = pp_exchange(
+        &mut server,
+        MECHANISM_PLUS,
+        "pw",
+        PpBinding::tls_server_end_point(end_point()),
+    )
+    .unwrap();
+    // The ClientKey comes from the AuthMessage with the c= binding data in it: it is the real
+    // one, and logs in to a backend (which sees c=biws) by pass-through.
+    assert!(v.matches_client_key(&ck));
+    let mut backend = ScramServer::new(v.clone(), true);
+    let mut client = ScramClient::new(ScramCredential::ClientKey {
+        client_key: ck,
+        verifier: v.clone(),
+    });
+    assert!(v.matches_client_key(&exchange(&mut backend, &mut client).unwrap()));
+}
+
+#[test]
+fn plus_exchange_with_wrong_binding_fails_alike_for_known_and_unknown_users() {
+    let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+    let mut other = end_point();
+    other[0] ^= 1;
+    for known in [true, false] {
+        let verifier = if known {
+            v.clone()
+        } else {
+            ScramVerifier::mock("mallory")
+        };
+        let mut server = ScramServer::with_channel_binding(verifier, known, tls());
+        let res = pp_exchange(
+            &mut server,
+            MECHANISM_PLUS,
+            "pw",
+            PpBinding::tls_server_end_point(other.clone()),
+        );
+        assert!(
+            matches!(res, Err(ScramError::ChannelBindingMismatch)),
+            "known={known}: {res:?}"
+        );
+    }
+
+    // c= that is only the gs2 header (no data), or the data under another header.
+    let cases = [
+        B64.encode(b"p=tls-server-end-point,,"),
+        B64.encode([b"n,,".as_slice(), &end_point()].concat()),
+        "biws".to_owned(),
+    ];
+    for c in cases {
+        let mut server = ScramServer::with_channel_binding(v.clone(), true, tls());
+        let sf = server
+            .handle_client_first(MECHANISM_PLUS, b"p=tls-server-end-point,,n=,r=abc")
+            .unwrap();
+        let sf = String::from_utf8(sf).unwrap();
+        let nonce = sf.split(',').next().unwrap().strip_prefix("r=").unwrap();
+        let proof = B64.encode([0u8; 32]);
+        assert!(matches!(
+            server.handle_client_final(format!("c={c},r={nonce},p={proof}").as_bytes()),
+            Err(ScramError::ChannelBindingMismatch)
+        ));
+    }
+}
+
+#[test]
+fn y_flag_is_a_downgrade_when_plus_was_offered() {
+    for known in [true, false] {
+        let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+        let mut server = ScramServer::with_channel_binding(v, known, tls());
+        assert!(matches!(
+            pp_exchange(&mut server, MECHANISM, "pw", PpBinding::unrequested()),
+            Err(ScramError::ChannelBindingNegotiation)
+        ));
+    }
+    // Where -PLUS was not offered, "y" is the truth and is fine.
+    for binding in [ChannelBinding::None, ChannelBinding::TlsUnbindable] {
+        let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+        let mut server = ScramServer::with_channel_binding(v, true, binding);
+        pp_exchange(&mut server, MECHANISM, "pw", PpBinding::unrequested()).unwrap();
+    }
+}
+
+#[test]
+fn plus_refused_where_not_offered() {
+    for binding in [ChannelBinding::None, ChannelBinding::TlsUnbindable] {
+        let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+        let mut server = ScramServer::with_channel_binding(v, true, binding);
+        let res = pp_exchange(
+            &mut server,
+            MECHANISM_PLUS,
+            "pw",
+            PpBinding::tls_server_end_point(end_point()),
+        );
+        assert!(
+            matches!(&res, Err(ScramError::UnsupportedMechanism(m)) if m == MECHANISM_PLUS),
+            "{res:?}"
+        );
+    }
+}
+
+#[test]
+fn plain_scram_still_works_over_tls() {
+    let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+    let mut server = ScramServer::with_channel_binding(v.clone(), true, tls());
+    let ck = pp_exchange(&mut server, MECHANISM, "pw", PpBinding::unsupported()).unwrap();
+    assert!(v.matches_client_key(&ck));
+    let mut server = ScramServer::with_channel_binding(v, true, tls());
+    exchange(&mut server, &mut ScramClient::new(password("pw"))).unwrap();
+}
+
+#[test]
+fn gs2_flag_must_agree_with_mechanism() {
+    let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+    let first = |mech: &str, data: &str| {
+        ScramServer::with_channel_binding(v.clone(), true, tls())
+            .handle_client_first(mech, data.as_bytes())
+    };
+    assert!(matches!(
+        first(MECHANISM_PLUS, "n,,n=,r=abc"),
+        Err(ScramError::Malformed(_))
+    ));
+    assert!(matches!(
+        first(MECHANISM_PLUS, "y,,n=,r=abc"),
+        Err(ScramError::Malformed(_))
+    ));
+    assert!(matches!(
+        first(MECHANISM, "p=tls-server-end-point,,n=,r=abc"),
+        Err(ScramError::Malformed(_))
+    ));
+    assert!(matches!(
+        first(MECHANISM_PLUS, "p=tls-unique,,n=,r=abc"),
+        Err(ScramError::ChannelBindingUnsupported)
+    ));
+    assert!(matches!(
+        first(MECHANISM_PLUS, "p=,,n=,r=abc"),
+        Err(ScramError::ChannelBindingUnsupported)
+    ));
+    first(MECHANISM_PLUS, "p=tls-server-end-point,,n=,r=abc").unwrap();
+    first(MECHANISM, "n,,n=,r=abc").unwrap();
 }

@@ -1,4 +1,5 @@
-//! SCRAM-SHA-256 with the client, terminated at the proxy.
+//! SCRAM-SHA-256 with the client, terminated at the proxy; SCRAM-SHA-256-PLUS
+//! (channel binding to the proxy's own certificate) over TLS.
 //!
 //! Unknown users run the same exchange against a mock verifier and fail at
 //! the same step with the same message as a wrong password, so neither the
@@ -15,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeroize::Zeroizing;
 
 use crate::backend::login::BackendCredentials;
+use crate::client::handshake::TlsPolicy;
 use crate::errors::SessionError;
 use crate::stream::Stream;
 
@@ -33,9 +35,13 @@ pub async fn authenticate(
     stream: &mut Stream,
     user: &str,
     users: &UserList,
+    tls: &TlsPolicy,
 ) -> Result<AuthOutcome, SessionError> {
     let (verifier, known) = users.verifier_for(user);
-    let mut server = ScramServer::new(verifier, known);
+    // Decided by the connection alone, so unknown users are offered the same mechanisms.
+    let binding = tls.channel_binding(stream);
+    let mechanisms = binding.mechanisms();
+    let mut server = ScramServer::with_channel_binding(verifier, known, binding);
     let mut out = BytesMut::with_capacity(256);
     let mut inbuf = BytesMut::with_capacity(512);
     let failed = || SessionError::AuthFailed {
@@ -43,10 +49,12 @@ pub async fn authenticate(
     };
     let scram_err = |e: ScramError| match e {
         ScramError::AuthFailed => failed(),
+        ScramError::ChannelBindingNegotiation => SessionError::ChannelBindingNegotiation,
+        ScramError::ChannelBindingMismatch => SessionError::ChannelBindingCheckFailed,
         other => SessionError::ClientProtocol(format!("SCRAM: {other}")),
     };
 
-    encode_auth_sasl(&mut out, &["SCRAM-SHA-256"]).map_err(internal)?;
+    encode_auth_sasl(&mut out, mechanisms).map_err(internal)?;
     send(stream, &mut out).await?;
 
     let Some(body) = read_password_message(stream, &mut inbuf).await? else {

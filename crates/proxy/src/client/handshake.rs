@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use pgferry_auth::ChannelBinding;
 use pgferry_wire::messages::encode_negotiate_protocol_version;
 use pgferry_wire::startup::{parse_startup_body, startup_body_len, PROTOCOL_3_0};
 use pgferry_wire::{CancelKey, StartupError, StartupMessage, StartupPacket};
@@ -41,6 +42,21 @@ pub enum NegotiationFailure {
 pub struct TlsPolicy {
     pub acceptor: Option<tokio_rustls::TlsAcceptor>,
     pub require: bool,
+    /// `tls-server-end-point` data of the acceptor's certificate, built with it so the two
+    /// cannot disagree; `None` without TLS or when the certificate gives no hash.
+    pub end_point: Option<Vec<u8>>,
+}
+
+impl TlsPolicy {
+    /// What SCRAM may bind to on this client stream: -PLUS only over our own TLS.
+    pub fn channel_binding(&self, stream: &Stream) -> ChannelBinding {
+        match (stream, &self.end_point) {
+            (Stream::ServerTls(_), Some(hash)) => ChannelBinding::TlsServerEndPoint(hash.clone()),
+            (Stream::ServerTls(_), None) => ChannelBinding::TlsUnbindable,
+            // Plain, or (never for a client) the proxy's own client side.
+            _ => ChannelBinding::None,
+        }
+    }
 }
 
 pub async fn negotiate(tcp: TcpStream, tls: &TlsPolicy) -> Result<Negotiated, NegotiationFailure> {
