@@ -42,7 +42,7 @@ const AFTER_A_MOVE: &[(&str, &str, &str)] = &[
         "psycopg",
         "terminate",
         "pg_terminate_backend(conn.info.backend_pid) after a move names the first backend's \
-         process, which is no longer the session's",
+         process, which is no longer the session's: nothing is terminated",
     ),
 ];
 

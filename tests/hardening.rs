@@ -180,3 +180,42 @@ fn a_slow_source_backend_abandons_the_move_and_keeps_the_session() {
         0.0
     );
 }
+
+#[test]
+fn logins_during_a_backends_shutdown_go_to_the_other_backend() {
+    let mut stopping = own_cluster("stopping");
+    let proxy = ProxyProcess::start(ProxyOptions {
+        backends: vec![
+            ("stopping".into(), stopping.addr().to_string()),
+            ("pg2".into(), env().pg2.addr().to_string()),
+        ],
+        ..Default::default()
+    });
+    // A session of its own keeps the smart shutdown waiting: meanwhile the
+    // server answers every login with 57P03.
+    let mut holder = raw::RawClient::connect(stopping.addr(), USER, PASSWORD, DB, "holder");
+    let postmaster = stopping.pid().expect("postmaster") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("smart shutdown");
+    wait_until(Duration::from_secs(10), "logins refused", || {
+        let mut s = TcpStream::connect(stopping.addr()).expect("connect");
+        s.write_all(&raw::startup_packet(
+            raw::PROTOCOL_3_0,
+            &[("user", USER), ("database", DB)],
+        ))
+        .expect("startup");
+        read_msg(&mut s).is_some_and(|m| m.sqlstate().as_deref() == Some("57P03"))
+    });
+    for i in 0..20 {
+        let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, &format!("login{i}"));
+        assert_eq!(c.value("SELECT 1"), "1");
+    }
+    assert_eq!(proxy.backends()["stopping"]["state"], "unhealthy");
+    assert!(proxy.log().contains("backend refuses logins (57P03)"));
+    // The shutdown goes on once its last session leaves.
+    holder.send(&raw::terminate());
+    let _ = stopping.stop(pgferry_pgcluster::StopMode::Fast);
+}

@@ -1,5 +1,6 @@
-//! The old backend dies in the middle of a transfer: the client gets an
-//! ErrorResponse, not a bare EOF, and the metrics count one fatal error.
+//! The old backend dies in the middle of a transfer: the client gets the
+//! server's own ErrorResponse, not a bare EOF nor a pgferry error, and the
+//! metrics count a session ended by its backend, not a pgferry failure.
 //! Its own test binary: it stops and kills a backend process, which must
 //! not disturb other tests' clusters.
 
@@ -12,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn old_backend_killed_during_a_transfer_gives_the_client_an_error_response() {
+async fn old_backend_killed_during_a_transfer_gives_the_client_the_servers_error() {
     let proxy = ProxyProcess::start(ProxyOptions::default());
     let (client, conn) = tokio_config(&proxy, USER, PASSWORD)
         .application_name("doomed")
@@ -56,18 +57,22 @@ async fn old_backend_killed_during_a_transfer_gives_the_client_an_error_response
     kill(backend, Signal::SIGTERM).expect("SIGTERM");
     kill(backend, Signal::SIGCONT).expect("SIGCONT");
     let (status, resp) = tokio::task::block_in_place(|| pending.join().expect("join"));
-    assert_eq!(status, 500, "{resp}");
-    assert!(resp.contains("\"outcome\":\"fatal_error\""), "{resp}");
+    assert_eq!(status, 410, "{resp}");
+    assert!(resp.contains("\"outcome\":\"session_ended\""), "{resp}");
     let end = conn.await.expect("join");
     let e = end.expect_err("connection ended without an ErrorResponse");
-    assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{e}");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57P01"), "{e}");
     let msg = e
         .as_db_error()
         .map(|d| d.message().to_owned())
         .unwrap_or_default();
-    assert!(msg.contains("migration"), "{msg}");
+    assert_eq!(msg, "terminating connection due to administrator command");
     assert_eq!(
         proxy.metric("pgferry_conn_migration_error_fatal_total"),
+        0.0
+    );
+    assert_eq!(
+        proxy.metric("pgferry_conn_migration_session_ended_total"),
         1.0
     );
     assert_eq!(proxy.metric("pgferry_conn_migration_attempted_total"), 1.0);

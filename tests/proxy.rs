@@ -155,6 +155,10 @@ async fn backend_down_gives_08006() {
         msg.starts_with("could not connect to backend gone"),
         "{msg}"
     );
+    assert!(
+        !msg.contains(&dead.addr.port().to_string()),
+        "backend addresses are not for clients: {msg}"
+    );
     assert_eq!(
         proxy.metric("pgferry_backend_dial_errors_total{backend=\"gone\"}"),
         1.0
@@ -539,30 +543,6 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(proxy.metric("pgferry_client_connections"), 1.0);
     assert!(proxy.metric("pgferry_bytes_total{direction=\"server_to_client\"}") > 5000.0);
     assert!(proxy.metric("pgferry_bytes_total{direction=\"client_to_server\"}") > 20.0);
-}
-
-#[test]
-fn newer_protocol_minor_gets_negotiate_protocol_version() {
-    let proxy = ProxyProcess::start(ProxyOptions::default());
-    let mut s = TcpStream::connect(proxy.addr).expect("connect");
-    let mut body = Vec::new();
-    body.extend_from_slice(&0x0003_0002u32.to_be_bytes());
-    body.extend_from_slice(b"user\0app\0_pq_.future\0on\0\0");
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    s.write_all(&packet).expect("startup");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut head = [0u8; 5];
-    s.read_exact(&mut head).expect("reply");
-    assert_eq!(head[0], b'v', "expected NegotiateProtocolVersion");
-    let mut rest = vec![0u8; u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4];
-    s.read_exact(&mut rest).expect("body");
-    assert_eq!(&rest[0..4], &0i32.to_be_bytes(), "newest minor version");
-    assert!(rest.windows(11).any(|w| w == b"_pq_.future"));
-    let mut next = [0u8; 1];
-    s.read_exact(&mut next).expect("auth request");
-    assert_eq!(next[0], b'R');
 }
 
 #[tokio::test]

@@ -225,29 +225,28 @@ def case_listen_notify(app):
 
 
 def case_terminate(app):
+    # A pool's broken-connection check: the session terminates the backend
+    # its driver says it has (conn.info.backend_pid). Signalling *another*
+    # session only works when both sit on the same backend, which through a
+    # proxy of several backends they need not (docs/migration.md).
     res = {}
     victim = connect(app)
     for _ in range(4):
         victim.execute("select 1")
         pace()
-    with connect(app) as killer:
-        # Only a session of this very case may be terminated; the timeout
-        # makes pg_terminate_backend wait until the backend has exited.
-        rows = killer.execute(
-            "select pg_terminate_backend(pid, 5000) from pg_stat_activity "
+    try:
+        rows = victim.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity "
             "where pid = %s and application_name = %s",
             (victim.info.backend_pid, app),
         ).fetchall()
-        res["terminated"] = [r[0] for r in rows]
-    try:
-        victim.execute("select 1")
-        res["victim"] = "query succeeded"
+        res["outcome"] = {"returned": [r[0] for r in rows]}
     except psycopg.Error as e:
-        res["victim"] = {
+        res["outcome"] = {
             "sqlstate": sqlstate_of(e),
             "admin_shutdown": "terminating connection due to administrator command" in str(e),
         }
-    res["victim_closed"] = victim.closed
+    res["closed"] = victim.closed
     victim.close()
     return res
 

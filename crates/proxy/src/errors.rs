@@ -8,8 +8,9 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum SessionError {
-    /// Every configured backend refused or timed out.
-    #[error("could not connect to backend {backend} ({address}): {reason}")]
+    /// Every configured backend refused or timed out. (The address is for
+    /// pgferry's log, not for clients.)
+    #[error("could not connect to backend {backend}: {reason}")]
     BackendUnreachable {
         backend: String,
         address: String,
@@ -186,6 +187,10 @@ mod tests {
             .message()
             .unwrap()
             .starts_with("could not connect to backend pg1"));
+        assert!(
+            !f.message().unwrap().contains("127.0.0.1"),
+            "no addresses for clients"
+        );
         assert_eq!(
             client_sees(SessionError::ClientProtocol("x".into())).sqlstate(),
             Some("08P01")

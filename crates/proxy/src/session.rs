@@ -306,6 +306,13 @@ async fn connect_backend(
                 });
                 continue;
             }
+            // Restarting or shutting down: the next backend may take it;
+            // if none does, the client hears this server's own words.
+            Err(DialError::NotAcceptingLogins(fields)) => {
+                info!(backend = %name, "backend takes no logins now; trying the next one");
+                first_failure.get_or_insert(SessionError::BackendError(fields));
+                continue;
+            }
             Err(DialError::Login(reason)) => SessionError::BackendLogin {
                 backend: name,
                 reason,

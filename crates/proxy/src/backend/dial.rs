@@ -59,6 +59,9 @@ impl DialSettings {
     }
 }
 
+/// SQLSTATE cannot_connect_now.
+const CANNOT_CONNECT_NOW: &str = "57P03";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("{0}")]
@@ -69,6 +72,10 @@ pub enum DialError {
     Protocol(String),
     #[error("backend error {}", .0.message().unwrap_or(""))]
     Server(ErrorFields),
+    /// 57P03: the server takes no logins now (a restart, a shutdown). Try
+    /// another backend; this one has been marked unhealthy.
+    #[error("backend takes no logins now: {}", .0.message().unwrap_or(""))]
+    NotAcceptingLogins(ErrorFields),
 }
 
 /// An authenticated server connection, ready for queries.
@@ -174,6 +181,16 @@ async fn connect_inner(
             tag::ERROR_RESPONSE => {
                 let fields = ErrorFields::decode(&msg.body)
                     .map_err(|e| DialError::Protocol(e.to_string()))?;
+                if fields.sqlstate() == Some(CANNOT_CONNECT_NOW) {
+                    if backend.refuses_logins() {
+                        tracing::warn!(
+                            backend = %backend.name,
+                            reason = fields.message().unwrap_or(""),
+                            "backend refuses logins (57P03): unhealthy until it passes its health check"
+                        );
+                    }
+                    return Err(DialError::NotAcceptingLogins(fields));
+                }
                 return Err(DialError::Server(fields));
             }
             tag::NEGOTIATE_PROTOCOL_VERSION => {}

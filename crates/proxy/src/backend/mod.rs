@@ -151,6 +151,19 @@ impl Backend {
         None
     }
 
+    /// The server answered a login with 57P03 (starting up, shutting down,
+    /// not yet accepting connections): out of the candidates at once, not
+    /// after `unhealthy_threshold` checks; the health check brings it back.
+    /// True if it was healthy until now.
+    pub fn refuses_logins(&self) -> bool {
+        self.check_successes.store(0, Ordering::Relaxed);
+        let was = self.healthy();
+        if was {
+            self.set_healthy(false);
+        }
+        was
+    }
+
     fn set_healthy(&self, on: bool) {
         self.healthy.store(on, Ordering::Relaxed);
         self.up_gauge.set(i64::from(on));

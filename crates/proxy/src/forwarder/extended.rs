@@ -66,7 +66,8 @@ pub struct Extended {
     /// One per `UnnamedParse` in `awaiting`, in order; `None`: too large.
     unnamed_bodies: VecDeque<Option<Box<[u8]>>>,
     unnamed: Unnamed,
-    /// An extended-protocol message was sent since the last sync point.
+    /// A Parse, Bind, Describe or Execute was sent since the last sync
+    /// point: the server holds an implicit transaction open.
     unsynced: bool,
     /// Matching is suspended until the session is quiet again.
     lost: bool,
@@ -89,9 +90,9 @@ impl Extended {
     /// `request_body`.
     pub fn request_start(&mut self, t: u8, len: u32) -> bool {
         match t {
-            tag::PARSE | tag::BIND | tag::CLOSE | tag::DESCRIBE | tag::EXECUTE | tag::FLUSH => {
-                self.unsynced = true
-            }
+            // These start PostgreSQL's implicit transaction (Close and
+            // Flush do not: a lone Close + Flush leaves nothing open).
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE => self.unsynced = true,
             tag::SYNC | tag::QUERY | tag::FUNCTION_CALL => self.unsynced = false,
             _ => {}
         }

@@ -154,8 +154,8 @@ impl SessionTracker {
     }
 
     /// The client is inside an extended-protocol exchange it has not
-    /// synced (Parse/Bind/Execute/... or Flush since its last sync point):
-    /// the server holds an implicit transaction open.
+    /// synced (a Parse, Bind, Describe or Execute since its last sync
+    /// point): the server holds an implicit transaction open.
     pub fn in_unsynced_exchange(&self) -> bool {
         self.extended.unsynced()
     }
