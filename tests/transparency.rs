@@ -383,3 +383,109 @@ fn protocol_negotiation_names_version_3_0_as_postgresql_does() {
     assert_eq!(&v[8..], b"_pq_.some_option\0");
     assert_eq!(c.value("SELECT 1"), "1");
 }
+
+/// Moves the session named `app` to `to` (if it is not there) and waits.
+fn move_to(proxy: &ProxyProcess, app: &str, to: &str) -> (u16, serde_json::Value) {
+    let c = proxy.connection_by_app(app);
+    admin_json(
+        proxy.admin,
+        "POST",
+        &format!("/v1/connections/{}/transfer", c["id"].as_str().expect("id")),
+        &format!("{{\"to\": \"{to}\", \"timeout_ms\": 5000}}"),
+    )
+}
+
+fn bind_and_run(c: &mut RawClient, statement: &str) -> Vec<raw::Msg> {
+    c.send(&[raw::bind(statement, &[]), raw::execute(), raw::sync()].concat());
+    c.recv_until(b'Z')
+}
+
+#[test]
+fn a_statement_whose_table_was_dropped_moves_and_fails_on_use_as_the_old_server_would() {
+    create_on_both(
+        "DROP TABLE IF EXISTS gone_t; CREATE TABLE gone_t (v int); ALTER TABLE gone_t OWNER TO app",
+    );
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let mut c = raw_client(&proxy, "dropped");
+    // The same statement on a direct connection says what PostgreSQL says.
+    let mut direct = RawClient::connect(env().pg1.addr(), USER, PASSWORD, DB, "direct");
+    for client in [&mut c, &mut direct] {
+        client.send(
+            &[
+                raw::parse("s_gone", "SELECT v FROM gone_t", &[]),
+                raw::sync(),
+            ]
+            .concat(),
+        );
+        assert_eq!(raw::tags(&client.recv_until(b'Z')), "1Z");
+    }
+    create_on_both("DROP TABLE gone_t");
+    let want = bind_and_run(&mut direct, "s_gone");
+    assert_eq!(raw::tags(&want), "EZ");
+    assert_eq!(want[0].sqlstate().as_deref(), Some("42P01"));
+
+    for round in 0..2 {
+        let (status, body) = transfer_async(&proxy, "dropped", 5_000)
+            .join()
+            .expect("mover");
+        assert_eq!(status, 200, "round {round}: {body}");
+        let got = bind_and_run(&mut c, "s_gone");
+        assert_eq!(raw::tags(&got), "EZ", "round {round}");
+        assert_eq!(got[0].sqlstate(), want[0].sqlstate());
+        assert_eq!(got[0].field(b'M'), want[0].field(b'M'));
+    }
+    // The table is back: the statement works, and the client never sees
+    // the ParseComplete of the Parse pgferry sent for it.
+    create_on_both("CREATE TABLE gone_t (v int); ALTER TABLE gone_t OWNER TO app; INSERT INTO gone_t VALUES (7)");
+    let got = bind_and_run(&mut c, "s_gone");
+    assert_eq!(raw::tags(&got), "2DCZ");
+    assert_eq!(got[1].first_column().as_deref(), Some("7"));
+    // From now on it moves like any statement.
+    let (status, body) = transfer_async(&proxy, "dropped", 5_000)
+        .join()
+        .expect("mover");
+    assert_eq!(status, 200, "{body}");
+    let got = bind_and_run(&mut c, "s_gone");
+    assert_eq!(raw::tags(&got), "2DCZ");
+}
+
+#[test]
+fn a_statement_that_parses_only_on_the_old_backend_refuses_the_move_and_a_refused_move_changes_nothing(
+) {
+    env()
+        .pg1
+        .psql(DB, "DROP TABLE IF EXISTS only_pg1; CREATE TABLE only_pg1 (v int); ALTER TABLE only_pg1 OWNER TO app; INSERT INTO only_pg1 VALUES (3)")
+        .expect("create");
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let mut c = raw_client(&proxy, "only");
+    if proxy.connection_by_app("only")["backend"] != "pg1" {
+        let (status, body) = move_to(&proxy, "only", "pg1");
+        assert_eq!(status, 200, "{body}");
+    }
+    c.send(
+        &[
+            raw::parse("s_only", "SELECT v FROM only_pg1", &[]),
+            raw::parse("", "SELECT 5", &[]),
+            raw::sync(),
+        ]
+        .concat(),
+    );
+    assert_eq!(raw::tags(&c.recv_until(b'Z')), "11Z");
+    let (status, body) = move_to(&proxy, "only", "pg2");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot be re-created")),
+        "{body}"
+    );
+    // Both statements are as they were, the unnamed one included (pgferry's
+    // own queries never drop it).
+    let got = bind_and_run(&mut c, "s_only");
+    assert_eq!(raw::tags(&got), "2DCZ");
+    assert_eq!(got[1].first_column().as_deref(), Some("3"));
+    let got = bind_and_run(&mut c, "");
+    assert_eq!(raw::tags(&got), "2DCZ", "{:?}", got[0].field(b'M'));
+    assert_eq!(got[1].first_column().as_deref(), Some("5"));
+    assert_eq!(proxy.connection_by_app("only")["backend"], "pg1");
+}

@@ -606,11 +606,11 @@ async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uui
     };
     // An ErrorResponse may only go between two messages.
     if let Some(err) = client_error {
-        if fwd.response.at_boundary() {
+        if fwd.response_at_boundary() {
             goodbye_ref(&mut fwd.client, &err).await;
         }
     }
-    if server_alive && !fwd.tracker.client_terminated() && fwd.request.at_boundary() {
+    if server_alive && !fwd.tracker.client_terminated() && fwd.request_at_boundary() {
         let mut x = BytesMut::new();
         if encode_terminate(&mut x).is_ok() {
             let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fwd.server.write_all(&x)).await;

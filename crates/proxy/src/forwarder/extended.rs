@@ -34,6 +34,9 @@ enum Awaiting {
     Sync,
     Query,
     FunctionCall,
+    /// A Parse pgferry sent itself, to re-create a statement the client
+    /// holds (see `inject`); its statement waits in `injected`.
+    Injected,
 }
 
 impl Awaiting {
@@ -71,6 +74,11 @@ pub struct Extended {
     unsynced: bool,
     /// Matching is suspended until the session is quiet again.
     lost: bool,
+    /// (name, Parse body) per `Injected` in `awaiting`, in order.
+    injected: VecDeque<(String, Box<[u8]>)>,
+    /// (name, re-created?) of injected Parses that were answered, failed or
+    /// skipped, for the forwarder to collect.
+    outcomes: Vec<(String, bool)>,
     /// The body of the Parse or Close passing now.
     body: Vec<u8>,
     /// Its length as the header said.
@@ -153,6 +161,45 @@ impl Extended {
         self.awaiting.push_back(awaiting);
     }
 
+    /// pgferry sends a Parse of `name` (its `body`) ahead of the client's
+    /// next message; its answer is the proxy's, not the client's.
+    pub fn inject(&mut self, name: String, body: Box<[u8]>) {
+        self.unsynced = true;
+        if self.lost || self.awaiting.len() == MAX_AWAITING {
+            // Untracked, its answer could not be told from the client's.
+            self.lose_track();
+            return;
+        }
+        self.awaiting.push_back(Awaiting::Injected);
+        self.injected.push_back((name, body));
+    }
+
+    /// The server's next answer-to-a-message is about an injected Parse.
+    pub fn front_is_injected(&self) -> bool {
+        !self.lost && self.awaiting.front() == Some(&Awaiting::Injected)
+    }
+
+    /// The injected Parse at the front succeeded (its ParseComplete is not
+    /// forwarded).
+    pub fn injected_parse_complete(&mut self) {
+        if self.awaiting.front() != Some(&Awaiting::Injected) {
+            return;
+        }
+        self.awaiting.pop_front();
+        if let Some((name, body)) = self.injected.pop_front() {
+            if name.is_empty() {
+                self.unnamed = Unnamed::Known(body);
+            }
+            self.outcomes.push((name, true));
+        }
+    }
+
+    /// (name, re-created?) of the injected Parses settled since the last
+    /// call.
+    pub fn take_injected_outcomes(&mut self) -> Vec<(String, bool)> {
+        std::mem::take(&mut self.outcomes)
+    }
+
     /// Syncs sent during COPY FROM STDIN are ignored by the server; the
     /// tracker takes back the trailing `n` when the COPY ends.
     pub fn forget_trailing_syncs(&mut self, n: u32) {
@@ -171,6 +218,8 @@ impl Extended {
             if t == tag::READY_FOR_QUERY && quiet {
                 self.awaiting.clear();
                 self.unnamed_bodies.clear();
+                let lost = self.injected.drain(..).map(|(name, _)| (name, false));
+                self.outcomes.extend(lost);
                 self.lost = false;
             }
             return;
@@ -213,18 +262,35 @@ impl Extended {
     /// the server skips everything after it up to the next Sync.
     fn skip_to_sync(&mut self, failed: Awaiting) {
         self.awaiting.pop_front();
-        if failed == Awaiting::UnnamedParse {
-            // A Parse of "" drops the old unnamed statement before parsing.
-            self.unnamed_bodies.pop_front();
-            self.unnamed = Unnamed::None;
+        match failed {
+            Awaiting::UnnamedParse => {
+                // A Parse of "" drops the old unnamed statement before parsing.
+                self.unnamed_bodies.pop_front();
+                self.unnamed = Unnamed::None;
+            }
+            Awaiting::Injected => {
+                if let Some((name, _)) = self.injected.pop_front() {
+                    if name.is_empty() {
+                        self.unnamed = Unnamed::None;
+                    }
+                    self.outcomes.push((name, false));
+                }
+            }
+            _ => {}
         }
         while let Some(&a) = self.awaiting.front() {
             if a.is_sync_point() {
                 break;
             }
-            if a == Awaiting::UnnamedParse {
-                // Skipped: the old unnamed statement stays.
-                self.unnamed_bodies.pop_front();
+            // Skipped: what they would have replaced stays.
+            match a {
+                Awaiting::UnnamedParse => drop(self.unnamed_bodies.pop_front()),
+                Awaiting::Injected => {
+                    if let Some((name, _)) = self.injected.pop_front() {
+                        self.outcomes.push((name, false));
+                    }
+                }
+                _ => {}
             }
             self.awaiting.pop_front();
         }
@@ -248,6 +314,8 @@ impl Extended {
         tracing::debug!("extended-protocol matching lost track; unnamed statement unknown");
         self.lost = true;
         self.unnamed = Unnamed::Unknown;
+        let lost = self.injected.drain(..).map(|(name, _)| (name, false));
+        self.outcomes.extend(lost);
     }
 }
 
@@ -407,6 +475,39 @@ mod tests {
         send(&mut x, tag::QUERY, b"select 1\0");
         answer(&mut x, b"CZ");
         assert_eq!(x.unnamed(), &Unnamed::None);
+    }
+
+    #[test]
+    fn injected_parses_are_matched_apart_from_the_clients() {
+        let mut x = Extended::default();
+        let body = parse_body("s1", "select 1", &[]).into_boxed_slice();
+        // Re-created ahead of the client's Bind: its ParseComplete is ours.
+        x.inject("s1".into(), body.clone());
+        send(&mut x, tag::BIND, b"\0s1\0\0\0\0\0\0\0");
+        send(&mut x, tag::EXECUTE, b"\0\0\0\0\0");
+        send(&mut x, tag::SYNC, b"");
+        assert!(x.front_is_injected());
+        x.injected_parse_complete();
+        assert!(!x.front_is_injected());
+        answer(&mut x, b"2CZ");
+        assert_eq!(x.take_injected_outcomes(), vec![("s1".to_owned(), true)]);
+        // One that fails is the client's error (the Bind it precedes is
+        // skipped, as the old server's Bind would have failed).
+        x.inject("s1".into(), body.clone());
+        send(&mut x, tag::BIND, b"\0s1\0\0\0\0\0\0\0");
+        send(&mut x, tag::SYNC, b"");
+        assert!(x.front_is_injected());
+        answer(&mut x, b"EZ");
+        assert_eq!(x.take_injected_outcomes(), vec![("s1".to_owned(), false)]);
+        assert!(x.awaiting.is_empty() && x.injected.is_empty());
+        // Skipped after an earlier error: neither answered nor reparsed.
+        send(&mut x, tag::BIND, b"\0nope\0\0\0\0\0\0\0");
+        x.inject("s1".into(), body);
+        send(&mut x, tag::BIND, b"\0s1\0\0\0\0\0\0\0");
+        send(&mut x, tag::SYNC, b"");
+        answer(&mut x, b"EZ");
+        assert_eq!(x.take_injected_outcomes(), vec![("s1".to_owned(), false)]);
+        assert!(x.awaiting.is_empty() && x.injected.is_empty());
     }
 
     #[test]

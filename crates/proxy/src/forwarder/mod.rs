@@ -7,6 +7,7 @@
 //! a later transfer can swap the server socket with no lock in sight.
 
 pub mod buffer_pool;
+pub mod careful;
 pub mod extended;
 pub mod pump;
 pub mod setting_names;
@@ -22,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::errors::SessionError;
 use crate::metrics::{Metrics, MigrationResult};
 use crate::stream::Stream;
+use careful::{Careful, Deferred};
 use pump::{Pump, PumpError};
 use tracker::{CopyState, SessionTracker, Stamp, TxStatus};
 
@@ -174,6 +176,10 @@ pub struct Forwarder<'m> {
     control_open: bool,
     pending_terminate: Option<SessionError>,
     transfer: TransferWait,
+    /// Message-by-message forwarding while the backend lacks statements the
+    /// client holds (boxed: almost no session ever has it).
+    careful: Option<Box<Careful>>,
+    max_message_len: u32,
     metrics: &'m Metrics,
     /// Bytes forwarded in this session, per direction.
     pub bytes_from_client: u64,
@@ -199,6 +205,8 @@ impl<'m> Forwarder<'m> {
             control_open: true,
             pending_terminate: None,
             transfer: TransferWait::None,
+            careful: None,
+            max_message_len,
             metrics,
             bytes_from_client: 0,
             bytes_to_client: 0,
@@ -251,11 +259,63 @@ impl<'m> Forwarder<'m> {
     pub fn resume_after_transfer(&mut self) {
         self.tracker.set_hold_at_sync(false);
         self.request.resume();
+        if let Some(c) = &mut self.careful {
+            c.resume();
+        }
+    }
+
+    /// Statements the session's (new) backend lacks: from now on they are
+    /// re-created before their first use (`careful`).
+    pub fn defer_statements(&mut self, deferred: Vec<Deferred>) {
+        if deferred.is_empty() {
+            return;
+        }
+        match &mut self.careful {
+            Some(c) => c.defer(deferred),
+            None => {
+                let held = self.request.take_held();
+                self.careful = Some(Box::new(Careful::new(deferred, held, self.max_message_len)));
+            }
+        }
+    }
+
+    /// Statements the backend may lack (carried by the forwarder across
+    /// moves, since no capture can see them).
+    pub fn deferred_statements(&self) -> Vec<Deferred> {
+        self.careful
+            .as_ref()
+            .map(|c| c.deferred().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// No message is half-forwarded to the client.
+    pub fn response_at_boundary(&self) -> bool {
+        self.response.at_boundary()
+            && self
+                .careful
+                .as_ref()
+                .is_none_or(|c| c.response_at_boundary())
+    }
+
+    /// No client message is half-forwarded to the server.
+    pub fn request_at_boundary(&self) -> bool {
+        self.request.at_boundary()
+            && self
+                .careful
+                .as_ref()
+                .is_none_or(|c| c.request_at_boundary())
+    }
+
+    fn request_paused(&self) -> bool {
+        self.request.is_paused() || self.careful.as_ref().is_some_and(|c| c.is_paused())
     }
 
     /// True when a transfer may run right now.
     fn at_safe_point(&self) -> bool {
-        self.request.is_drained() && self.response.at_boundary() && self.tracker.is_quiescent()
+        self.request.is_drained()
+            && self.response.at_boundary()
+            && self.careful.as_ref().is_none_or(|c| c.at_safe_point())
+            && self.tracker.is_quiescent()
     }
 
     fn snapshot(&self) -> SessionSnapshot {
@@ -323,7 +383,7 @@ impl<'m> Forwarder<'m> {
                 }
                 return Poll::Ready(Interrupt::Ended(end));
             }
-            if self.response.at_boundary() {
+            if self.response_at_boundary() {
                 if let Some(err) = self.pending_terminate.take() {
                     return Poll::Ready(Interrupt::Ended(ForwardEnd::Terminated(err)));
                 }
@@ -375,17 +435,32 @@ impl<'m> Forwarder<'m> {
         // Held after a sync point whose answers have all arrived, but the
         // session is inside a transaction (or COPY): let it go on until
         // the next sync point.
-        if self.request.is_paused()
-            && self.tracker.outstanding() == 0
-            && self.response.at_boundary()
-        {
+        if self.request_paused() && self.tracker.outstanding() == 0 && self.response_at_boundary() {
             self.request.resume();
+            if let Some(c) = &mut self.careful {
+                c.resume();
+            }
             return WaitStep::Resumed;
         }
         WaitStep::Waiting
     }
 
     fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Poll<ForwardEnd> {
+        if let Some(c) = &mut self.careful {
+            let r = c.poll(cx, &mut self.client, &mut self.server, &mut self.tracker);
+            let (up, down) = (
+                std::mem::take(&mut c.to_server),
+                std::mem::take(&mut c.to_client),
+            );
+            self.request.bytes_unreported += up;
+            self.response.bytes_unreported += down;
+            if r.is_pending() && c.done() {
+                // Every statement is back: the pumps take over.
+                self.careful = None;
+                cx.waker().wake_by_ref();
+            }
+            return r;
+        }
         // (Request first: what the client sent should reach the server
         // before we wait on the server's answer.)
         let mut side = self.tracker.request_side();

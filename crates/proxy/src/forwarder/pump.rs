@@ -76,6 +76,24 @@ impl Pump {
         self.paused = false;
     }
 
+    /// Takes the bytes held back after a pause (read, not yet scanned) when
+    /// everything before them has been written; the pump is then empty.
+    /// For the forwarder switching to message-by-message forwarding.
+    pub fn take_held(&mut self) -> Vec<u8> {
+        if !self.is_drained() {
+            return Vec::new();
+        }
+        let held = match &self.buf {
+            Some(buf) => buf[self.scanned..self.filled].to_vec(),
+            None => Vec::new(),
+        };
+        self.written = 0;
+        self.scanned = 0;
+        self.filled = 0;
+        self.release();
+        held
+    }
+
     /// Holds a read buffer right now (for memory accounting and tests).
     pub fn holds_buffer(&self) -> bool {
         self.buf.is_some()

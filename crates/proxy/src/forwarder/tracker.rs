@@ -128,6 +128,27 @@ impl SessionTracker {
         &self.custom_settings
     }
 
+    /// pgferry sends a Parse of its own ahead of the client's next message
+    /// (`careful`); the tracker matches its answer apart.
+    pub fn inject_parse(&mut self, name: String, body: Box<[u8]>) {
+        self.extended.inject(name, body);
+    }
+
+    /// The server's next answer is to an injected Parse.
+    pub fn next_answer_is_injected(&self) -> bool {
+        self.extended.front_is_injected()
+    }
+
+    /// An injected Parse succeeded; its ParseComplete is not forwarded.
+    pub fn injected_parse_complete(&mut self) {
+        self.extended.injected_parse_complete();
+    }
+
+    /// (name, re-created?) of the injected Parses settled since last asked.
+    pub fn take_injected_outcomes(&mut self) -> Vec<(String, bool)> {
+        self.extended.take_injected_outcomes()
+    }
+
     /// A message the proxy itself relayed to the client during a move.
     pub fn note_relayed(&mut self, tag: u8) {
         self.last_response = Some(self.tick(tag));

@@ -71,6 +71,11 @@ const NOT_REPLAYED: &[&str] = &[
     "transaction_deferrable",
 ];
 
+/// Name of the statement pgferry's own queries on a session's backend run
+/// as. Never a simple Query: that would drop the client's unnamed
+/// prepared statement, which a refused move must leave as it was.
+pub const OWN_STATEMENT: &str = "pgferry_own_query";
+
 /// The unnamed prepared statement as the proxy saw the client create it
 /// (PostgreSQL does not list it in `pg_prepared_statements`).
 #[derive(Debug, Clone, Copy)]
@@ -80,7 +85,8 @@ pub struct UnnamedStatement<'a> {
     pub parameter_oids: &'a [u32],
 }
 
-/// The capture query. Placeholders (`app.tenant`) are invisible in
+/// The capture query (run as pgferry's own statement `pgferry_own_query`,
+/// which it leaves out of the session's statements). Placeholders (`app.tenant`) are invisible in
 /// `pg_settings`, so their names come from the caller; so does the
 /// unnamed statement, whose parameter type OIDs are turned into names here
 /// (`-` for 0) to be resolved on the target like the named ones'.
@@ -119,7 +125,7 @@ pub fn capture_query(custom_names: &[String], unnamed: Option<UnnamedStatement<'
          session_user::text, \
          (SELECT coalesce(json_agg(json_build_object('name', p.name, 'statement', p.statement, \
             'parameter_types', p.parameter_types::text[], 'from_sql', p.from_sql) ORDER BY p.prepare_time), '[]') \
-            FROM pg_catalog.pg_prepared_statement() p)::text, \
+            FROM pg_catalog.pg_prepared_statement() p WHERE p.name <> '{OWN_STATEMENT}')::text, \
          pg_catalog.pg_my_temp_schema()::bigint, \
          (SELECT count(*) FROM pg_catalog.pg_lock_status() l \
             WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid())::int, \

@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use pgferry_wire::messages::{encode_parameter_status, encode_query, encode_terminate};
+use pgferry_wire::messages::{
+    encode_parameter_status, encode_parse, encode_sync, encode_terminate,
+};
 use pgferry_wire::{tag, CancelKey, ErrorFields, StartupMessage};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
@@ -27,10 +29,11 @@ use crate::backend::dial::{self, put_raw, read_message, DialError};
 use crate::backend::login::BackendCredentials;
 use crate::backend::{Backend, BackendLease};
 use crate::cancel::CancelTarget;
+use crate::forwarder::careful::Deferred;
 use crate::forwarder::extended::{decode_unnamed_parse, Unnamed, MAX_UNNAMED_STATEMENT};
 use crate::forwarder::Forwarder;
 use crate::ProxyContext;
-use capture::{capture_query, parse_capture, UnnamedStatement};
+use capture::{capture_query, parse_capture, UnnamedStatement, OWN_STATEMENT};
 use known_state::KnownState;
 
 /// Who the session is, for dialing a target as the client.
@@ -208,7 +211,7 @@ pub async fn transfer(
     };
 
     // 2. Replay; any error drops the new connection.
-    let params = timed(
+    let replayed = timed(
         phase("replay"),
         tokio::time::timeout(
             ctx.config.proxy.connect_timeout,
@@ -218,6 +221,31 @@ pub async fn transfer(
     .await
     .map_err(|_| Recoverable(format!("replay on {} timed out", target.name)))?
     .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
+    let params = replayed.parameters;
+    let mut deferred = Vec::new();
+    for u in replayed.unparsed {
+        if !broken_on_old_backend(ctx, fwd, &current, &u).await? {
+            return Err(Recoverable(format!(
+                "prepared statement {:?} cannot be re-created on {}: {}",
+                u.statement.name,
+                target.name,
+                replay::describe(&u.error)
+            )));
+        }
+        let mut parse = BytesMut::new();
+        pgferry_wire::messages::encode_parse(
+            &mut parse,
+            &u.statement.name,
+            &u.statement.statement,
+            &u.oids,
+        )
+        .map_err(|e| Recoverable(e.to_string()))?;
+        // The body: what follows the 5-byte header.
+        deferred.push(Deferred {
+            name: u.statement.name,
+            parse: parse.get(5..).unwrap_or_default().into(),
+        });
+    }
 
     // 3. Whatever the old backend said meanwhile is the client's to hear;
     //    if it ended the session (an administrator's pg_terminate_backend
@@ -259,6 +287,13 @@ pub async fn transfer(
         },
     );
     fwd.tracker.set_parameters(params);
+    if !deferred.is_empty() {
+        tracing::info!(
+            count = deferred.len(),
+            "statements that do not parse here are re-created at their first use"
+        );
+        fwd.defer_statements(deferred);
+    }
     if !for_client.is_empty() {
         // A client that is gone will be noticed by the forwarder.
         let _ = fwd.client.write_all(&for_client).await;
@@ -383,8 +418,8 @@ const LATE_CAPTURE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3
 /// Time allowed for a backend's last words once it is known to be leaving.
 const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Runs one simple query on the session's current backend (its traffic
-/// held) and returns its one row. Messages meant for the client that
+/// Runs one query on the session's current backend (its traffic held), as
+/// a named statement of the extended protocol, and returns its one row. Messages meant for the client that
 /// arrive meanwhile are delivered. A backend that ends the session here
 /// (its FATAL relayed) gives `BackendEnded`; one that stops answering is
 /// fatal.
@@ -394,9 +429,48 @@ async fn query_old_backend(
     current: &str,
     sql: &str,
 ) -> Result<bytes::Bytes, TransferError> {
-    let max_len = ctx.config.proxy.max_message_length;
+    let enc = |e: pgferry_wire::EncodeError| Recoverable(e.to_string());
     let mut out = BytesMut::new();
-    encode_query(&mut out, sql).map_err(|e| Recoverable(e.to_string()))?;
+    encode_parse(&mut out, OWN_STATEMENT, sql, &[]).map_err(enc)?;
+    let mut bind = vec![0u8];
+    bind.extend_from_slice(OWN_STATEMENT.as_bytes());
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+    put_raw(&mut out, tag::BIND, &bind);
+    put_raw(&mut out, tag::EXECUTE, &[0, 0, 0, 0, 0]);
+    encode_sync(&mut out).map_err(enc)?;
+    // Closed after the Sync, so an error above cannot skip it.
+    close_own_statement(&mut out).map_err(enc)?;
+    let (row, error) = ask_old_backend(ctx, fwd, current, &out, 2).await?;
+    if let Some(e) = error {
+        return Err(Recoverable(format!(
+            "capture failed: {}",
+            e.message().unwrap_or("error")
+        )));
+    }
+    row.ok_or_else(|| Recoverable("capture returned no row".into()))
+}
+
+/// Close of `OWN_STATEMENT` and a Sync (closing one that does not exist
+/// is no error).
+fn close_own_statement(out: &mut BytesMut) -> Result<(), pgferry_wire::EncodeError> {
+    let mut close = vec![b'S'];
+    close.extend_from_slice(OWN_STATEMENT.as_bytes());
+    close.push(0);
+    put_raw(out, tag::CLOSE, &close);
+    encode_sync(out)
+}
+
+/// One exchange of pgferry's own with the old backend: sends `out`, reads
+/// until `ready` ReadyForQuery; the last row and the first (non-FATAL)
+/// error.
+async fn ask_old_backend(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    current: &str,
+    out: &[u8],
+    ready: usize,
+) -> Result<(Option<bytes::Bytes>, Option<ErrorFields>), TransferError> {
+    let max_len = ctx.config.proxy.max_message_length;
     let old_dead =
         |e: &dyn std::fmt::Display| Fatal(format!("backend {current} failed during capture: {e}"));
     let mut inbuf = BytesMut::new();
@@ -404,7 +478,7 @@ async fn query_old_backend(
     // server's own FATAL).
     let mut for_client = BytesMut::new();
     let sent = async {
-        fwd.server.write_all(&out).await?;
+        fwd.server.write_all(out).await?;
         fwd.server.flush().await
     }
     .await;
@@ -423,6 +497,7 @@ async fn query_old_backend(
     // given up on.
     let started = tokio::time::Instant::now();
     let mut deadline = started + ctx.config.migration.capture_timeout;
+    let mut seen = 0;
     let mut late = false;
     loop {
         let m = match tokio::time::timeout_at(
@@ -458,9 +533,14 @@ async fn query_old_backend(
                     relay(fwd, &mut for_client).await;
                     return Err(BackendEnded { said_why: true });
                 }
-                error = Some(f.message().unwrap_or("error").to_owned());
+                error.get_or_insert(f);
             }
-            tag::READY_FOR_QUERY => break,
+            tag::READY_FOR_QUERY => {
+                seen += 1;
+                if seen == ready {
+                    break;
+                }
+            }
             tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
                 put_raw(&mut for_client, m.tag, &m.body)
             }
@@ -476,10 +556,43 @@ async fn query_old_backend(
             ctx.config.migration.capture_timeout
         )));
     }
-    if let Some(e) = error {
-        return Err(Recoverable(format!("capture failed: {e}")));
-    }
-    row.ok_or_else(|| Recoverable("capture returned no row".into()))
+    Ok((row, error))
+}
+
+/// Whether `u` fails to parse on the old backend too, with the same
+/// SQLSTATE: then it is the session's own state (its table was dropped),
+/// which PostgreSQL keeps until the statement is used, and the session may
+/// move with it deferred. Otherwise the backends differ, and it must not.
+async fn broken_on_old_backend(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    current: &str,
+    u: &replay::Unparsed,
+) -> Result<bool, TransferError> {
+    let enc = |e: pgferry_wire::EncodeError| Recoverable(e.to_string());
+    // The parameter types by name, resolved here as the replay resolved
+    // them on the target.
+    let oids = match replay::type_resolution_sql(&[&u.statement]) {
+        Some(sql) => {
+            let row = query_old_backend(ctx, fwd, current, &sql).await?;
+            let cols = pgferry_wire::messages::decode_data_row(&row)
+                .map_err(|e| Recoverable(e.to_string()))?;
+            let text = cols
+                .first()
+                .copied()
+                .flatten()
+                .and_then(|c| std::str::from_utf8(c).ok())
+                .ok_or_else(|| Recoverable("type resolution returned no types".into()))?;
+            replay::parse_oids(text).map_err(Recoverable)?
+        }
+        None => Vec::new(),
+    };
+    let mut out = BytesMut::new();
+    encode_parse(&mut out, OWN_STATEMENT, &u.statement.statement, &oids).map_err(enc)?;
+    encode_sync(&mut out).map_err(enc)?;
+    close_own_statement(&mut out).map_err(enc)?;
+    let (_, error) = ask_old_backend(ctx, fwd, current, &out, 2).await?;
+    Ok(error.is_some_and(|e| e.sqlstate().is_some() && e.sqlstate() == u.error.sqlstate()))
 }
 
 /// Reads what a closing backend still has to say, until it is gone or

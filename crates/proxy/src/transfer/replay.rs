@@ -60,7 +60,7 @@ pub fn type_resolution_sql(statements: &[&PreparedStatement]) -> Option<String> 
     Some(format!("SELECT {}", cols.join(", ")))
 }
 
-fn parse_oids(text: &str) -> Result<Vec<u32>, String> {
+pub fn parse_oids(text: &str) -> Result<Vec<u32>, String> {
     let inner = text.trim_start_matches('{').trim_end_matches('}');
     if inner.is_empty() {
         return Ok(Vec::new());
@@ -71,13 +71,33 @@ fn parse_oids(text: &str) -> Result<Vec<u32>, String> {
         .collect()
 }
 
-/// Runs the replay on `conn`; returns its ParameterStatus values after it.
-/// Any error means the target connection must be dropped.
+/// A protocol-level statement whose Parse fails on the target: what the
+/// client's statement is, with its parameter type OIDs on the target, and
+/// the target's error.
+#[derive(Debug, Clone)]
+pub struct Unparsed {
+    pub statement: PreparedStatement,
+    pub oids: Vec<u32>,
+    pub error: ErrorFields,
+}
+
+/// What a replay left on the target.
+#[derive(Debug)]
+pub struct Replayed {
+    /// ParameterStatus values after the replay.
+    pub parameters: ParameterList,
+    /// Protocol-level statements that would not parse (their table was
+    /// dropped, say): the caller decides whether the session may move.
+    pub unparsed: Vec<Unparsed>,
+}
+
+/// Runs the replay on `conn`. Any error but a protocol-level statement
+/// that does not parse means the target connection must be dropped.
 pub async fn replay(
     conn: &mut ServerConnection,
     state: &SessionState,
     max_len: u32,
-) -> Result<ParameterList, String> {
+) -> Result<Replayed, String> {
     let mut params = conn.parameters.clone();
     let mut out = BytesMut::new();
     let mut queries = 0;
@@ -96,10 +116,14 @@ pub async fn replay(
         encode_query(&mut out, sql).map_err(enc)?;
         queries += 1;
     }
+    let done = |parameters| Replayed {
+        parameters,
+        unparsed: Vec::new(),
+    };
     if queries == 0 {
-        return Ok(params);
+        return Ok(done(params));
     }
-    let types_row = exchange(
+    let (errors, types_row) = exchange(
         conn,
         &out,
         queries,
@@ -108,21 +132,54 @@ pub async fn replay(
         types_sql.is_some(),
     )
     .await?;
+    if let Some(e) = errors.into_iter().flatten().next() {
+        return Err(format!("replay failed: {}", describe(&e)));
+    }
     if protocol.is_empty() {
-        return Ok(params);
+        return Ok(done(params));
     }
     let row = types_row.ok_or("type resolution returned no row")?;
     out.clear();
-    for (p, oids) in protocol.iter().zip(row) {
-        encode_parse(&mut out, &p.name, &p.statement, &parse_oids(&oids)?).map_err(enc)?;
+    // One Sync each: a statement that does not parse must not hide the
+    // ones after it, and its error must be its own.
+    let mut oids = Vec::with_capacity(protocol.len());
+    for (p, o) in protocol.iter().zip(row) {
+        let o = parse_oids(&o)?;
+        encode_parse(&mut out, &p.name, &p.statement, &o).map_err(enc)?;
+        encode_sync(&mut out).map_err(enc)?;
+        oids.push(o);
     }
-    encode_sync(&mut out).map_err(enc)?;
-    exchange(conn, &out, 1, max_len, &mut params, false).await?;
-    Ok(params)
+    let (errors, _) = exchange(conn, &out, protocol.len(), max_len, &mut params, false).await?;
+    let unparsed = protocol
+        .iter()
+        .zip(oids)
+        .zip(errors)
+        .filter_map(|((p, oids), e)| {
+            e.map(|error| Unparsed {
+                statement: (*p).clone(),
+                oids,
+                error,
+            })
+        })
+        .collect();
+    Ok(Replayed {
+        parameters: params,
+        unparsed,
+    })
+}
+
+/// "message (SQLSTATE)", for reasons.
+pub fn describe(e: &ErrorFields) -> String {
+    format!(
+        "{} ({})",
+        e.message().unwrap_or("error"),
+        e.sqlstate().unwrap_or("?????")
+    )
 }
 
 /// Sends `out` and reads until `ready` ReadyForQuery messages arrived.
-/// Returns the text columns of the last DataRow if `want_last_row`.
+/// Returns the first error of each of those exchanges and, if
+/// `want_last_row`, the text columns of the last exchange's DataRow.
 async fn exchange(
     conn: &mut ServerConnection,
     out: &[u8],
@@ -130,15 +187,15 @@ async fn exchange(
     max_len: u32,
     params: &mut ParameterList,
     want_last_row: bool,
-) -> Result<Option<Vec<String>>, String> {
+) -> Result<(Vec<Option<ErrorFields>>, Option<Vec<String>>), String> {
     conn.stream
         .write_all(out)
         .await
         .map_err(|e| e.to_string())?;
     conn.stream.flush().await.map_err(|e| e.to_string())?;
     let mut inbuf = BytesMut::new();
+    let mut errors = vec![None; ready];
     let mut seen = 0;
-    let mut error = None;
     let mut last_row = None;
     while seen < ready {
         let m = read_message(&mut conn.stream, &mut inbuf, max_len)
@@ -148,13 +205,7 @@ async fn exchange(
             tag::READY_FOR_QUERY => seen += 1,
             tag::ERROR_RESPONSE => {
                 let f = ErrorFields::decode(&m.body).map_err(|e| e.to_string())?;
-                error.get_or_insert_with(|| {
-                    format!(
-                        "{} ({})",
-                        f.message().unwrap_or("error"),
-                        f.sqlstate().unwrap_or("?????")
-                    )
-                });
+                errors[seen].get_or_insert(f);
             }
             tag::PARAMETER_STATUS => {
                 let (n, v) = decode_parameter_status(&m.body).map_err(|e| e.to_string())?;
@@ -171,10 +222,7 @@ async fn exchange(
             _ => {}
         }
     }
-    match error {
-        Some(e) => Err(format!("replay failed: {e}")),
-        None => Ok(last_row),
-    }
+    Ok((errors, last_row))
 }
 
 #[cfg(test)]
