@@ -67,11 +67,7 @@ fn transfer_requests_during_a_move_are_refused_at_once_and_never_carried_out_lat
     let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "pingpong");
     let info = proxy.connection_by_app("pingpong");
     let id = info["id"].as_str().expect("id").to_owned();
-    let cluster = if info["backend"] == "pg1" {
-        &env().pg1
-    } else {
-        &env().pg2
-    };
+    let cluster = backend_of(&proxy, "pingpong");
     let admin = proxy.admin;
     let path = format!("/v1/connections/{id}/transfer");
     let body = "{\"timeout_ms\": 5000}";
@@ -143,11 +139,7 @@ fn a_slow_source_backend_abandons_the_move_and_keeps_the_session() {
     });
     let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "slow");
     let info = proxy.connection_by_app("slow");
-    let cluster = if info["backend"] == "pg1" {
-        &env().pg1
-    } else {
-        &env().pg2
-    };
+    let cluster = backend_of(&proxy, "slow");
     let id = info["id"].as_str().expect("id").to_owned();
     let admin = proxy.admin;
     let frozen = Frozen::new(server_pid(cluster, "slow"));

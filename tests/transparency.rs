@@ -39,13 +39,15 @@ fn transfer_async(
     })
 }
 
-fn backend_of(proxy: &ProxyProcess, app: &str) -> &'static pgferry_pgcluster::Cluster {
-    let e = env();
-    match proxy.connection_by_app(app)["backend"].as_str() {
-        Some("pg1") => &e.pg1,
-        Some("pg2") => &e.pg2,
-        other => panic!("unexpected backend {other:?}"),
-    }
+/// A raw client named `app` and the server process serving it.
+fn client_and_server_pid(
+    proxy: &ProxyProcess,
+    app: &str,
+) -> (RawClient, &'static pgferry_pgcluster::Cluster, i32) {
+    let c = raw_client(proxy, app);
+    let cluster = backend_of(proxy, app);
+    let pid = server_pid(cluster, app);
+    (c, cluster, pid)
 }
 
 fn wait_for_state(proxy: &ProxyProcess, app: &str, state: &str) {
@@ -115,9 +117,7 @@ fn a_move_asked_for_after_a_flush_waits_for_sync_and_the_failed_batch_rolls_back
 #[test]
 fn a_session_that_sent_terminate_is_never_moved() {
     let proxy = ProxyProcess::start(ProxyOptions::default());
-    let mut c = raw_client(&proxy, "leaving");
-    let cluster = backend_of(&proxy, "leaving");
-    let pid = server_pid(cluster, "leaving");
+    let (mut c, _, pid) = client_and_server_pid(&proxy, "leaving");
     {
         // The server has not read the Terminate yet: to pgferry the session
         // looks idle.
@@ -142,9 +142,7 @@ fn a_session_that_sent_terminate_is_never_moved() {
 #[test]
 fn a_kill_as_the_move_starts_reaches_the_client_as_the_servers_own_error() {
     let proxy = ProxyProcess::start(ProxyOptions::default());
-    let mut c = raw_client(&proxy, "killed");
-    let cluster = backend_of(&proxy, "killed");
-    let pid = server_pid(cluster, "killed");
+    let (mut c, cluster, pid) = client_and_server_pid(&proxy, "killed");
     let mover;
     {
         let _frozen = Frozen::new(pid);
@@ -251,9 +249,7 @@ fn a_kill_while_the_move_is_in_flight_ends_the_session_with_the_servers_error() 
 #[test]
 fn a_cancel_during_a_move_waits_and_never_cancels_the_capture() {
     let proxy = ProxyProcess::start(ProxyOptions::default());
-    let mut c = raw_client(&proxy, "cancelled");
-    let cluster = backend_of(&proxy, "cancelled");
-    let pid = server_pid(cluster, "cancelled");
+    let (mut c, _, pid) = client_and_server_pid(&proxy, "cancelled");
     let mover;
     let canceller;
     {

@@ -633,3 +633,13 @@ impl Drop for Frozen {
         );
     }
 }
+
+/// The cluster the session named `app` runs on, per the admin API.
+pub fn backend_of(proxy: &ProxyProcess, app: &str) -> &'static pgferry_pgcluster::Cluster {
+    let e = env();
+    match proxy.connection_by_app(app)["backend"].as_str() {
+        Some("pg1") => &e.pg1,
+        Some("pg2") => &e.pg2,
+        other => panic!("unexpected backend {other:?}"),
+    }
+}
