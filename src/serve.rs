@@ -128,14 +128,18 @@ async fn reload_on_sighup(proxy: Arc<Proxy>, path: PathBuf, mut stop: watch::Rec
             _ = stop.wait_for(|s| *s) => return,
         }
         info!(file = %path.display(), "SIGHUP received: reloading the config");
-        let applied = Config::load(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| proxy.reload(&c).map_err(anyhow::Error::from));
+        let applied = match Config::load(&path) {
+            Ok(c) => proxy.reload(&c).await.map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
         match applied {
             Ok(s) => info!(
                 added = ?s.added,
                 removing = ?s.removing,
                 users = s.users,
+                users_derived = s.users_derived,
+                users_reused = s.users_reused,
+                userlist_ms = s.userlist_took.as_millis() as u64,
                 "config reloaded (backends and userlist; other settings need a restart)"
             ),
             Err(e) => {

@@ -118,6 +118,8 @@ pub struct ProxyOptions {
     pub proxy_extra: String,
     /// Lines for a [migration] section.
     pub migration_extra: String,
+    /// Extra lines for the [auth] section.
+    pub auth_extra: String,
     /// Whole extra sections (such as `[audit]`), appended as they are.
     pub extra_sections: String,
     /// Userlist file contents; defaults to app's plaintext password and
@@ -140,6 +142,7 @@ impl Default for ProxyOptions {
             require_tls: false,
             proxy_extra: String::new(),
             migration_extra: String::new(),
+            auth_extra: String::new(),
             extra_sections: String::new(),
             userlist: None,
             soft_nofile: None,
@@ -154,6 +157,7 @@ pub struct ProxyProcess {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub log: Arc<Mutex<String>>,
+    soft_nofile: Option<u64>,
 }
 
 impl ProxyProcess {
@@ -169,8 +173,8 @@ impl ProxyProcess {
         std::fs::write(dir.path().join("users.txt"), userlist).expect("write userlist");
         let mut toml = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_timeout = \"1s\"\n{}\n\
-             [auth]\nuserlist = \"users.txt\"\n",
-            opts.proxy_extra
+             [auth]\nuserlist = \"users.txt\"\n{}\n",
+            opts.proxy_extra, opts.auth_extra
         );
         if opts.tls {
             let ck =
@@ -200,75 +204,27 @@ impl ProxyProcess {
         let config = dir.path().join("pgferry.toml");
         std::fs::write(&config, toml).expect("write config");
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info,pgferry_proxy=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(soft) = opts.soft_nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: only an async-signal-safe setrlimit between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let (_, hard) =
-                        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_NOFILE,
-                        soft,
-                        hard,
-                    )?;
-                    Ok(())
-                });
-            }
-        }
-        let mut child = cmd.spawn().expect("spawn pgferry");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                for (marker, kind) in [
-                    ("admin API listening", "admin"),
-                    ("pgferry listening", "proxy"),
-                ] {
-                    if line.contains(marker) {
-                        if let Some(addr) = field(&line, "address") {
-                            let _ = tx.send((kind, addr));
-                        }
-                    }
-                }
-                let mut l = log2.lock().unwrap_or_else(|p| p.into_inner());
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let mut addr = None;
-        let mut admin = None;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while addr.is_none() || admin.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(("proxy", a)) => addr = Some(a),
-                Ok((_, a)) => admin = Some(a),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "pgferry did not start; log:\n{}",
-                        log.lock().unwrap_or_else(|p| p.into_inner())
-                    );
-                }
-            }
-        }
+        let (child, addr, admin, log) = spawn(&config, opts.soft_nofile);
         ProxyProcess {
             child,
-            addr: addr.expect("proxy address"),
-            admin: admin.expect("admin address"),
+            addr,
+            admin,
             dir,
             log,
+            soft_nofile: opts.soft_nofile,
         }
+    }
+
+    /// Stops pgferry (SIGKILL) and starts it again from the same directory
+    /// and config; it listens on new ports.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr, admin, log) = spawn(&self.config_path(), self.soft_nofile);
+        self.child = child;
+        self.addr = addr;
+        self.admin = admin;
+        self.log = log;
     }
 
     pub fn port(&self) -> u16 {
@@ -374,6 +330,81 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs the pgferry binary on `config` until both listeners are up.
+fn spawn(
+    config: &std::path::Path,
+    soft_nofile: Option<u64>,
+) -> (Child, SocketAddr, SocketAddr, Arc<Mutex<String>>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info,pgferry_proxy=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(soft) = soft_nofile {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only an async-signal-safe setrlimit between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let (_, hard) =
+                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    soft,
+                    hard,
+                )?;
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().expect("spawn pgferry");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            for (marker, kind) in [
+                ("admin API listening", "admin"),
+                ("pgferry listening", "proxy"),
+            ] {
+                if line.contains(marker) {
+                    if let Some(addr) = field(&line, "address") {
+                        let _ = tx.send((kind, addr));
+                    }
+                }
+            }
+            let mut l = log2.lock().unwrap_or_else(|p| p.into_inner());
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let mut addr = None;
+    let mut admin = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while addr.is_none() || admin.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(("proxy", a)) => addr = Some(a),
+            Ok((_, a)) => admin = Some(a),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "pgferry did not start; log:\n{}",
+                    log.lock().unwrap_or_else(|p| p.into_inner())
+                );
+            }
+        }
+    }
+    (
+        child,
+        addr.expect("proxy address"),
+        admin.expect("admin address"),
+        log,
+    )
 }
 
 /// `key=value` from a tracing line.

@@ -10,17 +10,20 @@
 //!   exchange ("SCRAM pass-through").
 //!
 //! What it must not do:
-//! - no IO besides reading the userlist file in [`UserList::load`]: messages come in and go out
+//! - no IO besides reading the userlist file in [`UserList::load`] (the proxy keeps the
+//!   [`InstallationSecret`] file): messages come in and go out
 //!   as byte slices, so the proxy owns sockets, framing and timeouts;
 //! - never log or print secrets: every type holding a password, key or verifier has a `Debug`
 //!   that redacts it, and secrets are zeroed on drop where the type owns them;
 //! - never panic on bytes from a network peer or a file: every parse returns a typed error.
 
 pub mod scram;
+pub mod secret;
 pub mod userlist;
 
 pub use scram::{
     ChannelBinding, ClientKey, DerivedKeys, ScramClient, ScramCredential, ScramError, ScramServer,
     ScramServerFinal, ScramVerifier,
 };
-pub use userlist::{Secret, UserEntry, UserList, UserListError};
+pub use secret::InstallationSecret;
+pub use userlist::{LoadOptions, LoadStats, Secret, UserEntry, UserList, UserListError};

@@ -7,7 +7,6 @@
 //! exchange, and later calls return [`ScramError::OutOfOrder`].
 
 use std::fmt;
-use std::sync::OnceLock;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -16,6 +15,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 use zeroize::{Zeroize, Zeroizing};
+
+use crate::secret::InstallationSecret;
 
 /// SCRAM without channel binding; offered on every connection.
 pub const MECHANISM: &str = "SCRAM-SHA-256";
@@ -214,23 +215,19 @@ impl ScramVerifier {
         }
     }
 
-    /// Mock verifier for a user that does not exist. Deterministic per user within this process
-    /// (salt = HMAC(per-process secret, user) truncated to 16 bytes) so repeated probes see a
-    /// stable salt, like a real user's. Its keys are HMAC outputs nobody can invert to a
-    /// ClientKey; [`ScramServer`] additionally refuses it via `known_user == false`.
-    pub fn mock(user: &str) -> Self {
-        static SECRET: OnceLock<[u8; KEY_LEN]> = OnceLock::new();
-        let secret = SECRET.get_or_init(|| {
-            let mut s = [0u8; KEY_LEN];
-            rand::rng().fill_bytes(&mut s);
-            s
-        });
-        let salt_full = hmac(secret, &[b"mock salt\0", user.as_bytes()]);
+    /// Mock verifier for a user that does not exist, with `iterations` (the userlist's, see
+    /// [`crate::UserList`]). Deterministic per (installation secret, user): its salt is the one a
+    /// plaintext entry of that name gets ([`user_salt`]), so probes see the same stable salt
+    /// whether or not the user exists, across reloads and restarts. Its keys are HMAC outputs
+    /// nobody can invert to a ClientKey; [`ScramServer`] additionally refuses it via
+    /// `known_user == false`.
+    pub fn mock(secret: &InstallationSecret, user: &str, iterations: u32) -> Self {
+        let key = secret.key();
         Self {
-            iterations: DEFAULT_ITERATIONS,
-            salt: salt_full.iter().take(DEFAULT_SALT_LEN).copied().collect(),
-            stored_key: hmac(secret, &[b"mock stored key\0", user.as_bytes()]),
-            server_key: hmac(secret, &[b"mock server key\0", user.as_bytes()]),
+            iterations,
+            salt: user_salt(secret, user),
+            stored_key: hmac(key, &[b"mock stored key\0", user.as_bytes()]),
+            server_key: hmac(key, &[b"mock server key\0", user.as_bytes()]),
         }
     }
 
@@ -249,6 +246,14 @@ impl ScramVerifier {
     pub fn matches_client_key(&self, client_key: &ClientKey) -> bool {
         sha256(&client_key.0[..]).ct_eq(&self.stored_key).into()
     }
+}
+
+/// The salt of `user`'s verifier when derived here (plaintext entries, mock verifiers):
+/// HMAC(installation secret, user) truncated to PostgreSQL's 16 bytes. Stable across reloads and
+/// restarts, distinct per user and per installation.
+pub fn user_salt(secret: &InstallationSecret, user: &str) -> Vec<u8> {
+    let full = hmac(secret.key(), &[b"user salt\0", user.as_bytes()]);
+    full.iter().take(DEFAULT_SALT_LEN).copied().collect()
 }
 
 /// Decimal iteration count, 1..=u32::MAX, digits only (no sign, no spaces).

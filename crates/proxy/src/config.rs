@@ -224,6 +224,24 @@ pub struct TlsSection {
 pub struct AuthSection {
     /// PgBouncer-format userlist: `"user" "password-or-SCRAM-verifier"`.
     pub userlist: PathBuf,
+    /// 32 random bytes (64 hex digits) keying user salts and mock verifiers; created (mode
+    /// 0600) when absent, so salts stay the same across restarts.
+    #[serde(default = "defaults::secret_file")]
+    pub secret_file: PathBuf,
+    /// Iteration count of plaintext entries and of unknown users' mock verifiers; by default
+    /// the userlist's most common verifier count (4096 without verifiers).
+    #[serde(default)]
+    pub scram_iterations: Option<u32>,
+    /// Back-off per (client IP, user) after failed authentications.
+    #[serde(default = "defaults::throttle")]
+    pub throttle: bool,
+    #[serde(default = "defaults::throttle_initial", deserialize_with = "duration")]
+    pub throttle_initial: Duration,
+    #[serde(default = "defaults::throttle_max", deserialize_with = "duration")]
+    pub throttle_max: Duration,
+    /// (IP, user) pairs remembered at most; the one closest to expiry goes first.
+    #[serde(default = "defaults::throttle_max_entries")]
+    pub throttle_max_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -256,6 +274,21 @@ pub struct BackendConfig {
 
 mod defaults {
     use std::time::Duration;
+    pub fn secret_file() -> std::path::PathBuf {
+        "pgferry.secret".into()
+    }
+    pub fn throttle() -> bool {
+        true
+    }
+    pub fn throttle_initial() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn throttle_max() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn throttle_max_entries() -> usize {
+        100_000
+    }
     pub fn max_client_connections() -> usize {
         10_000
     }
@@ -374,6 +407,7 @@ impl Config {
             }
         };
         fix(&mut self.auth.userlist);
+        fix(&mut self.auth.secret_file);
         if let Some(tls) = &mut self.tls {
             fix(&mut tls.cert);
             fix(&mut tls.key);
@@ -442,6 +476,25 @@ impl Config {
             if a.flush_interval.is_zero() {
                 return Err(("audit.flush_interval".into(), "must be more than 0".into()));
             }
+        }
+        let a = &self.auth;
+        if a.scram_iterations == Some(0) {
+            return Err(("auth.scram_iterations".into(), "must be at least 1".into()));
+        }
+        if a.throttle_initial.is_zero() {
+            return Err(("auth.throttle_initial".into(), "must be more than 0".into()));
+        }
+        if a.throttle_max < a.throttle_initial {
+            return Err((
+                "auth.throttle_max".into(),
+                "must be at least throttle_initial".into(),
+            ));
+        }
+        if a.throttle_max_entries == 0 {
+            return Err((
+                "auth.throttle_max_entries".into(),
+                "must be at least 1".into(),
+            ));
         }
         let b = &self.balancer;
         if b.drain_concurrency == 0 {
@@ -532,6 +585,11 @@ address = "localhost:5433"
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.proxy.max_client_connections, 10_000);
         assert_eq!(c.auth.userlist, Path::new("/etc/pgferry/users.txt"));
+        assert_eq!(c.auth.secret_file, Path::new("/etc/pgferry/pgferry.secret"));
+        assert_eq!(c.auth.scram_iterations, None);
+        assert!(c.auth.throttle);
+        assert_eq!(c.auth.throttle_initial, Duration::from_secs(1));
+        assert_eq!(c.auth.throttle_max, Duration::from_secs(60));
         let tls = c.tls.unwrap();
         assert_eq!(tls.cert, Path::new("/etc/pgferry/certs/server.crt"));
         assert_eq!(tls.key, Path::new("/abs/server.key"));
@@ -588,6 +646,28 @@ address = "localhost:5433"
             .replace("[backend_tls]", "")
             .replace("[auth]", "[backend_tls]\nmode = \"verify-full\"\n[auth]"));
         assert!(e.contains("backend_tls.ca"), "{e}");
+    }
+
+    #[test]
+    fn auth_section() {
+        let c = Config::parse(
+            &GOOD.replace(
+                "[auth]",
+                "[auth]\nsecret_file = \"/run/s\"\nscram_iterations = 8192\nthrottle = false\n\
+                 throttle_initial = \"300ms\"\nthrottle_max = \"5s\"",
+            ),
+            "t.toml",
+            Path::new("/etc"),
+        )
+        .unwrap();
+        assert_eq!(c.auth.secret_file, Path::new("/run/s"));
+        assert_eq!(c.auth.scram_iterations, Some(8192));
+        assert!(!c.auth.throttle);
+        assert_eq!(c.auth.throttle_initial, Duration::from_millis(300));
+        let e = err(&GOOD.replace("[auth]", "[auth]\nthrottle_max = \"10ms\""));
+        assert!(e.contains("auth.throttle_max"), "{e}");
+        let e = err(&GOOD.replace("[auth]", "[auth]\nscram_iterations = 0"));
+        assert!(e.contains("auth.scram_iterations"), "{e}");
     }
 
     #[test]

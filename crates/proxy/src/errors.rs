@@ -36,6 +36,14 @@ pub enum SessionError {
     NoUser,
     #[error("password authentication failed for user \"{user}\"")]
     AuthFailed { user: String },
+    /// Refused by the back-off after failed attempts from this (IP, user). Word for word and
+    /// SQLSTATE the same as a wrong password, so a client learns nothing from being throttled;
+    /// only the proxy's log and metrics tell the two apart.
+    #[error("password authentication failed for user \"{user}\"")]
+    AuthThrottled {
+        user: String,
+        retry_in: std::time::Duration,
+    },
     #[error("TLS is required: connect with sslmode=require")]
     TlsRequired,
     /// The client said it can bind but thinks we cannot, although we offered
@@ -84,7 +92,7 @@ impl SessionError {
                 _ => "XX000",
             },
             SessionError::UnsupportedProtocol(_) => "0A000",
-            SessionError::AuthFailed { .. } => "28P01",
+            SessionError::AuthFailed { .. } | SessionError::AuthThrottled { .. } => "28P01",
             SessionError::TlsRequired
             | SessionError::NoUser
             | SessionError::ChannelBindingNegotiation
@@ -126,6 +134,7 @@ impl SessionError {
             SessionError::UnsupportedProtocol(_) => "unsupported_protocol",
             SessionError::NoUser => "no_user",
             SessionError::AuthFailed { .. } => "auth_failed",
+            SessionError::AuthThrottled { .. } => "auth_throttled",
             SessionError::TlsRequired => "tls_required",
             SessionError::ChannelBindingNegotiation => "channel_binding_negotiation",
             SessionError::ChannelBindingCheckFailed => "channel_binding_check_failed",
@@ -160,6 +169,12 @@ mod tests {
             f.message(),
             Some("password authentication failed for user \"bob\"")
         );
+        // Throttled: byte for byte what a wrong password gets.
+        let throttled = SessionError::AuthThrottled {
+            user: "bob".into(),
+            retry_in: std::time::Duration::from_secs(3),
+        };
+        assert_eq!(client_sees(throttled), f);
         assert_eq!(
             client_sees(SessionError::TlsRequired).sqlstate(),
             Some("28000")

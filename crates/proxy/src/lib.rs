@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod parameters;
 pub mod registry;
 pub mod reload;
+pub mod secret_file;
 pub mod session;
 pub mod stream;
 pub mod tls;
@@ -41,7 +42,7 @@ use cancel::CancelMap;
 use client::handshake::TlsPolicy;
 pub use config::Config;
 pub use metrics::Metrics;
-use pgferry_auth::UserList;
+use pgferry_auth::{InstallationSecret, LoadOptions, UserList};
 use registry::Registry;
 
 #[derive(Debug, Error)]
@@ -50,6 +51,11 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error("userlist: {0}")]
     UserList(#[from] pgferry_auth::UserListError),
+    #[error("auth secret: {0}")]
+    Secret(#[from] secret_file::SecretFileError),
+    /// The thread loading the userlist ended without an answer (it panicked).
+    #[error("userlist: loading did not finish: {0}")]
+    UserListTask(String),
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsConfigError),
     #[error("backends: {0}")]
@@ -66,6 +72,10 @@ pub struct ProxyContext {
     /// not this.
     pub config: Config,
     users: RwLock<Arc<UserList>>,
+    /// From `[auth] secret_file`, read at start: keys user salts and mock verifiers.
+    auth_secret: Arc<InstallationSecret>,
+    /// Back-off after failed client authentications.
+    pub throttle: client::throttle::AuthThrottle,
     pub tls: TlsPolicy,
     pub dial: DialSettings,
     pub backends: BackendSet,
@@ -88,6 +98,16 @@ impl ProxyContext {
 
     pub fn set_users(&self, users: UserList) {
         *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
+    }
+
+    /// How a userlist is loaded under `auth` (a reload's `[auth]`), reusing what the current
+    /// list already derived.
+    pub fn user_load_options(&self, auth: &config::AuthSection) -> LoadOptions {
+        LoadOptions {
+            secret: self.auth_secret.clone(),
+            iterations: auth.scram_iterations,
+            previous: Some(self.users()),
+        }
     }
 }
 
@@ -156,7 +176,30 @@ fn audit_from_config(
 impl Proxy {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let users = UserList::load(&config.auth.userlist)?;
+        let auth_secret = Arc::new(secret_file::load_or_create(&config.auth.secret_file)?);
+        let (users, stats) = UserList::load(
+            &config.auth.userlist,
+            &LoadOptions {
+                secret: auth_secret.clone(),
+                iterations: config.auth.scram_iterations,
+                previous: None,
+            },
+        )?;
+        tracing::info!(
+            users = users.len(),
+            derived = stats.derived,
+            scram_iterations = users.iterations(),
+            "userlist loaded"
+        );
+        let throttle = client::throttle::AuthThrottle::new(
+            client::throttle::ThrottleSettings {
+                enabled: config.auth.throttle,
+                initial: config.auth.throttle_initial,
+                max: config.auth.throttle_max,
+                max_entries: config.auth.throttle_max_entries,
+            },
+            metrics.auth_throttled.clone(),
+        );
         let (acceptor, end_point) = match &config.tls {
             Some(t) => {
                 let server = tls::server_tls(t)?;
@@ -188,6 +231,8 @@ impl Proxy {
             ctx: Arc::new(ProxyContext {
                 audit,
                 users: RwLock::new(Arc::new(users)),
+                auth_secret,
+                throttle,
                 balancer: BalancerState::default(),
                 spares: transfer::spares::SparePool::new(
                     config.migration.warm_spares,
@@ -213,8 +258,8 @@ impl Proxy {
     }
 
     /// Applies a re-read config file (see `reload`).
-    pub fn reload(&self, config: &Config) -> Result<reload::ReloadSummary, StartError> {
-        reload::apply(&self.ctx, config)
+    pub async fn reload(&self, config: &Config) -> Result<reload::ReloadSummary, StartError> {
+        reload::apply(&self.ctx, config).await
     }
 
     /// Serves clients from `listener` until `shutdown` resolves, then lets

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub client_connections_accepted: IntCounter,
     pub client_connections_rejected: IntCounter,
     pub auth_failures: IntCounter,
+    pub auth_throttled: IntCounter,
     pub backend_sessions: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub backend_dial_errors: IntCounterVec,
@@ -157,6 +158,12 @@ impl Metrics {
                 "Client authentications that failed (wrong password or unknown user)",
             )
             .expect("static metric definition"),
+            auth_throttled: IntCounter::new(
+                "pgferry_auth_throttled_total",
+                "Client authentications refused by the back-off after failed attempts from the \
+                 same (client IP, user)",
+            )
+            .expect("static metric definition"),
             backend_sessions: IntGaugeVec::new(
                 Opts::new(
                     "pgferry_backend_sessions",
@@ -256,6 +263,7 @@ impl Metrics {
             Box::new(m.client_connections_accepted.clone()),
             Box::new(m.client_connections_rejected.clone()),
             Box::new(m.auth_failures.clone()),
+            Box::new(m.auth_throttled.clone()),
             Box::new(m.backend_sessions.clone()),
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_dial_errors.clone()),

@@ -225,7 +225,7 @@ async fn login(
         goodbye(stream, &SessionError::AuditBacklogFull).await;
         return None;
     }
-    match authenticate(&mut stream, startup.user(), &ctx.users(), &ctx.tls).await {
+    match authenticate(&mut stream, peer.ip(), startup.user(), ctx).await {
         Ok(AuthOutcome::Authenticated(creds)) => {
             trail.connected(&startup);
             Some((stream, startup, creds))
@@ -239,6 +239,10 @@ async fn login(
                 ctx.metrics.auth_failures.inc();
                 trail.auth_failed(&startup);
                 warn!(%peer, user = startup.user(), "password authentication failed");
+            } else if let SessionError::AuthThrottled { retry_in, .. } = &err {
+                trail.auth_failed(&startup);
+                warn!(%peer, user = startup.user(), retry_in_ms = retry_in.as_millis() as u64,
+                    "authentication throttled after failed attempts");
             } else {
                 trail.refused(&startup, err.kind());
                 info!(%peer, error = %err, "authentication aborted");

@@ -1,5 +1,6 @@
 use super::*;
-use crate::userlist::UserList;
+use crate::secret::InstallationSecret;
+use crate::userlist::{LoadOptions, UserList, UserListError};
 use postgres_protocol::authentication::sasl::{ChannelBinding as PpBinding, ScramSha256};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,6 +15,11 @@ const RFC_SERVER_FIRST: &str =
 const RFC_CLIENT_FINAL: &str = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,\
                                 p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
 const RFC_SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
+
+fn parse_list(text: &str, origin: &str) -> Result<UserList, UserListError> {
+    let options = LoadOptions::new(std::sync::Arc::new(InstallationSecret::random()));
+    UserList::parse(text, origin, &options).map(|(list, _)| list)
+}
 
 fn rfc_verifier() -> ScramVerifier {
     ScramVerifier::from_password("pencil", &B64.decode(RFC_SALT).unwrap(), 4096)
@@ -86,7 +92,7 @@ fn rfc7677_server_vector() {
 
 #[test]
 fn round_trip_plain_entry() {
-    let list = UserList::parse("\"alice\" \"correct horse\"", "t").unwrap();
+    let list = parse_list("\"alice\" \"correct horse\"", "t").unwrap();
     let (v, known) = list.verifier_for("alice");
     assert!(known);
     let mut server = ScramServer::new(v.clone(), known);
@@ -98,7 +104,7 @@ fn round_trip_plain_entry() {
 #[test]
 fn round_trip_verifier_entry() {
     let v = ScramVerifier::from_password("s3cret", b"some salt bytes!", 8192);
-    let list = UserList::parse(&format!("\"bob\" \"{}\"", v.to_pg_string()), "t").unwrap();
+    let list = parse_list(&format!("\"bob\" \"{}\"", v.to_pg_string()), "t").unwrap();
     let (v2, known) = list.verifier_for("bob");
     assert!(known && v2 == v);
     assert_eq!(v2.iterations, 8192);
@@ -176,7 +182,7 @@ fn wrong_password_fails() {
 
 #[test]
 fn unknown_user_always_fails() {
-    let list = UserList::parse("\"alice\" \"pw\"", "t").unwrap();
+    let list = parse_list("\"alice\" \"pw\"", "t").unwrap();
     for pw in ["pw", "", "anything"] {
         let (mock, known) = list.verifier_for("mallory");
         assert!(!known);
@@ -194,8 +200,11 @@ fn unknown_user_always_fails() {
         Err(ScramError::AuthFailed)
     ));
     // The mock salt is stable per user and differs between users.
-    assert_eq!(ScramVerifier::mock("x").salt, ScramVerifier::mock("x").salt);
-    assert_ne!(ScramVerifier::mock("x").salt, ScramVerifier::mock("y").salt);
+    let secret = InstallationSecret::random();
+    let mock = |u| ScramVerifier::mock(&secret, u, 4096);
+    assert_eq!(mock("x").salt, mock("x").salt);
+    assert_ne!(mock("x").salt, mock("y").salt);
+    assert_eq!(mock("x").iterations, 4096);
 }
 
 #[test]
@@ -508,7 +517,7 @@ fn garbage_never_panics() {
         // PBKDF2).
         let _ = ScramVerifier::parse(&text);
         if input.len() < 200 {
-            let _ = UserList::parse(&text, "fuzz");
+            let _ = parse_list(&text, "fuzz");
         }
     }
 }
@@ -600,7 +609,7 @@ fn plus_exchange_with_wrong_binding_fails_alike_for_known_and_unknown_users() {
         let verifier = if known {
             v.clone()
         } else {
-            ScramVerifier::mock("mallory")
+            ScramVerifier::mock(&InstallationSecret::random(), "mallory", 4096)
         };
         let mut server = ScramServer::with_channel_binding(verifier, known, tls());
         let res = pp_exchange(

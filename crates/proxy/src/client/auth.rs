@@ -3,10 +3,13 @@
 //!
 //! Unknown users run the same exchange against a mock verifier and fail at
 //! the same step with the same message as a wrong password, so neither the
-//! answer nor its timing tells which user names exist.
+//! answer nor its timing tells which user names exist. Failed attempts make
+//! later ones from the same (client IP, user) wait (see `throttle`).
+
+use std::net::IpAddr;
 
 use bytes::BytesMut;
-use pgferry_auth::{ScramError, ScramServer, Secret, UserList};
+use pgferry_auth::{ScramError, ScramServer, ScramServerFinal, Secret, UserList};
 use pgferry_wire::messages::{
     decode_sasl_initial_response, encode_auth_ok, encode_auth_sasl, encode_auth_sasl_continue,
     encode_auth_sasl_final, take_message,
@@ -17,8 +20,10 @@ use zeroize::Zeroizing;
 
 use crate::backend::login::BackendCredentials;
 use crate::client::handshake::TlsPolicy;
+use crate::client::throttle::Throttled;
 use crate::errors::SessionError;
 use crate::stream::Stream;
+use crate::ProxyContext;
 
 /// SASL tokens are small; PostgreSQL caps them at 64 KiB as well.
 const MAX_AUTH_MESSAGE: u32 = 65_535;
@@ -31,51 +36,40 @@ pub enum AuthOutcome {
     ClientLeft,
 }
 
+/// Authenticates `user` from `peer`, under the back-off of [`crate::client::throttle`].
 pub async fn authenticate(
     stream: &mut Stream,
+    peer: IpAddr,
     user: &str,
-    users: &UserList,
-    tls: &TlsPolicy,
+    ctx: &ProxyContext,
 ) -> Result<AuthOutcome, SessionError> {
-    let (verifier, known) = users.verifier_for(user);
-    // Decided by the connection alone, so unknown users are offered the same mechanisms.
-    let binding = tls.channel_binding(stream);
-    let mechanisms = binding.mechanisms();
-    let mut server = ScramServer::with_channel_binding(verifier, known, binding);
-    let mut out = BytesMut::with_capacity(256);
-    let mut inbuf = BytesMut::with_capacity(512);
-    let failed = || SessionError::AuthFailed {
+    let throttled = |t: Throttled| SessionError::AuthThrottled {
         user: user.to_owned(),
+        retry_in: t.retry_in,
     };
-    let scram_err = |e: ScramError| match e {
-        ScramError::AuthFailed => failed(),
-        ScramError::ChannelBindingNegotiation => SessionError::ChannelBindingNegotiation,
-        ScramError::ChannelBindingMismatch => SessionError::ChannelBindingCheckFailed,
-        other => SessionError::ClientProtocol(format!("SCRAM: {other}")),
+    // Refused before any exchange: cheap, and the same for known and unknown users.
+    let ticket = ctx.throttle.admit(peer, user).map_err(throttled)?;
+    let users = ctx.users();
+    let mut out = BytesMut::with_capacity(256);
+    let done = match exchange(stream, user, &users, &ctx.tls, &mut out).await {
+        Ok(Some(done)) => done,
+        Ok(None) => return Ok(AuthOutcome::ClientLeft),
+        Err(e) => {
+            if matches!(e, SessionError::AuthFailed { .. }) {
+                ctx.throttle.failed(ticket);
+            }
+            return Err(e);
+        }
     };
-
-    encode_auth_sasl(&mut out, mechanisms).map_err(internal)?;
-    send(stream, &mut out).await?;
-
-    let Some(body) = read_password_message(stream, &mut inbuf).await? else {
-        return Ok(AuthOutcome::ClientLeft);
-    };
-    let (mechanism, data) = decode_sasl_initial_response(&body)
-        .map_err(|e| SessionError::ClientProtocol(e.to_string()))?;
-    let server_first = server
-        .handle_client_first(&mechanism, &data)
-        .map_err(scram_err)?;
-    encode_auth_sasl_continue(&mut out, &server_first).map_err(internal)?;
-    send(stream, &mut out).await?;
-
-    let Some(body) = read_password_message(stream, &mut inbuf).await? else {
-        return Ok(AuthOutcome::ClientLeft);
-    };
-    let done = server.handle_client_final(&body).map_err(scram_err)?;
+    // Decided before the server signature goes out: it would confirm the password.
+    ctx.throttle.succeeded(ticket).map_err(throttled)?;
     encode_auth_sasl_final(&mut out, &done.server_final).map_err(internal)?;
     encode_auth_ok(&mut out).map_err(internal)?;
     send(stream, &mut out).await?;
 
+    let failed = || SessionError::AuthFailed {
+        user: user.to_owned(),
+    };
     let entry = users.get(user).ok_or_else(failed)?;
     Ok(AuthOutcome::Authenticated(match &entry.secret {
         Secret::Plain(p) => BackendCredentials::Password {
@@ -87,6 +81,52 @@ pub async fn authenticate(
             verifier: v.clone(),
         },
     }))
+}
+
+/// The SCRAM exchange up to a verified proof; `None` if the client left.
+async fn exchange(
+    stream: &mut Stream,
+    user: &str,
+    users: &UserList,
+    tls: &TlsPolicy,
+    out: &mut BytesMut,
+) -> Result<Option<ScramServerFinal>, SessionError> {
+    let (verifier, known) = users.verifier_for(user);
+    // Decided by the connection alone, so unknown users are offered the same mechanisms.
+    let binding = tls.channel_binding(stream);
+    let mechanisms = binding.mechanisms();
+    let mut server = ScramServer::with_channel_binding(verifier, known, binding);
+    let mut inbuf = BytesMut::with_capacity(512);
+    let scram_err = |e: ScramError| match e {
+        ScramError::AuthFailed => SessionError::AuthFailed {
+            user: user.to_owned(),
+        },
+        ScramError::ChannelBindingNegotiation => SessionError::ChannelBindingNegotiation,
+        ScramError::ChannelBindingMismatch => SessionError::ChannelBindingCheckFailed,
+        other => SessionError::ClientProtocol(format!("SCRAM: {other}")),
+    };
+
+    encode_auth_sasl(out, mechanisms).map_err(internal)?;
+    send(stream, out).await?;
+
+    let Some(body) = read_password_message(stream, &mut inbuf).await? else {
+        return Ok(None);
+    };
+    let (mechanism, data) = decode_sasl_initial_response(&body)
+        .map_err(|e| SessionError::ClientProtocol(e.to_string()))?;
+    let server_first = server
+        .handle_client_first(&mechanism, &data)
+        .map_err(scram_err)?;
+    encode_auth_sasl_continue(out, &server_first).map_err(internal)?;
+    send(stream, out).await?;
+
+    let Some(body) = read_password_message(stream, &mut inbuf).await? else {
+        return Ok(None);
+    };
+    server
+        .handle_client_final(&body)
+        .map(Some)
+        .map_err(scram_err)
 }
 
 fn internal(e: impl std::fmt::Display) -> SessionError {
