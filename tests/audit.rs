@@ -411,3 +411,84 @@ async fn retention_deletes_old_finished_rows_in_chunks_and_keeps_the_rest() {
     });
     assert!(proxy.metric("pgferry_audit_rows_expired_total") >= 37_000.0);
 }
+
+/// Freezes the audit database: every client backend (pgferry's audit
+/// connection among them) and the postmaster, so open connections get no
+/// answer and new ones are accepted by the kernel but never served.
+/// Thawed when the guards drop.
+fn freeze(audit: &Cluster) -> Vec<Frozen> {
+    let pids = audit
+        .psql(
+            "postgres",
+            "select coalesce(string_agg(pid::text, ','), '') from pg_stat_activity \
+             where backend_type = 'client backend' and pid <> pg_backend_pid()",
+        )
+        .expect("audit backends");
+    let mut frozen: Vec<Frozen> = pids
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| Frozen::new(p.parse().expect("a pid")))
+        .collect();
+    assert!(
+        !frozen.is_empty(),
+        "pgferry has no audit connection to freeze"
+    );
+    frozen.push(Frozen::new(
+        audit.pid().expect("audit postmaster running") as i32
+    ));
+    frozen
+}
+
+/// Sessions whose rows reach the audit database, then nothing pending:
+/// the state every frozen-database test starts from.
+async fn warm_up(audit: &Cluster, proxy: &ProxyProcess, proxy_id: &str) {
+    assert_eq!(churn(proxy, 2, 1, "warm").await, 0);
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            audit,
+            proxy_id,
+            "disconnect_time is not null",
+            2,
+            Duration::from_secs(20),
+        );
+        wait_until(Duration::from_secs(20), "nothing pending", || {
+            proxy.metric("pgferry_audit_pending_rows") == 0.0
+        });
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_audit_database_is_a_counted_flush_error_and_its_rows_are_kept() {
+    // The audit database is this test's own: freezing it disturbs no one.
+    let audit = own_audit("audit-frozen");
+    let proxy = audited_proxy(&audit, "p-frozen", "write_timeout = \"1s\"");
+    warm_up(&audit, &proxy, "p-frozen").await;
+    let frozen = tokio::task::block_in_place(|| freeze(&audit));
+    assert_eq!(churn(&proxy, 3, 1, "while-frozen").await, 0);
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), "a failed audit flush", || {
+            proxy.metric("pgferry_audit_flush_errors_total") > 0.0
+        })
+    });
+    assert!(
+        proxy.metric("pgferry_audit_pending_rows") >= 3.0,
+        "rows of a timed-out flush are kept"
+    );
+    assert_eq!(proxy.metric("pgferry_audit_rows_dropped_total"), 0.0);
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("audit flush failed") && l.contains("did not answer within")),
+        "{log}"
+    );
+    drop(frozen);
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            &audit,
+            "p-frozen",
+            "application_name = 'while-frozen' and disconnect_time is not null",
+            3,
+            Duration::from_secs(60),
+        )
+    });
+}

@@ -463,6 +463,7 @@ mod tests {
             max_pending_rows: max,
             on_overflow: overflow,
             shutdown_flush_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(1),
             retention: None,
             retention_interval: Duration::from_secs(60),
         };
