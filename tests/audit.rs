@@ -492,3 +492,34 @@ async fn a_frozen_audit_database_is_a_counted_flush_error_and_its_rows_are_kept(
         )
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_audit_database_frozen_exits_in_time_and_logs_unwritten_rows() {
+    let audit = own_audit("audit-frozen-term");
+    // The default write_timeout (10s) is longer than this deadline: the
+    // final flush must give up at the deadline, not at the write timeout.
+    let proxy = audited_proxy(&audit, "p-frozen-term", "shutdown_flush_timeout = \"2s\"");
+    warm_up(&audit, &proxy, "p-frozen-term").await;
+    let frozen = tokio::task::block_in_place(|| freeze(&audit));
+    assert_eq!(churn(&proxy, 3, 1, "while-frozen").await, 0);
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), "all disconnects recorded", || {
+            proxy.metric("pgferry_audit_events_total{kind=\"disconnect\"}") == 5.0
+        })
+    });
+    let log = proxy.log.clone();
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| proxy.terminate());
+    let took = started.elapsed();
+    let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(status.success(), "{status:?}\n{log}");
+    // 2s flush deadline, 1s session shutdown_timeout (no session is
+    // open), and a margin for a loaded machine.
+    assert!(took < Duration::from_secs(8), "exit took {took:?}\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("audit rows not written at shutdown"))
+        .unwrap_or_else(|| panic!("no unwritten-rows line:\n{log}"));
+    assert!(line.contains("ERROR") && line.contains("rows=3"), "{line}");
+    drop(frozen);
+}

@@ -5,7 +5,8 @@
 //! task takes the changed rows (sorted by connection id, so concurrent
 //! replicas lock rows in the same order), writes them through the sink and,
 //! only once that succeeded, forgets the rows of finished connections. A
-//! failed write keeps everything; newer events keep merging meanwhile.
+//! failed, timed-out or abandoned write keeps everything; newer events keep
+//! merging meanwhile.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -349,6 +350,30 @@ pub struct Batcher {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// A batch being written. Dropped without `written`/`failed` (the write
+/// was abandoned: shutdown began, or the final flush's deadline passed)
+/// its rows go back to pending, so they are retried or counted as not
+/// written, never forgotten.
+struct InFlight {
+    handle: AuditHandle,
+    batch: Batch,
+}
+
+impl InFlight {
+    /// Ends the guard: the caller settles the batch itself.
+    fn settle(mut self) -> Batch {
+        std::mem::take(&mut self.batch)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.batch.len() > 0 {
+            self.handle.failed(std::mem::take(&mut self.batch));
+        }
+    }
+}
+
 impl Batcher {
     pub fn new(
         handle: AuditHandle,
@@ -368,8 +393,11 @@ impl Batcher {
         }
     }
 
-    /// Flushes every `flush_interval` or when a full batch is pending, until
-    /// `stop` turns true; then a final flush with a deadline.
+    /// Flushes every `flush_interval` or when a full batch is pending,
+    /// until `stop` turns true; then a final flush with a deadline. A write
+    /// in progress when `stop` turns true is abandoned (its rows stay
+    /// pending), so shutdown never waits on a database that does not
+    /// answer longer than `shutdown_flush_timeout`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::ZERO;
         let mut next_expiry = tokio::time::Instant::now();
@@ -380,7 +408,11 @@ impl Batcher {
                 _ = self.handle.shared.wake.notified(), if backoff.is_zero() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
-            match self.flush_pending().await {
+            let round = tokio::select! {
+                r = self.flush_pending() => r,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            match round {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(()) => {
                     backoff = (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
@@ -389,7 +421,11 @@ impl Batcher {
             if let Some((keep, every)) = self.retention {
                 if backoff.is_zero() && tokio::time::Instant::now() >= next_expiry {
                     next_expiry = tokio::time::Instant::now() + every;
-                    match self.sink.expire(keep).await {
+                    let expired = tokio::select! {
+                        r = self.sink.expire(keep) => r,
+                        _ = stop.wait_for(|s| *s) => break,
+                    };
+                    match expired {
                         Ok(Some(n)) => self.metrics.rows_expired.inc_by(n),
                         Ok(None) => tracing::debug!("another pgferry runs the audit retention"),
                         Err(e) => tracing::warn!(error = %e, "audit retention failed"),
@@ -406,9 +442,15 @@ impl Batcher {
             }
         })
         .await;
+        // The timeout dropped any write in flight, which put its rows
+        // back: `pending` is everything not written.
         let left = self.handle.pending();
         if done.is_err() || left > 0 {
-            tracing::error!(rows = left, "audit rows not written at shutdown");
+            tracing::error!(
+                rows = left,
+                timeout = ?self.shutdown_flush_timeout,
+                "audit rows not written at shutdown"
+            );
         } else {
             tracing::info!("audit log flushed");
         }
@@ -428,8 +470,14 @@ impl Batcher {
             if batch.len() == 0 {
                 return Ok(());
             }
+            let in_flight = InFlight {
+                handle: self.handle.clone(),
+                batch,
+            };
             let started = Instant::now();
-            match self.sink.write(&batch).await {
+            let result = self.sink.write(&in_flight.batch).await;
+            let batch = in_flight.settle();
+            match result {
                 Ok(()) => {
                     self.metrics
                         .flush_duration
@@ -595,5 +643,27 @@ mod tests {
             b.connections[0].disconnect_reason.as_deref(),
             Some("auth_failed")
         );
+    }
+
+    #[test]
+    fn an_abandoned_write_puts_its_rows_back() {
+        let h = handle(10, Overflow::Drop);
+        let id = Uuid::new_v4();
+        h.connect(info(id, SystemTime::now()));
+        let in_flight = InFlight {
+            handle: h.clone(),
+            batch: h.take_batch(),
+        };
+        assert_eq!(h.pending(), 0, "taken for writing");
+        drop(in_flight);
+        assert_eq!(h.pending(), 1, "abandoned: pending again");
+
+        let settled = InFlight {
+            handle: h.clone(),
+            batch: h.take_batch(),
+        };
+        let batch = settled.settle();
+        h.written(&batch);
+        assert_eq!(h.pending(), 0, "settled batches are not put back");
     }
 }
