@@ -523,3 +523,65 @@ async fn sigterm_with_the_audit_database_frozen_exits_in_time_and_logs_unwritten
     assert!(line.contains("ERROR") && line.contains("rows=3"), "{line}");
     drop(frozen);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_left_open_by_a_killed_pgferry_are_closed_by_its_successor() {
+    let audit = own_audit("audit-restart");
+    let first = audited_proxy(&audit, "p-restart", "");
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(connect(&first, USER, PASSWORD).await.expect("connect"));
+    }
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            &audit,
+            "p-restart",
+            "disconnect_time is null",
+            3,
+            Duration::from_secs(20),
+        );
+        // A session of another pgferry, still open: not ours to close.
+        audit
+            .psql(
+                "postgres",
+                "INSERT INTO pgferry_connection_log (connection_id, proxy_id, user_name, \
+                   database_name, connect_time, updated_at) \
+                 VALUES (gen_random_uuid(), 'p-other', 'u', 'd', now(), now())",
+            )
+            .expect("other proxy's row");
+    });
+    // Dropping a ProxyProcess SIGKILLs it: no disconnect is ever written.
+    drop(first);
+    drop(sessions);
+    tokio::task::block_in_place(|| {
+        assert_eq!(rows(&audit, "p-restart", "disconnect_time is null"), 3);
+    });
+    let second = audited_proxy(&audit, "p-restart", "");
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            &audit,
+            "p-restart",
+            "disconnect_reason = 'proxy_restarted' and disconnect_time >= connect_time",
+            3,
+            Duration::from_secs(20),
+        );
+        assert_eq!(rows(&audit, "p-restart", "disconnect_time is null"), 0);
+        assert_eq!(
+            rows(
+                &audit,
+                "p-other",
+                "disconnect_time is null and disconnect_reason is null"
+            ),
+            1,
+            "another proxy's open row was touched"
+        );
+    });
+    assert!(
+        second
+            .log()
+            .lines()
+            .any(|l| l.contains("closed audit rows left open") && l.contains("rows=3")),
+        "{}",
+        second.log()
+    );
+}

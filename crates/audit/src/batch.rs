@@ -6,7 +6,8 @@
 //! replicas lock rows in the same order), writes them through the sink and,
 //! only once that succeeded, forgets the rows of finished connections. A
 //! failed, timed-out or abandoned write keeps everything; newer events keep
-//! merging meanwhile.
+//! merging meanwhile. Its first step closes the rows an earlier run of the
+//! same `proxy_id` left open (see `PgSink::close_stale`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -332,6 +333,12 @@ impl AuditHandle {
         self.lock().pending()
     }
 
+    /// Ids of the connections this process still holds a row for: every
+    /// open connection, and finished ones not yet written.
+    pub(crate) fn live_ids(&self) -> Vec<Uuid> {
+        self.lock().live.keys().copied().collect()
+    }
+
     /// Rows held in memory (the quantity `max_pending_rows` bounds).
     pub fn held(&self) -> usize {
         self.lock().held()
@@ -346,6 +353,11 @@ pub struct Batcher {
     shutdown_flush_timeout: Duration,
     retention: Option<(Duration, Duration)>,
     metrics: AuditMetrics,
+    /// When this process began auditing: the disconnect time given to rows
+    /// an earlier run left open.
+    started: SystemTime,
+    /// Whether those rows have been closed (retried each round until so).
+    stale_closed: bool,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -390,18 +402,34 @@ impl Batcher {
                 .retention
                 .map(|keep| (keep, settings.retention_interval)),
             metrics,
+            started: SystemTime::now(),
+            stale_closed: false,
         }
     }
 
-    /// Flushes every `flush_interval` or when a full batch is pending,
-    /// until `stop` turns true; then a final flush with a deadline. A write
-    /// in progress when `stop` turns true is abandoned (its rows stay
-    /// pending), so shutdown never waits on a database that does not
-    /// answer longer than `shutdown_flush_timeout`.
+    /// Closes stale rows at once, then flushes every `flush_interval` or
+    /// when a full batch is pending, until `stop` turns true; then a final
+    /// flush with a deadline. A write in progress when `stop` turns true
+    /// is abandoned (its rows stay pending), so shutdown never waits on a
+    /// database that does not answer longer than `shutdown_flush_timeout`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::ZERO;
         let mut next_expiry = tokio::time::Instant::now();
+        let mut first = true;
         loop {
+            if first {
+                // Only the stale rows: the first batch still waits for the
+                // interval, as every batch does.
+                first = false;
+                let closed = tokio::select! {
+                    r = self.close_stale() => r,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                if closed.is_err() {
+                    backoff = Duration::from_millis(200);
+                }
+                continue;
+            }
             let wait = self.flush_interval.max(backoff);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -409,7 +437,7 @@ impl Batcher {
                 _ = stop.wait_for(|s| *s) => break,
             }
             let round = tokio::select! {
-                r = self.flush_pending() => r,
+                r = self.flush_round() => r,
                 _ = stop.wait_for(|s| *s) => break,
             };
             match round {
@@ -436,7 +464,7 @@ impl Batcher {
         let deadline = tokio::time::Instant::now() + self.shutdown_flush_timeout;
         let done = tokio::time::timeout_at(deadline, async {
             while self.handle.pending() > 0 {
-                if self.flush_pending().await.is_err() {
+                if self.flush_round().await.is_err() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -453,6 +481,48 @@ impl Batcher {
             );
         } else {
             tracing::info!("audit log flushed");
+        }
+    }
+
+    /// One round: close the rows an earlier run left open (until that has
+    /// worked once), then write what is pending. A failure to close them
+    /// makes the round a failure (so retries back off) but does not hold
+    /// back the batches.
+    async fn flush_round(&mut self) -> Result<(), ()> {
+        let stale = if self.stale_closed {
+            Ok(())
+        } else {
+            self.close_stale().await
+        };
+        let written = self.flush_pending().await;
+        stale.and(written)
+    }
+
+    /// Closes the rows of this `proxy_id` an earlier run left open, except
+    /// those of connections this process holds; a failure is logged and
+    /// counted as a flush error.
+    async fn close_stale(&mut self) -> Result<(), ()> {
+        let live = self.handle.live_ids();
+        match self.sink.close_stale(&live, self.started).await {
+            Ok(n) => {
+                self.stale_closed = true;
+                if n > 0 {
+                    tracing::warn!(
+                        rows = n,
+                        reason = crate::sink::PROXY_RESTARTED,
+                        "closed audit rows left open by an earlier run of this proxy_id"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.flush_errors.inc();
+                tracing::warn!(
+                    error = %e,
+                    "closing audit rows left open by an earlier run failed; will retry"
+                );
+                Err(())
+            }
         }
     }
 
@@ -665,5 +735,22 @@ mod tests {
         let batch = settled.settle();
         h.written(&batch);
         assert_eq!(h.pending(), 0, "settled batches are not put back");
+    }
+
+    #[test]
+    fn live_ids_are_the_connections_still_held() {
+        let h = handle(10, Overflow::Drop);
+        let (open, done) = (Uuid::new_v4(), Uuid::new_v4());
+        h.connect(info(open, SystemTime::now()));
+        h.connect(info(done, SystemTime::now()));
+        h.disconnect(done, SystemTime::now(), "client_closed", 0, 0);
+        let mut ids = h.live_ids();
+        ids.sort();
+        let mut both = vec![open, done];
+        both.sort();
+        assert_eq!(ids, both, "finished but not written: still ours");
+        let b = h.take_batch();
+        h.written(&b);
+        assert_eq!(h.live_ids(), vec![open]);
     }
 }

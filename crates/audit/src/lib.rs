@@ -15,7 +15,7 @@ mod sink;
 
 pub use batch::{AuditHandle, Batcher, ConnectInfo, MigrationRecord, Overflow};
 pub use metrics::AuditMetrics;
-pub use sink::{PgSink, SinkError};
+pub use sink::{PgSink, SinkError, PROXY_RESTARTED};
 
 use std::time::Duration;
 

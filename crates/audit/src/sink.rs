@@ -3,7 +3,8 @@
 //! Owns the one connection to it (made and remade on demand), the DDL, and
 //! every statement pgferry runs there: batches (one statement per table
 //! per batch, rows passed as arrays and expanded with `unnest`, so 1,000
-//! rows cost one round trip, not 1,000) and the retention pass. Every round trip is bounded by
+//! rows cost one round trip, not 1,000), closing the rows an earlier run
+//! left open, and the retention pass. Every round trip is bounded by
 //! `write_timeout`: a database that accepts connections but never answers
 //! (frozen, partitioned) must come back as an error, not as a hang.
 
@@ -27,6 +28,10 @@ pub enum SinkError {
     #[error("audit schema name {0:?} is not a plain identifier")]
     BadSchema(String),
 }
+
+/// The `disconnect_reason` of rows closed because the process that wrote
+/// them is gone.
+pub const PROXY_RESTARTED: &str = "proxy_restarted";
 
 /// The audit database connection (made and remade on demand).
 pub struct PgSink {
@@ -237,6 +242,43 @@ impl PgSink {
             .await?;
         }
         Ok(())
+    }
+
+    /// Closes the rows of this `proxy_id` that are still open in the
+    /// database but belong to no connection of this process (`live`): an
+    /// earlier run of this proxy died (SIGKILL, crash, power loss) before
+    /// writing their disconnect. They get `disconnect_reason =
+    /// 'proxy_restarted'` and `disconnect_time = started` (when this run
+    /// began, a bound on when the old one was gone), never before their
+    /// connect time. Returns the rows closed.
+    ///
+    /// A future hand-off of live sessions from an old process to a new one
+    /// with the same `proxy_id` must skip this (or pass the handed-over
+    /// ids in `live`), or it would close sessions that are still open.
+    pub async fn close_stale(
+        &mut self,
+        live: &[Uuid],
+        started: SystemTime,
+    ) -> Result<u64, SinkError> {
+        let schema = self.schema.clone();
+        let proxy_id = self.proxy_id.clone();
+        let limit = self.write_timeout;
+        let result = async {
+            let client = self.ensure_ready().await?;
+            let sql = format!(
+                "UPDATE {schema}.pgferry_connection_log \
+                 SET disconnect_time = greatest(connect_time, $2), \
+                     disconnect_reason = '{PROXY_RESTARTED}', updated_at = now() \
+                 WHERE proxy_id = $1 AND disconnect_time IS NULL \
+                   AND connection_id <> ALL($3::uuid[])"
+            );
+            bounded(limit, client.execute(&sql, &[&proxy_id, &started, &live])).await
+        }
+        .await;
+        if result.is_err() {
+            self.reset();
+        }
+        result
     }
 }
 
