@@ -43,6 +43,7 @@ fn main() {
         max_pending_rows: 1_000_000,
         on_overflow: Overflow::Drop,
         shutdown_flush_timeout: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(60),
         retention: None,
         retention_interval: Duration::from_secs(60),
     };
@@ -54,7 +55,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let handle = AuditHandle::new(&settings, metrics.clone());
-        let mut sink = PgSink::new(&url, None, "bench").expect("sink");
+        let mut sink = PgSink::new(&url, None, "bench", settings.write_timeout).expect("sink");
         sink.ensure_ready().await.expect("schema");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let batcher = tokio::spawn(

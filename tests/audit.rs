@@ -411,3 +411,177 @@ async fn retention_deletes_old_finished_rows_in_chunks_and_keeps_the_rest() {
     });
     assert!(proxy.metric("pgferry_audit_rows_expired_total") >= 37_000.0);
 }
+
+/// Freezes the audit database: every client backend (pgferry's audit
+/// connection among them) and the postmaster, so open connections get no
+/// answer and new ones are accepted by the kernel but never served.
+/// Thawed when the guards drop.
+fn freeze(audit: &Cluster) -> Vec<Frozen> {
+    let pids = audit
+        .psql(
+            "postgres",
+            "select coalesce(string_agg(pid::text, ','), '') from pg_stat_activity \
+             where backend_type = 'client backend' and pid <> pg_backend_pid()",
+        )
+        .expect("audit backends");
+    let mut frozen: Vec<Frozen> = pids
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| Frozen::new(p.parse().expect("a pid")))
+        .collect();
+    assert!(
+        !frozen.is_empty(),
+        "pgferry has no audit connection to freeze"
+    );
+    frozen.push(Frozen::new(
+        audit.pid().expect("audit postmaster running") as i32
+    ));
+    frozen
+}
+
+/// Sessions whose rows reach the audit database, then nothing pending:
+/// the state every frozen-database test starts from.
+async fn warm_up(audit: &Cluster, proxy: &ProxyProcess, proxy_id: &str) {
+    assert_eq!(churn(proxy, 2, 1, "warm").await, 0);
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            audit,
+            proxy_id,
+            "disconnect_time is not null",
+            2,
+            Duration::from_secs(20),
+        );
+        wait_until(Duration::from_secs(20), "nothing pending", || {
+            proxy.metric("pgferry_audit_pending_rows") == 0.0
+        });
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_audit_database_is_a_counted_flush_error_and_its_rows_are_kept() {
+    // The audit database is this test's own: freezing it disturbs no one.
+    let audit = own_audit("audit-frozen");
+    let proxy = audited_proxy(&audit, "p-frozen", "write_timeout = \"1s\"");
+    warm_up(&audit, &proxy, "p-frozen").await;
+    let frozen = tokio::task::block_in_place(|| freeze(&audit));
+    assert_eq!(churn(&proxy, 3, 1, "while-frozen").await, 0);
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), "a failed audit flush", || {
+            proxy.metric("pgferry_audit_flush_errors_total") > 0.0
+        })
+    });
+    assert!(
+        proxy.metric("pgferry_audit_pending_rows") >= 3.0,
+        "rows of a timed-out flush are kept"
+    );
+    assert_eq!(proxy.metric("pgferry_audit_rows_dropped_total"), 0.0);
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("audit flush failed") && l.contains("did not answer within")),
+        "{log}"
+    );
+    drop(frozen);
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            &audit,
+            "p-frozen",
+            "application_name = 'while-frozen' and disconnect_time is not null",
+            3,
+            Duration::from_secs(60),
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_audit_database_frozen_exits_in_time_and_logs_unwritten_rows() {
+    let audit = own_audit("audit-frozen-term");
+    // The default write_timeout (10s) is longer than this deadline: the
+    // final flush must give up at the deadline, not at the write timeout.
+    let proxy = audited_proxy(&audit, "p-frozen-term", "shutdown_flush_timeout = \"2s\"");
+    warm_up(&audit, &proxy, "p-frozen-term").await;
+    let frozen = tokio::task::block_in_place(|| freeze(&audit));
+    assert_eq!(churn(&proxy, 3, 1, "while-frozen").await, 0);
+    tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), "all disconnects recorded", || {
+            proxy.metric("pgferry_audit_events_total{kind=\"disconnect\"}") == 5.0
+        })
+    });
+    let log = proxy.log.clone();
+    let started = Instant::now();
+    let status = tokio::task::block_in_place(|| proxy.terminate());
+    let took = started.elapsed();
+    let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(status.success(), "{status:?}\n{log}");
+    // 2s flush deadline, 1s session shutdown_timeout (no session is
+    // open), and a margin for a loaded machine.
+    assert!(took < Duration::from_secs(8), "exit took {took:?}\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("audit rows not written at shutdown"))
+        .unwrap_or_else(|| panic!("no unwritten-rows line:\n{log}"));
+    assert!(line.contains("ERROR") && line.contains("rows=3"), "{line}");
+    drop(frozen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_left_open_by_a_killed_pgferry_are_closed_by_its_successor() {
+    let audit = own_audit("audit-restart");
+    let first = audited_proxy(&audit, "p-restart", "");
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(connect(&first, USER, PASSWORD).await.expect("connect"));
+    }
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            &audit,
+            "p-restart",
+            "disconnect_time is null",
+            3,
+            Duration::from_secs(20),
+        );
+        // A session of another pgferry, still open: not ours to close.
+        audit
+            .psql(
+                "postgres",
+                "INSERT INTO pgferry_connection_log (connection_id, proxy_id, user_name, \
+                   database_name, connect_time, updated_at) \
+                 VALUES (gen_random_uuid(), 'p-other', 'u', 'd', now(), now())",
+            )
+            .expect("other proxy's row");
+    });
+    // Dropping a ProxyProcess SIGKILLs it: no disconnect is ever written.
+    drop(first);
+    drop(sessions);
+    tokio::task::block_in_place(|| {
+        assert_eq!(rows(&audit, "p-restart", "disconnect_time is null"), 3);
+    });
+    let second = audited_proxy(&audit, "p-restart", "");
+    tokio::task::block_in_place(|| {
+        wait_for_rows(
+            &audit,
+            "p-restart",
+            "disconnect_reason = 'proxy_restarted' and disconnect_time >= connect_time",
+            3,
+            Duration::from_secs(20),
+        );
+        assert_eq!(rows(&audit, "p-restart", "disconnect_time is null"), 0);
+        assert_eq!(
+            rows(
+                &audit,
+                "p-other",
+                "disconnect_time is null and disconnect_reason is null"
+            ),
+            1,
+            "another proxy's open row was touched"
+        );
+    });
+    assert!(
+        second
+            .log()
+            .lines()
+            .any(|l| l.contains("closed audit rows left open") && l.contains("rows=3")),
+        "{}",
+        second.log()
+    );
+}

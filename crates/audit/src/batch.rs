@@ -5,7 +5,9 @@
 //! task takes the changed rows (sorted by connection id, so concurrent
 //! replicas lock rows in the same order), writes them through the sink and,
 //! only once that succeeded, forgets the rows of finished connections. A
-//! failed write keeps everything; newer events keep merging meanwhile.
+//! failed, timed-out or abandoned write keeps everything; newer events keep
+//! merging meanwhile. Its first step closes the rows an earlier run of the
+//! same `proxy_id` left open (see `PgSink::close_stale`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -331,6 +333,12 @@ impl AuditHandle {
         self.lock().pending()
     }
 
+    /// Ids of the connections this process still holds a row for: every
+    /// open connection, and finished ones not yet written.
+    pub(crate) fn live_ids(&self) -> Vec<Uuid> {
+        self.lock().live.keys().copied().collect()
+    }
+
     /// Rows held in memory (the quantity `max_pending_rows` bounds).
     pub fn held(&self) -> usize {
         self.lock().held()
@@ -345,9 +353,38 @@ pub struct Batcher {
     shutdown_flush_timeout: Duration,
     retention: Option<(Duration, Duration)>,
     metrics: AuditMetrics,
+    /// When this process began auditing: the disconnect time given to rows
+    /// an earlier run left open.
+    started: SystemTime,
+    /// Whether those rows have been closed (retried each round until so).
+    stale_closed: bool,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A batch being written. Dropped without `written`/`failed` (the write
+/// was abandoned: shutdown began, or the final flush's deadline passed)
+/// its rows go back to pending, so they are retried or counted as not
+/// written, never forgotten.
+struct InFlight {
+    handle: AuditHandle,
+    batch: Batch,
+}
+
+impl InFlight {
+    /// Ends the guard: the caller settles the batch itself.
+    fn settle(mut self) -> Batch {
+        std::mem::take(&mut self.batch)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.batch.len() > 0 {
+            self.handle.failed(std::mem::take(&mut self.batch));
+        }
+    }
+}
 
 impl Batcher {
     pub fn new(
@@ -365,22 +402,45 @@ impl Batcher {
                 .retention
                 .map(|keep| (keep, settings.retention_interval)),
             metrics,
+            started: SystemTime::now(),
+            stale_closed: false,
         }
     }
 
-    /// Flushes every `flush_interval` or when a full batch is pending, until
-    /// `stop` turns true; then a final flush with a deadline.
+    /// Closes stale rows at once, then flushes every `flush_interval` or
+    /// when a full batch is pending, until `stop` turns true; then a final
+    /// flush with a deadline. A write in progress when `stop` turns true
+    /// is abandoned (its rows stay pending), so shutdown never waits on a
+    /// database that does not answer longer than `shutdown_flush_timeout`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::ZERO;
         let mut next_expiry = tokio::time::Instant::now();
+        let mut first = true;
         loop {
+            if first {
+                // Only the stale rows: the first batch still waits for the
+                // interval, as every batch does.
+                first = false;
+                let closed = tokio::select! {
+                    r = self.close_stale() => r,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                if closed.is_err() {
+                    backoff = Duration::from_millis(200);
+                }
+                continue;
+            }
             let wait = self.flush_interval.max(backoff);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.handle.shared.wake.notified(), if backoff.is_zero() => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
-            match self.flush_pending().await {
+            let round = tokio::select! {
+                r = self.flush_round() => r,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            match round {
                 Ok(()) => backoff = Duration::ZERO,
                 Err(()) => {
                     backoff = (backoff * 2).clamp(Duration::from_millis(200), MAX_BACKOFF);
@@ -389,7 +449,11 @@ impl Batcher {
             if let Some((keep, every)) = self.retention {
                 if backoff.is_zero() && tokio::time::Instant::now() >= next_expiry {
                     next_expiry = tokio::time::Instant::now() + every;
-                    match self.sink.expire(keep).await {
+                    let expired = tokio::select! {
+                        r = self.sink.expire(keep) => r,
+                        _ = stop.wait_for(|s| *s) => break,
+                    };
+                    match expired {
                         Ok(Some(n)) => self.metrics.rows_expired.inc_by(n),
                         Ok(None) => tracing::debug!("another pgferry runs the audit retention"),
                         Err(e) => tracing::warn!(error = %e, "audit retention failed"),
@@ -400,17 +464,65 @@ impl Batcher {
         let deadline = tokio::time::Instant::now() + self.shutdown_flush_timeout;
         let done = tokio::time::timeout_at(deadline, async {
             while self.handle.pending() > 0 {
-                if self.flush_pending().await.is_err() {
+                if self.flush_round().await.is_err() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         })
         .await;
+        // The timeout dropped any write in flight, which put its rows
+        // back: `pending` is everything not written.
         let left = self.handle.pending();
         if done.is_err() || left > 0 {
-            tracing::error!(rows = left, "audit rows not written at shutdown");
+            tracing::error!(
+                rows = left,
+                timeout = ?self.shutdown_flush_timeout,
+                "audit rows not written at shutdown"
+            );
         } else {
             tracing::info!("audit log flushed");
+        }
+    }
+
+    /// One round: close the rows an earlier run left open (until that has
+    /// worked once), then write what is pending. A failure to close them
+    /// makes the round a failure (so retries back off) but does not hold
+    /// back the batches.
+    async fn flush_round(&mut self) -> Result<(), ()> {
+        let stale = if self.stale_closed {
+            Ok(())
+        } else {
+            self.close_stale().await
+        };
+        let written = self.flush_pending().await;
+        stale.and(written)
+    }
+
+    /// Closes the rows of this `proxy_id` an earlier run left open, except
+    /// those of connections this process holds; a failure is logged and
+    /// counted as a flush error.
+    async fn close_stale(&mut self) -> Result<(), ()> {
+        let live = self.handle.live_ids();
+        match self.sink.close_stale(&live, self.started).await {
+            Ok(n) => {
+                self.stale_closed = true;
+                if n > 0 {
+                    tracing::warn!(
+                        rows = n,
+                        reason = crate::sink::PROXY_RESTARTED,
+                        "closed audit rows left open by an earlier run of this proxy_id"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.flush_errors.inc();
+                tracing::warn!(
+                    error = %e,
+                    "closing audit rows left open by an earlier run failed; will retry"
+                );
+                Err(())
+            }
         }
     }
 
@@ -428,8 +540,14 @@ impl Batcher {
             if batch.len() == 0 {
                 return Ok(());
             }
+            let in_flight = InFlight {
+                handle: self.handle.clone(),
+                batch,
+            };
             let started = Instant::now();
-            match self.sink.write(&batch).await {
+            let result = self.sink.write(&in_flight.batch).await;
+            let batch = in_flight.settle();
+            match result {
                 Ok(()) => {
                     self.metrics
                         .flush_duration
@@ -463,6 +581,7 @@ mod tests {
             max_pending_rows: max,
             on_overflow: overflow,
             shutdown_flush_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(1),
             retention: None,
             retention_interval: Duration::from_secs(60),
         };
@@ -594,5 +713,44 @@ mod tests {
             b.connections[0].disconnect_reason.as_deref(),
             Some("auth_failed")
         );
+    }
+
+    #[test]
+    fn an_abandoned_write_puts_its_rows_back() {
+        let h = handle(10, Overflow::Drop);
+        let id = Uuid::new_v4();
+        h.connect(info(id, SystemTime::now()));
+        let in_flight = InFlight {
+            handle: h.clone(),
+            batch: h.take_batch(),
+        };
+        assert_eq!(h.pending(), 0, "taken for writing");
+        drop(in_flight);
+        assert_eq!(h.pending(), 1, "abandoned: pending again");
+
+        let settled = InFlight {
+            handle: h.clone(),
+            batch: h.take_batch(),
+        };
+        let batch = settled.settle();
+        h.written(&batch);
+        assert_eq!(h.pending(), 0, "settled batches are not put back");
+    }
+
+    #[test]
+    fn live_ids_are_the_connections_still_held() {
+        let h = handle(10, Overflow::Drop);
+        let (open, done) = (Uuid::new_v4(), Uuid::new_v4());
+        h.connect(info(open, SystemTime::now()));
+        h.connect(info(done, SystemTime::now()));
+        h.disconnect(done, SystemTime::now(), "client_closed", 0, 0);
+        let mut ids = h.live_ids();
+        ids.sort();
+        let mut both = vec![open, done];
+        both.sort();
+        assert_eq!(ids, both, "finished but not written: still ours");
+        let b = h.take_batch();
+        h.written(&b);
+        assert_eq!(h.live_ids(), vec![open]);
     }
 }

@@ -15,7 +15,7 @@ mod sink;
 
 pub use batch::{AuditHandle, Batcher, ConnectInfo, MigrationRecord, Overflow};
 pub use metrics::AuditMetrics;
-pub use sink::{PgSink, SinkError};
+pub use sink::{PgSink, SinkError, PROXY_RESTARTED};
 
 use std::time::Duration;
 
@@ -34,6 +34,8 @@ pub struct AuditSettings {
     pub on_overflow: Overflow,
     /// Deadline of the final flush at shutdown.
     pub shutdown_flush_timeout: Duration,
+    /// Bound on connecting (with the DDL) and on every statement.
+    pub write_timeout: Duration,
     /// Delete finished connections (and migration rows) older than this.
     pub retention: Option<Duration>,
     /// How often the retention pass runs.

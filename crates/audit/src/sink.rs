@@ -1,11 +1,19 @@
-//! Writing batches to PostgreSQL: one statement per table per batch, rows
-//! passed as arrays and expanded with `unnest`, so 1,000 rows cost one
-//! round trip, not 1,000.
+//! Writing to the audit database.
+//!
+//! Owns the one connection to it (made and remade on demand), the DDL, and
+//! every statement pgferry runs there: batches (one statement per table
+//! per batch, rows passed as arrays and expanded with `unnest`, so 1,000
+//! rows cost one round trip, not 1,000), closing the rows an earlier run
+//! left open, and the retention pass. Every round trip is bounded by
+//! `write_timeout`: a database that accepts connections but never answers
+//! (frozen, partitioned) must come back as an error, not as a hang.
 
+use std::future::Future;
 use std::net::IpAddr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
+use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
@@ -15,20 +23,67 @@ use crate::batch::Batch;
 pub enum SinkError {
     #[error("audit database: {0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error("audit database did not answer within {0:?} (write_timeout)")]
+    Timeout(Duration),
     #[error("audit schema name {0:?} is not a plain identifier")]
     BadSchema(String),
 }
+
+/// The `disconnect_reason` of rows closed because the process that wrote
+/// them is gone.
+pub const PROXY_RESTARTED: &str = "proxy_restarted";
 
 /// The audit database connection (made and remade on demand).
 pub struct PgSink {
     url: String,
     schema: String,
     proxy_id: String,
+    write_timeout: Duration,
     client: Option<Client>,
+    /// The task driving `client`'s socket. Aborted when the client is
+    /// given up: after a timeout it would otherwise wait for the answer
+    /// to the abandoned statement for as long as the server stays frozen.
+    connection: Option<JoinHandle<()>>,
+}
+
+/// A task aborted when this is dropped, unless `keep` took it out.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl AbortOnDrop {
+    fn keep(mut self) -> Option<JoinHandle<()>> {
+        self.0.take()
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// `fut`, or `SinkError::Timeout` once `limit` has passed.
+async fn bounded<T, E>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, SinkError>
+where
+    SinkError: From<E>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(SinkError::from),
+        Err(_) => Err(SinkError::Timeout(limit)),
+    }
 }
 
 impl PgSink {
-    pub fn new(url: &str, schema: Option<&str>, proxy_id: &str) -> Result<Self, SinkError> {
+    pub fn new(
+        url: &str,
+        schema: Option<&str>,
+        proxy_id: &str,
+        write_timeout: Duration,
+    ) -> Result<Self, SinkError> {
         let schema = schema.unwrap_or("public").to_owned();
         let plain = !schema.is_empty()
             && schema
@@ -41,33 +96,54 @@ impl PgSink {
             url: url.to_owned(),
             schema,
             proxy_id: proxy_id.to_owned(),
+            write_timeout,
             client: None,
+            connection: None,
         })
     }
 
-    /// Connects (if needed) and makes sure the tables exist.
+    /// Connects (if needed) and makes sure the tables exist, within
+    /// `write_timeout`.
     pub async fn ensure_ready(&mut self) -> Result<&Client, SinkError> {
         let client = match self.client.take() {
             Some(c) if !c.is_closed() => c,
             _ => {
-                let (mut client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "audit database connection ended");
-                    }
-                });
-                create_schema(&mut client, &self.schema).await?;
+                self.reset();
+                let (client, connection) = bounded(self.write_timeout, async {
+                    let (mut client, connection) =
+                        tokio_postgres::connect(&self.url, NoTls).await?;
+                    // Drives the socket while the DDL runs; aborted if the
+                    // DDL fails or this future is dropped at the timeout.
+                    let task = AbortOnDrop(Some(tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "audit database connection ended");
+                        }
+                    })));
+                    create_schema(&mut client, &self.schema).await?;
+                    Ok::<_, SinkError>((client, task))
+                })
+                .await?;
+                let connection = connection.keep();
+                self.connection = connection;
                 client
             }
         };
         Ok(self.client.insert(client))
     }
 
+    /// Gives up the connection (the next call reconnects): after an error
+    /// or a timeout it may be half-dead or still waiting for an answer.
+    fn reset(&mut self) {
+        self.client = None;
+        if let Some(task) = self.connection.take() {
+            task.abort();
+        }
+    }
+
     pub(crate) async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let result = self.write_inner(batch).await;
         if result.is_err() {
-            // Reconnect next time; the connection may be half-dead.
-            self.client = None;
+            self.reset();
         }
         result
     }
@@ -75,6 +151,7 @@ impl PgSink {
     async fn write_inner(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let schema = self.schema.clone();
         let proxy_id = self.proxy_id.clone();
+        let limit = self.write_timeout;
         let client = self.ensure_ready().await?;
         if !batch.connections.is_empty() {
             let c = &batch.connections;
@@ -110,8 +187,9 @@ impl PgSink {
                    migrations = EXCLUDED.migrations, bytes_from_client = EXCLUDED.bytes_from_client, \
                    bytes_to_client = EXCLUDED.bytes_to_client, updated_at = EXCLUDED.updated_at"
             );
-            client
-                .execute(
+            bounded(
+                limit,
+                client.execute(
                     &sql,
                     &[
                         &ids,
@@ -128,8 +206,9 @@ impl PgSink {
                         &from_client,
                         &to_client,
                     ],
-                )
-                .await?;
+                ),
+            )
+            .await?;
         }
         if !batch.migrations.is_empty() {
             let m = &batch.migrations;
@@ -150,17 +229,56 @@ impl PgSink {
                  ORDER BY u.id \
                  ON CONFLICT (id) DO NOTHING"
             );
-            client
-                .execute(
+            bounded(
+                limit,
+                client.execute(
                     &sql,
                     &[
                         &ids, &conns, &proxy_id, &froms, &tos, &starts, &durations, &outcomes,
                         &reasons,
                     ],
-                )
-                .await?;
+                ),
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// Closes the rows of this `proxy_id` that are still open in the
+    /// database but belong to no connection of this process (`live`): an
+    /// earlier run of this proxy died (SIGKILL, crash, power loss) before
+    /// writing their disconnect. They get `disconnect_reason =
+    /// 'proxy_restarted'` and `disconnect_time = started` (when this run
+    /// began, a bound on when the old one was gone), never before their
+    /// connect time. Returns the rows closed.
+    ///
+    /// A future hand-off of live sessions from an old process to a new one
+    /// with the same `proxy_id` must skip this (or pass the handed-over
+    /// ids in `live`), or it would close sessions that are still open.
+    pub async fn close_stale(
+        &mut self,
+        live: &[Uuid],
+        started: SystemTime,
+    ) -> Result<u64, SinkError> {
+        let schema = self.schema.clone();
+        let proxy_id = self.proxy_id.clone();
+        let limit = self.write_timeout;
+        let result = async {
+            let client = self.ensure_ready().await?;
+            let sql = format!(
+                "UPDATE {schema}.pgferry_connection_log \
+                 SET disconnect_time = greatest(connect_time, $2), \
+                     disconnect_reason = '{PROXY_RESTARTED}', updated_at = now() \
+                 WHERE proxy_id = $1 AND disconnect_time IS NULL \
+                   AND connection_id <> ALL($3::uuid[])"
+            );
+            bounded(limit, client.execute(&sql, &[&proxy_id, &started, &live])).await
+        }
+        .await;
+        if result.is_err() {
+            self.reset();
+        }
+        result
     }
 }
 
@@ -175,15 +293,18 @@ impl PgSink {
     /// replica holds the lock.
     pub async fn expire(&mut self, keep: std::time::Duration) -> Result<Option<u64>, SinkError> {
         let schema = self.schema.clone();
+        let limit = self.write_timeout;
         let result = async {
             let client = self.ensure_ready().await?;
-            let locked: bool = client
-                .query_one(
+            let locked: bool = bounded(
+                limit,
+                client.query_one(
                     "SELECT pg_try_advisory_lock(hashtext('pgferry_audit_retention'))",
                     &[],
-                )
-                .await?
-                .get(0);
+                ),
+            )
+            .await?
+            .get(0);
             if !locked {
                 return Ok(None);
             }
@@ -204,7 +325,11 @@ impl PgSink {
             let outcome = async {
                 for sql in &statements {
                     loop {
-                        let n = client.execute(sql, &[&keep_secs, &RETENTION_CHUNK]).await?;
+                        // Bounded per chunk: a large backlog may take
+                        // longer than write_timeout in all.
+                        let n =
+                            bounded(limit, client.execute(sql, &[&keep_secs, &RETENTION_CHUNK]))
+                                .await?;
                         deleted += n;
                         if n < RETENTION_CHUNK as u64 {
                             break;
@@ -214,17 +339,20 @@ impl PgSink {
                 Ok::<_, SinkError>(())
             }
             .await;
-            client
-                .execute(
+            bounded(
+                limit,
+                client.execute(
                     "SELECT pg_advisory_unlock(hashtext('pgferry_audit_retention'))",
                     &[],
-                )
-                .await?;
+                ),
+            )
+            .await?;
             outcome.map(|()| Some(deleted))
         }
         .await;
         if result.is_err() {
-            self.client = None;
+            // Also releases the advisory lock if the unlock did not run.
+            self.reset();
         }
         result
     }

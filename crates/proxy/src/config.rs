@@ -140,6 +140,14 @@ pub struct AuditSection {
         deserialize_with = "duration"
     )]
     pub shutdown_flush_timeout: Duration,
+    /// Bound on connecting to the audit database and on every statement
+    /// there: a server that accepts but never answers becomes a counted,
+    /// retried flush error instead of a hang.
+    #[serde(
+        default = "defaults::audit_write_timeout",
+        deserialize_with = "duration"
+    )]
+    pub write_timeout: Duration,
     /// Delete finished rows older than this (e.g. "30d"); keep all when
     /// absent.
     #[serde(default, deserialize_with = "optional_duration")]
@@ -322,6 +330,9 @@ mod defaults {
     pub fn shutdown_flush_timeout() -> Duration {
         Duration::from_secs(15)
     }
+    pub fn audit_write_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
     pub fn retention_interval() -> Duration {
         Duration::from_secs(60)
     }
@@ -475,6 +486,9 @@ impl Config {
             }
             if a.flush_interval.is_zero() {
                 return Err(("audit.flush_interval".into(), "must be more than 0".into()));
+            }
+            if a.write_timeout.is_zero() {
+                return Err(("audit.write_timeout".into(), "must be more than 0".into()));
             }
         }
         let a = &self.auth;

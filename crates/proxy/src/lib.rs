@@ -156,6 +156,7 @@ fn audit_from_config(
             config::OnOverflow::RejectConnections => pgferry_audit::Overflow::RejectConnections,
         },
         shutdown_flush_timeout: a.shutdown_flush_timeout,
+        write_timeout: a.write_timeout,
         retention: a.retention,
         retention_interval: a.retention_interval,
     };
@@ -165,6 +166,7 @@ fn audit_from_config(
         &settings.url,
         settings.schema.as_deref(),
         &settings.proxy_id,
+        settings.write_timeout,
     )
     .map_err(|e| StartError::Audit(e.to_string()))?;
     let handle = pgferry_audit::AuditHandle::new(&settings, audit_metrics.clone());
