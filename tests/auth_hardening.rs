@@ -11,23 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::raw::{self, Msg};
+use common::raw::{self, read_msg};
 use common::*;
 use nix::sys::signal::Signal;
 use pgferry_auth::ScramVerifier;
-
-/// Reads one message from a raw socket (None at EOF).
-fn read_msg(s: &mut TcpStream) -> Option<Msg> {
-    let mut header = [0u8; 5];
-    s.read_exact(&mut header).ok()?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    let mut body = vec![0u8; len.checked_sub(4)?];
-    s.read_exact(&mut body).ok()?;
-    Some(Msg {
-        tag: header[0],
-        body,
-    })
-}
 
 /// What a prober learns about `user` without a password: the salt and
 /// iteration count of the server-first-message. Hangs up after it.

@@ -8,21 +8,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::raw::{self, Msg};
+use common::raw::{self, read_msg};
 use common::*;
-
-/// Reads one message from a raw socket (None at EOF).
-fn read_msg(s: &mut TcpStream) -> Option<Msg> {
-    let mut header = [0u8; 5];
-    s.read_exact(&mut header).ok()?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    let mut body = vec![0u8; len.checked_sub(4)?];
-    s.read_exact(&mut body).ok()?;
-    Some(Msg {
-        tag: header[0],
-        body,
-    })
-}
 
 #[test]
 fn a_startup_packet_repeating_a_key_is_refused_before_authentication() {

@@ -132,6 +132,20 @@ pub fn startup_packet(protocol: u32, params: &[(&str, &str)]) -> Vec<u8> {
     p
 }
 
+/// Reads one message from a raw socket (None at EOF), for exchanges that
+/// never get as far as a login.
+pub fn read_msg(s: &mut TcpStream) -> Option<Msg> {
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).ok()?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let mut body = vec![0u8; len.checked_sub(4)?];
+    s.read_exact(&mut body).ok()?;
+    Some(Msg {
+        tag: header[0],
+        body,
+    })
+}
+
 /// A CancelRequest for (pid, secret), sent on its own connection.
 pub fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) {
     let mut p = 16u32.to_be_bytes().to_vec();
