@@ -126,6 +126,9 @@ pub struct ProxyOptions {
     /// Start pgferry with this soft limit on open files (as systemd's
     /// default LimitNOFILE does).
     pub soft_nofile: Option<u64>,
+    /// Start pgferry with both its soft and its hard limit on open files
+    /// set to this, so that it cannot raise the soft one at start.
+    pub nofile: Option<u64>,
 }
 
 impl Default for ProxyOptions {
@@ -143,6 +146,7 @@ impl Default for ProxyOptions {
             extra_sections: String::new(),
             userlist: None,
             soft_nofile: None,
+            nofile: None,
         }
     }
 }
@@ -207,13 +211,19 @@ impl ProxyProcess {
             .env("RUST_LOG", "info,pgferry_proxy=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Some(soft) = opts.soft_nofile {
+        if opts.soft_nofile.is_some() || opts.nofile.is_some() {
             use std::os::unix::process::CommandExt;
-            // SAFETY: only an async-signal-safe setrlimit between fork and exec.
+            let (soft_nofile, nofile) = (opts.soft_nofile, opts.nofile);
+            // SAFETY: only async-signal-safe getrlimit/setrlimit between
+            // fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
                     let (_, hard) =
                         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+                    let (soft, hard) = match nofile {
+                        Some(n) => (n, n),
+                        None => (soft_nofile.unwrap_or(hard), hard),
+                    };
                     nix::sys::resource::setrlimit(
                         nix::sys::resource::Resource::RLIMIT_NOFILE,
                         soft,
@@ -475,16 +485,27 @@ pub fn admin_request(
     body: Option<&str>,
     token: Option<&str>,
 ) -> (u16, String) {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    admin_request_with(admin, method, path, &auth, body)
+}
+
+/// `admin_request` with `headers` (each line ending in `\r\n`) as given.
+pub fn admin_request_with(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<&str>,
+) -> (u16, String) {
     let mut s = TcpStream::connect(admin).expect("admin connect");
     s.set_read_timeout(Some(Duration::from_secs(180)))
         .expect("timeout");
     let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .expect("write");
