@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pgferry_admin::AdminState;
+use pgferry_proxy::listener::{self, Backlog};
 use pgferry_proxy::{Config, Proxy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,8 +35,24 @@ pub async fn run(
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(proxy.clone(), path, stop.clone()));
     }
-    let listener = TcpListener::bind(config.proxy.listen)
-        .await
+    let backlog = Backlog::new(
+        config.proxy.listen_backlog,
+        config.proxy.max_client_connections,
+    );
+    if !backlog.somaxconn_read {
+        warn!(
+            assumed = backlog.somaxconn,
+            "cannot read /proc/sys/net/core/somaxconn; assuming it for the listen backlog"
+        );
+    }
+    if config.proxy.listen_backlog.is_some() && backlog.requested > backlog.somaxconn {
+        warn!(
+            listen_backlog = backlog.requested,
+            somaxconn = backlog.somaxconn,
+            "proxy.listen_backlog is above net.core.somaxconn, which caps it; raise the sysctl to get more"
+        );
+    }
+    let listener = listener::bind(config.proxy.listen, backlog.effective())
         .with_context(|| format!("cannot listen on {} (proxy.listen)", config.proxy.listen))?;
     let addr = listener.local_addr()?;
     if let Some(admin_addr) = config.proxy.admin_listen {
@@ -59,6 +76,7 @@ pub async fn run(
     }
     info!(
         address = %addr,
+        backlog = backlog.effective(),
         backends = config.backends.len(),
         tls = config.tls.is_some(),
         "pgferry listening"

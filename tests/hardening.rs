@@ -4,9 +4,11 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
-use std::time::Duration;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use common::raw::{self, read_msg};
 use common::*;
@@ -197,4 +199,279 @@ fn logins_during_a_backends_shutdown_go_to_the_other_backend() {
     // The shutdown goes on once its last session leaves.
     holder.send(&raw::terminate());
     let _ = stopping.stop(pgferry_pgcluster::StopMode::Fast);
+}
+
+/// Half a request header: what a slowloris client sends, then nothing.
+const HALF_HEADER: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: local";
+
+/// An admin connection that has sent half a request header.
+fn half_open(admin: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5))?;
+    s.write_all(HALF_HEADER)?;
+    Ok(s)
+}
+
+/// Waits until pgferry closes `s` (EOF or reset, after any answer it
+/// sends first); false if `s` is still open after `limit`.
+fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).expect("read timeout");
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(e) => panic!("reading an admin connection: {e}"),
+        }
+    }
+}
+
+/// pgferry has not closed `s` (yet); does not wait.
+fn still_open(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).expect("nonblocking");
+    let r = s.peek(&mut [0u8; 1]);
+    s.set_nonblocking(false).expect("blocking");
+    matches!(r, Err(e) if e.kind() == ErrorKind::WouldBlock)
+}
+
+/// One HTTP/1.0 GET; None when the connection is closed without an answer
+/// (as over `admin_max_connections`).
+fn try_admin_get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, resp.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_admin_connections_are_timed_out_capped_and_never_lock_clients_out() {
+    const CAP: usize = 16;
+    // Over the cap, and more than the fds pgferry has: without the cap,
+    // these alone would use up its open files limit.
+    const EXTRA: usize = 100;
+    const NOFILE: u64 = 64;
+    let header_timeout = Duration::from_secs(2);
+    let proxy = ProxyProcess::start(ProxyOptions {
+        nofile: Some(NOFILE),
+        proxy_extra: format!(
+            "max_client_connections = 8\nadmin_max_connections = {CAP}\n\
+             admin_header_timeout = \"{}ms\"",
+            header_timeout.as_millis()
+        ),
+        ..Default::default()
+    });
+    let admin = proxy.admin;
+
+    // (b) The first CAP are held; every one after them is closed at once,
+    // while the first are still open.
+    let started = Instant::now();
+    let mut held: Vec<TcpStream> = (0..CAP)
+        .map(|_| half_open(admin).expect("admin connection"))
+        .collect();
+    let mut extra: Vec<TcpStream> = (0..EXTRA)
+        .map(|_| half_open(admin).expect("admin connection"))
+        .collect();
+    for (i, s) in extra.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "admin connection {} (over admin_max_connections = {CAP}) was left open",
+            CAP + i
+        );
+    }
+    assert!(
+        started.elapsed() < header_timeout,
+        "the machine is too slow for this test: {:?} to open and see closed {EXTRA} connections",
+        started.elapsed()
+    );
+    for (i, s) in held.iter().enumerate() {
+        assert!(
+            still_open(s),
+            "admin connection {i} closed before its header timeout"
+        );
+    }
+
+    // (a) Those held are closed by the header timeout, not before.
+    for (i, s) in held.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, header_timeout + Duration::from_secs(5)),
+            "half-open admin connection {i} not closed after admin_header_timeout"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= header_timeout - Duration::from_millis(50),
+        "closed after {waited:?}, before admin_header_timeout ({header_timeout:?})"
+    );
+    drop((held, extra));
+
+    // (c) A flood that keeps every admin slot taken and more knocking does
+    // not keep a database client out.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flooding_tx, flooding) = mpsc::channel();
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut open: Vec<TcpStream> = Vec::new();
+            let (mut tried, mut opened) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                open.retain(still_open);
+                // Tops up 50 at a time: pressure, not a port exhaustion test.
+                for _ in 0..50.min(200usize.saturating_sub(open.len())) {
+                    tried += 1;
+                    // Short: a full accept queue must not stall the flood.
+                    let s = TcpStream::connect_timeout(&admin, Duration::from_millis(200))
+                        .and_then(|mut s| s.write_all(HALF_HEADER).map(|()| s));
+                    if let Ok(s) = s {
+                        open.push(s);
+                        opened += 1;
+                    }
+                }
+                if tried >= 200 {
+                    let _ = flooding_tx.send(());
+                }
+                // Paces the flood; nothing waits on it.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            opened
+        })
+    };
+    flooding
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the flood started");
+    let query = async {
+        let (client, _conn) = connect(&proxy, USER, PASSWORD).await?;
+        client.query_one("SELECT 'served'::text", &[]).await
+    };
+    let row = tokio::time::timeout(Duration::from_secs(20), query)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "a database client was kept out by the admin flood; log:\n{}",
+                proxy.log()
+            )
+        })
+        .expect("query through pgferry during the flood");
+    assert_eq!(row.get::<_, String>(0), "served");
+    stop.store(true, Ordering::Relaxed);
+    let opened = flood.join().expect("flood thread");
+    assert!(opened >= 200, "{opened}");
+
+    // (d) Once the flood is gone (its connections end as their sockets
+    // close), the admin API answers as before.
+    wait_until(Duration::from_secs(10), "the admin API answering", || {
+        try_admin_get(admin, "/healthz").is_some_and(|(status, _)| status == 200)
+    });
+    let (status, text) = try_admin_get(admin, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert!(value("pgferry_admin_connections_rejected_total") >= EXTRA as f64);
+    assert!(value("pgferry_admin_connections_timed_out_total{phase=\"header\"}") >= CAP as f64);
+    assert!(value("pgferry_admin_connections") >= 1.0);
+    let log = proxy.log();
+    assert!(
+        log.contains("admin connection limit reached"),
+        "no warning about the admin connection limit:\n{log}"
+    );
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
+#[test]
+fn kept_alive_admin_connections_close_after_the_idle_timeout_and_requests_are_never_cut() {
+    let header_timeout = Duration::from_millis(300);
+    let idle_timeout = Duration::from_millis(1500);
+    let proxy = ProxyProcess::start(ProxyOptions {
+        proxy_extra: format!(
+            "admin_header_timeout = \"{}ms\"\nadmin_idle_timeout = \"{}ms\"",
+            header_timeout.as_millis(),
+            idle_timeout.as_millis()
+        ),
+        // Longer than both timeouts: a move held by a frozen backend takes
+        // this long to be answered.
+        migration_extra: "capture_timeout = \"2s\"".into(),
+        ..Default::default()
+    });
+    let mut s = TcpStream::connect(proxy.admin).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut last_answer = Instant::now();
+    // Two requests on one kept-alive connection, the second sent after more
+    // than the header timeout of idling.
+    for round in 0..2 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("request");
+        let mut resp = Vec::new();
+        let mut buf = [0u8; 512];
+        while !resp.ends_with(b"ok\n") {
+            let n = s.read(&mut buf).expect("answer");
+            assert!(n > 0, "closed instead of answering request {round}");
+            resp.extend_from_slice(&buf[..n]);
+        }
+        assert!(resp.starts_with(b"HTTP/1.1 200"), "{resp:?}");
+        last_answer = Instant::now();
+        if round == 0 {
+            // No event to wait for: the point is to let time pass, idle.
+            std::thread::sleep(header_timeout * 2);
+            assert!(
+                still_open(&s),
+                "an idle connection closed by the header timeout"
+            );
+        }
+    }
+    assert!(
+        closed_within(&mut s, idle_timeout + Duration::from_secs(5)),
+        "an idle kept-alive admin connection was never closed"
+    );
+    let idled = last_answer.elapsed();
+    assert!(
+        idled >= idle_timeout - Duration::from_millis(50),
+        "closed after {idled:?} idle, before admin_idle_timeout"
+    );
+    assert_eq!(
+        proxy.metric("pgferry_admin_connections_timed_out_total{phase=\"idle\"}"),
+        1.0
+    );
+
+    // A request whose handler takes longer than both timeouts (a move held
+    // by a frozen backend until capture_timeout) still gets its answer.
+    let _c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "slow-handler");
+    let info = proxy.connection_by_app("slow-handler");
+    let cluster = if info["backend"] == "pg1" {
+        &env().pg1
+    } else {
+        &env().pg2
+    };
+    let id = info["id"].as_str().expect("id").to_owned();
+    let frozen = Frozen::new(server_pid(cluster, "slow-handler"));
+    let admin = proxy.admin;
+    let asked = Instant::now();
+    let mover = std::thread::spawn(move || {
+        let answer = admin_json(
+            admin,
+            "POST",
+            &format!("/v1/connections/{id}/transfer"),
+            "{\"timeout_ms\": 5000}",
+        );
+        (answer, asked.elapsed())
+    });
+    // The move answers once the frozen backend has answered its capture.
+    wait_until(Duration::from_secs(20), "the late capture", || {
+        proxy.log().contains("capture answer late")
+    });
+    drop(frozen);
+    let ((status, body), took) = mover.join().expect("mover");
+    assert_eq!(status, 409, "{body}");
+    assert!(took > idle_timeout, "{took:?}");
 }

@@ -329,6 +329,19 @@ async fn admin_api_errors_and_bearer_token() {
     );
     assert_eq!(proxy.http_get("/healthz").0, 200);
     assert_eq!(proxy.http_get("/metrics").0, 200);
+    // The scheme is case-insensitive (RFC 9110 11.1); the token is not.
+    for (header, expected) in [
+        ("Authorization: bearer s3cret\r\n", 200),
+        ("Authorization: BEARER s3cret\r\n", 200),
+        ("authorization: Bearer s3cret\r\n", 200),
+        ("Authorization: bearer S3CRET\r\n", 401),
+        ("Authorization: Basic s3cret\r\n", 401),
+        ("Authorization: bearers3cret\r\n", 401),
+    ] {
+        let (status, body) =
+            admin_request_with(proxy.admin, "GET", "/v1/connections", header, None);
+        assert_eq!(status, expected, "{header:?}: {body}");
+    }
     let (status, body) = proxy.http("GET", "/v1/connections", None, Some("s3cret"));
     assert_eq!(status, 200);
     let list: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");

@@ -617,3 +617,51 @@ fn psql_ctrl_c_cancels_through_the_proxy() {
         stderr(&out)
     );
 }
+
+/// The accept queue length of the socket listening on `port`: for a
+/// listening socket, `ss` reports it as Send-Q.
+fn listen_backlog_of(port: u16) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("run ss (iproute2)");
+    assert!(out.status.success(), "ss failed: {}", stderr(&out));
+    let text = stdout(&out);
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    // State Recv-Q Send-Q Local Peer
+    assert_eq!(fields.len(), 5, "one listening socket expected:\n{text}");
+    assert_eq!(fields[0], "LISTEN", "{text}");
+    fields[2].parse().expect("Send-Q")
+}
+
+#[test]
+fn the_listen_backlog_is_configurable_and_defaults_like_postgresql() {
+    let proxy = ProxyProcess::start(ProxyOptions {
+        proxy_extra: "listen_backlog = 700".into(),
+        ..Default::default()
+    });
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("somaxconn")
+        .trim()
+        .parse()
+        .expect("a number");
+    assert!(
+        somaxconn >= 700,
+        "this test needs net.core.somaxconn >= 700"
+    );
+    assert_eq!(listen_backlog_of(proxy.port()), 700);
+    assert!(proxy.log().contains("backlog=700"), "{}", proxy.log());
+    drop(proxy);
+
+    // The default: twice max_client_connections (10,000), at least 1,024,
+    // capped by the kernel's somaxconn.
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let expected = 20_000.min(somaxconn);
+    assert_eq!(listen_backlog_of(proxy.port()), expected);
+    assert!(expected >= 1024 || expected == somaxconn);
+    assert!(
+        proxy.log().contains(&format!("backlog={expected}")),
+        "{}",
+        proxy.log()
+    );
+}

@@ -128,6 +128,9 @@ pub struct ProxyOptions {
     /// Start pgferry with this soft limit on open files (as systemd's
     /// default LimitNOFILE does).
     pub soft_nofile: Option<u64>,
+    /// Start pgferry with both its soft and its hard limit on open files
+    /// set to this, so that it cannot raise the soft one at start.
+    pub nofile: Option<u64>,
 }
 
 impl Default for ProxyOptions {
@@ -146,6 +149,7 @@ impl Default for ProxyOptions {
             extra_sections: String::new(),
             userlist: None,
             soft_nofile: None,
+            nofile: None,
         }
     }
 }
@@ -157,7 +161,8 @@ pub struct ProxyProcess {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub log: Arc<Mutex<String>>,
-    soft_nofile: Option<u64>,
+    /// The open-files limits it was started with (kept for `restart`).
+    limits: (Option<u64>, Option<u64>),
 }
 
 impl ProxyProcess {
@@ -204,14 +209,15 @@ impl ProxyProcess {
         let config = dir.path().join("pgferry.toml");
         std::fs::write(&config, toml).expect("write config");
 
-        let (child, addr, admin, log) = spawn(&config, opts.soft_nofile);
+        let limits = (opts.soft_nofile, opts.nofile);
+        let (child, addr, admin, log) = spawn(&config, limits);
         ProxyProcess {
             child,
             addr,
             admin,
             dir,
             log,
-            soft_nofile: opts.soft_nofile,
+            limits,
         }
     }
 
@@ -220,7 +226,7 @@ impl ProxyProcess {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, addr, admin, log) = spawn(&self.config_path(), self.soft_nofile);
+        let (child, addr, admin, log) = spawn(&self.config_path(), self.limits);
         self.child = child;
         self.addr = addr;
         self.admin = admin;
@@ -333,9 +339,11 @@ impl Drop for ProxyProcess {
 }
 
 /// Runs the pgferry binary on `config` until both listeners are up.
+/// Starts the binary; `limits` are (soft, soft-and-hard) open-files limits
+/// to start it with.
 fn spawn(
     config: &std::path::Path,
-    soft_nofile: Option<u64>,
+    limits: (Option<u64>, Option<u64>),
 ) -> (Child, SocketAddr, SocketAddr, Arc<Mutex<String>>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
     cmd.arg("run")
@@ -344,20 +352,28 @@ fn spawn(
         .env("RUST_LOG", "info,pgferry_proxy=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Some(soft) = soft_nofile {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: only an async-signal-safe setrlimit between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let (_, hard) =
-                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-                nix::sys::resource::setrlimit(
-                    nix::sys::resource::Resource::RLIMIT_NOFILE,
-                    soft,
-                    hard,
-                )?;
-                Ok(())
-            });
+    let (soft_nofile, nofile) = limits;
+    {
+        if soft_nofile.is_some() || nofile.is_some() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe getrlimit/setrlimit between
+            // fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let (_, hard) =
+                        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+                    let (soft, hard) = match nofile {
+                        Some(n) => (n, n),
+                        None => (soft_nofile.unwrap_or(hard), hard),
+                    };
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )?;
+                    Ok(())
+                });
+            }
         }
     }
     let mut child = cmd.spawn().expect("spawn pgferry");
@@ -506,16 +522,27 @@ pub fn admin_request(
     body: Option<&str>,
     token: Option<&str>,
 ) -> (u16, String) {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    admin_request_with(admin, method, path, &auth, body)
+}
+
+/// `admin_request` with `headers` (each line ending in `\r\n`) as given.
+pub fn admin_request_with(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<&str>,
+) -> (u16, String) {
     let mut s = TcpStream::connect(admin).expect("admin connect");
     s.set_read_timeout(Some(Duration::from_secs(180)))
         .expect("timeout");
     let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .expect("write");

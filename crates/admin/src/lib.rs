@@ -5,10 +5,11 @@
 //! drain, activate and remove backends; rebalance). It reads
 //! proxy state through the registry and must never touch a session's
 //! sockets itself: it talks to sessions only through their control
-//! channels.
+//! channels. How connections are accepted and timed out is `server`'s.
 
 mod backends;
 mod connections;
+mod server;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -109,15 +110,21 @@ pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// Serves the admin API until `shutdown` resolves.
+/// Serves the admin API until `shutdown` resolves, within `[proxy]`'s
+/// `admin_max_connections`, `admin_header_timeout` and `admin_idle_timeout`.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let p = &state.proxy.config.proxy;
+    let limits = server::Limits {
+        header_timeout: p.admin_header_timeout,
+        idle_timeout: p.admin_idle_timeout,
+        max_connections: p.admin_max_connections,
+    };
+    let metrics = state.metrics.clone();
+    server::serve(listener, router(state), limits, metrics, shutdown).await
 }
 
 #[cfg(test)]

@@ -215,7 +215,31 @@ pub struct ProxySection {
     /// How long SIGTERM/SIGINT lets sessions finish before closing them.
     #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Accept queue of `listen`; absent: derived from
+    /// `max_client_connections` (see `listener::Backlog`).
+    #[serde(default)]
+    pub listen_backlog: Option<u32>,
+    /// Time an admin connection has to send a complete request header,
+    /// from its accept or from the first byte of a later request.
+    #[serde(
+        default = "defaults::admin_header_timeout",
+        deserialize_with = "duration"
+    )]
+    pub admin_header_timeout: Duration,
+    /// Time a kept-alive admin connection may wait for its next request.
+    #[serde(
+        default = "defaults::admin_idle_timeout",
+        deserialize_with = "duration"
+    )]
+    pub admin_idle_timeout: Duration,
+    /// Admin connections open at once; further ones are closed unread.
+    #[serde(default = "defaults::admin_max_connections")]
+    pub admin_max_connections: usize,
 }
+
+/// Largest `admin_max_connections`: its semaphore is waited on as a whole
+/// (`u32` permits) at shutdown, and more makes no sense for an admin API.
+pub const MAX_ADMIN_CONNECTIONS: usize = 100_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -317,6 +341,15 @@ mod defaults {
     }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn admin_header_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn admin_idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn admin_max_connections() -> usize {
+        64
     }
     pub fn flush_interval() -> Duration {
         Duration::from_secs(1)
@@ -452,6 +485,29 @@ impl Config {
                 "proxy.max_client_connections".into(),
                 "must be at least 1".into(),
             ));
+        }
+        if self.proxy.listen_backlog == Some(0) {
+            return Err((
+                "proxy.listen_backlog".into(),
+                "must be at least 1 (leave it out for the default)".into(),
+            ));
+        }
+        if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.proxy.admin_max_connections) {
+            return Err((
+                "proxy.admin_max_connections".into(),
+                format!("must be from 1 to {MAX_ADMIN_CONNECTIONS}"),
+            ));
+        }
+        for (key, d) in [
+            (
+                "proxy.admin_header_timeout",
+                self.proxy.admin_header_timeout,
+            ),
+            ("proxy.admin_idle_timeout", self.proxy.admin_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((key.into(), "must be more than 0".into()));
+            }
         }
         if self.proxy.max_message_length < 1024 {
             return Err((
@@ -613,6 +669,43 @@ address = "localhost:5433"
         assert_eq!(c.balancer.rebalance_interval, None);
         assert_eq!(c.balancer.health_check_interval, Duration::from_secs(5));
         assert_eq!(c.balancer.drain_concurrency, 32);
+        assert_eq!(c.proxy.listen_backlog, None);
+        assert_eq!(c.proxy.admin_header_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.admin_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.proxy.admin_max_connections, 64);
+    }
+
+    #[test]
+    fn listen_backlog_and_admin_limits() {
+        let with = |lines: &str| GOOD.replace("[tls]", &format!("{lines}\n[tls]"));
+        let c = Config::parse(
+            &with(
+                "listen_backlog = 700\nadmin_header_timeout = \"500ms\"\nadmin_max_connections = 8",
+            ),
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.proxy.listen_backlog, Some(700));
+        assert_eq!(c.proxy.admin_header_timeout, Duration::from_millis(500));
+        assert_eq!(c.proxy.admin_max_connections, 8);
+        for (line, key) in [
+            ("listen_backlog = 0", "proxy.listen_backlog"),
+            ("listen_backlog = -1", "proxy.listen_backlog"),
+            ("admin_max_connections = 0", "proxy.admin_max_connections"),
+            (
+                "admin_max_connections = 100001",
+                "proxy.admin_max_connections",
+            ),
+            (
+                "admin_header_timeout = \"0s\"",
+                "proxy.admin_header_timeout",
+            ),
+            ("admin_idle_timeout = \"0s\"", "proxy.admin_idle_timeout"),
+        ] {
+            let e = err(&with(line));
+            assert!(e.contains(key), "{line}: {e}");
+        }
     }
 
     #[test]

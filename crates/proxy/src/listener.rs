@@ -1,9 +1,12 @@
-//! Accepting clients: the connection limit, one task per connection, and
-//! graceful shutdown.
+//! Accepting clients: binding the listener with its backlog, the
+//! connection limit, one task per connection, and graceful shutdown.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -16,6 +19,66 @@ use crate::ProxyContext;
 /// Connections over the limit that may be getting their "too many
 /// clients" answer at once; beyond that they are dropped unanswered.
 const MAX_REFUSALS_IN_FLIGHT: usize = 1024;
+
+/// Where Linux caps every listen backlog.
+const SOMAXCONN_PATH: &str = "/proc/sys/net/core/somaxconn";
+/// Assumed when `SOMAXCONN_PATH` cannot be read: Linux's default since 5.4.
+const SOMAXCONN_FALLBACK: u32 = 4096;
+/// Smallest derived backlog, whatever `max_client_connections` is.
+const MIN_DEFAULT_BACKLOG: u32 = 1024;
+
+/// The accept queue length of the client listener, and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// `listen_backlog`, or twice `max_client_connections` (at least
+    /// 1024), as PostgreSQL derives its own from max_connections.
+    pub requested: u32,
+    /// The kernel's cap (`net.core.somaxconn`).
+    pub somaxconn: u32,
+    /// Whether `somaxconn` was read or assumed.
+    pub somaxconn_read: bool,
+}
+
+impl Backlog {
+    pub fn new(listen_backlog: Option<u32>, max_client_connections: usize) -> Self {
+        let read = std::fs::read_to_string(SOMAXCONN_PATH)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        Self::from_parts(listen_backlog, max_client_connections, read)
+    }
+
+    fn from_parts(
+        listen_backlog: Option<u32>,
+        max_client_connections: usize,
+        somaxconn: Option<u32>,
+    ) -> Self {
+        let derived = u32::try_from(max_client_connections.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .max(MIN_DEFAULT_BACKLOG);
+        Self {
+            requested: listen_backlog.unwrap_or(derived),
+            somaxconn: somaxconn.unwrap_or(SOMAXCONN_FALLBACK),
+            somaxconn_read: somaxconn.is_some(),
+        }
+    }
+
+    /// What the kernel will use: it silently truncates to somaxconn.
+    pub fn effective(&self) -> u32 {
+        self.requested.min(self.somaxconn)
+    }
+}
+
+/// Binds `addr` with SO_REUSEADDR (as tokio's own bind does, so a restart
+/// does not wait for TIME_WAIT) and `backlog`; tokio's bind always asks
+/// for 128, which makes connection bursts wait for SYN retransmits.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(socket.into())
+}
 
 pub async fn accept_loop(
     ctx: Arc<ProxyContext>,
@@ -75,5 +138,34 @@ pub async fn accept_loop(
         );
         ctx.registry.terminate_all(|| SessionError::AdminShutdown);
         let _ = tokio::time::timeout(Duration::from_secs(5), ctx.registry.wait_empty()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backlog_defaults_like_postgresql_and_is_capped_by_somaxconn() {
+        let b = Backlog::from_parts(None, 10_000, Some(4096));
+        assert_eq!((b.requested, b.effective()), (20_000, 4096));
+        let b = Backlog::from_parts(None, 100, Some(4096));
+        assert_eq!(b.effective(), 1024);
+        let b = Backlog::from_parts(None, 100, Some(512));
+        assert_eq!(b.effective(), 512);
+        let b = Backlog::from_parts(Some(700), 10_000, None);
+        assert_eq!((b.effective(), b.somaxconn_read), (700, false));
+        let b = Backlog::from_parts(None, 10_000, None);
+        assert_eq!(b.effective(), SOMAXCONN_FALLBACK);
+    }
+
+    #[tokio::test]
+    async fn a_bound_listener_accepts() {
+        let l = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 700).unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        drop(s);
     }
 }

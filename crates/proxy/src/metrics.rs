@@ -15,6 +15,14 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     pub client_connections_accepted: IntCounter,
     pub client_connections_rejected: IntCounter,
+    /// Admin API connections open now.
+    pub admin_connections: IntGauge,
+    /// Admin connections closed unread because `admin_max_connections`
+    /// were open.
+    pub admin_connections_rejected: IntCounter,
+    /// Admin connections closed by `admin_header_timeout` (`phase="header"`)
+    /// or `admin_idle_timeout` (`phase="idle"`).
+    pub admin_connections_timed_out: IntCounterVec,
     pub auth_failures: IntCounter,
     pub auth_throttled: IntCounter,
     pub backend_sessions: IntGaugeVec,
@@ -153,6 +161,25 @@ impl Metrics {
                 "Client connections refused because max_client_connections was reached",
             )
             .expect("static metric definition"),
+            admin_connections: IntGauge::new(
+                "pgferry_admin_connections",
+                "Admin API connections currently open",
+            )
+            .expect("static metric definition"),
+            admin_connections_rejected: IntCounter::new(
+                "pgferry_admin_connections_rejected_total",
+                "Admin API connections closed unread because admin_max_connections were open",
+            )
+            .expect("static metric definition"),
+            admin_connections_timed_out: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_admin_connections_timed_out_total",
+                    "Admin API connections closed by admin_header_timeout (phase=header) \
+                     or admin_idle_timeout (phase=idle)",
+                ),
+                &["phase"],
+            )
+            .expect("static metric definition"),
             auth_failures: IntCounter::new(
                 "pgferry_auth_failures_total",
                 "Client authentications that failed (wrong password or unknown user)",
@@ -262,6 +289,9 @@ impl Metrics {
             Box::new(m.client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.client_connections_accepted.clone()),
             Box::new(m.client_connections_rejected.clone()),
+            Box::new(m.admin_connections.clone()),
+            Box::new(m.admin_connections_rejected.clone()),
+            Box::new(m.admin_connections_timed_out.clone()),
             Box::new(m.auth_failures.clone()),
             Box::new(m.auth_throttled.clone()),
             Box::new(m.backend_sessions.clone()),
@@ -288,6 +318,10 @@ impl Metrics {
             }),
         ] {
             r.register(c).expect("unique metric names");
+        }
+        // Both series exist from the start, so a rate() sees the first one.
+        for phase in ["header", "idle"] {
+            m.admin_connections_timed_out.with_label_values(&[phase]);
         }
         m
     }
