@@ -207,6 +207,34 @@ pub struct ProxySection {
     /// How long SIGTERM/SIGINT lets sessions finish before closing them.
     #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// The newest protocol version offered to clients and asked of
+    /// backends. "3.2" only when every backend speaks it (PostgreSQL 18+).
+    #[serde(default)]
+    pub max_protocol: MaxProtocol,
+}
+
+/// `[proxy] max_protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MaxProtocol {
+    /// Every PostgreSQL version speaks it; the default until the backends
+    /// are known to speak 3.2.
+    #[default]
+    #[serde(rename = "3.0")]
+    V3_0,
+    /// PostgreSQL 18's version: cancel keys of up to 256 bytes.
+    #[serde(rename = "3.2")]
+    V3_2,
+}
+
+impl MaxProtocol {
+    /// The minor version a session speaks when its client asks for
+    /// `requested`: 3.2 if both allow it, else 3.0 (3.1 was never used).
+    pub fn session_minor(self, requested: u16) -> u16 {
+        match self {
+            MaxProtocol::V3_2 if requested >= 2 => 2,
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
