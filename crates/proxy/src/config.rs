@@ -569,6 +569,31 @@ address = "localhost:5433"
         assert_eq!(c.balancer.rebalance_interval, None);
         assert_eq!(c.balancer.health_check_interval, Duration::from_secs(5));
         assert_eq!(c.balancer.drain_concurrency, 32);
+        assert_eq!(c.proxy.max_protocol, MaxProtocol::V3_0);
+    }
+
+    #[test]
+    fn max_protocol() {
+        let with = |v: &str| {
+            let text = GOOD.replacen("[proxy]\n", &format!("[proxy]\nmax_protocol = {v}\n"), 1);
+            Config::parse(&text, "t.toml", Path::new("/etc/pgferry"))
+        };
+        let c = with("\"3.2\"").unwrap();
+        assert_eq!(c.proxy.max_protocol, MaxProtocol::V3_2);
+        assert_eq!(
+            with("\"3.0\"").unwrap().proxy.max_protocol,
+            MaxProtocol::V3_0
+        );
+        for bad in ["\"3.1\"", "\"3\"", "3.2"] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+        // A client asking for 3.2 (or more) gets 3.2 only when allowed;
+        // 3.1 was never a PostgreSQL version.
+        assert_eq!(MaxProtocol::V3_2.session_minor(2), 2);
+        assert_eq!(MaxProtocol::V3_2.session_minor(7), 2);
+        assert_eq!(MaxProtocol::V3_2.session_minor(1), 0);
+        assert_eq!(MaxProtocol::V3_2.session_minor(0), 0);
+        assert_eq!(MaxProtocol::V3_0.session_minor(2), 0);
     }
 
     #[test]
