@@ -242,3 +242,70 @@ fn a_3_2_session_skips_and_will_not_move_to_a_backend_speaking_only_3_0() {
     assert_eq!(backend_name(&proxy, "skip0"), "pg1");
     assert_eq!(clients[0].value("SELECT 2"), "2");
 }
+
+/// psycopg with its bundled libpq (18 in psycopg-binary 3.3.9, pinned by
+/// tests/drivers/requirements.txt), in target/pg18/python.
+fn psycopg_path() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("pg18/python");
+    let want = "psycopg==3.3.9 psycopg-binary==3.3.9 typing_extensions==4.16.0";
+    let stamp = dir.join("installed");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want) {
+        let out = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .arg("--target")
+            .arg(&dir)
+            .args(want.split(' '))
+            .output()
+            .expect("run pip");
+        assert!(out.status.success(), "pip: {}", stderr(&out));
+        std::fs::write(&stamp, want).expect("stamp");
+    }
+    dir
+}
+
+#[test]
+fn libpq_18_with_max_protocol_version_latest_gets_3_2_and_cancels() {
+    // One backend: the watching session sees the sleeping one.
+    let proxy = proxy_on(vec![("pg1".into(), pg18().pg1.addr().to_string())], "3.2");
+    let script = format!(
+        r#"
+import psycopg, threading
+assert psycopg.pq.version() >= 180000, psycopg.pq.version()
+c = psycopg.connect("host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname={DB} sslmode=disable max_protocol_version=latest application_name=psy")
+print(c.pgconn.full_protocol_version, c.info.backend_pid, c.execute("SELECT pg_backend_pid()").fetchone()[0])
+def cancel_when_running():
+    # Cancels once the sleep runs (seen from a second session), not on a timer.
+    with psycopg.connect("host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname={DB} sslmode=disable", autocommit=True) as w:
+        while w.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'psy' AND state = 'active'").fetchone()[0] != 1:
+            pass
+    c.cancel_safe()
+threading.Thread(target=cancel_when_running).start()
+try:
+    c.execute("SELECT pg_sleep(60)")
+    print("not cancelled")
+except psycopg.errors.QueryCanceled:
+    print("cancelled")
+"#,
+        port = proxy.port()
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .env("PYTHONPATH", psycopg_path())
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let first: Vec<&str> = lines.next().expect("line").split(' ').collect();
+    // PQfullProtocolVersion: 30002 for 3.2 (libpq 18 asked for the newest).
+    assert_eq!(first[0], "30002", "{text}");
+    assert_eq!(
+        first[1], first[2],
+        "PQbackendPID is pg_backend_pid(): {text}"
+    );
+    assert_eq!(lines.next(), Some("cancelled"), "{text}");
+}
