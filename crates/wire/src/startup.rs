@@ -11,6 +11,10 @@ pub const SSL_REQUEST_CODE: u32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
 pub const PROTOCOL_3_0: u32 = 196_608;
+/// Protocol 3.2 (PostgreSQL 18): cancel keys of up to 256 bytes.
+pub const PROTOCOL_3_2: u32 = 196_610;
+/// PostgreSQL 18's limit for a cancel key's secret (3.0 keys have 4 bytes).
+pub const MAX_CANCEL_SECRET_LEN: usize = 256;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum StartupError {
@@ -37,20 +41,68 @@ pub enum StartupPacket {
 }
 
 /// A cancel key: the (process id, secret) pair of BackendKeyData.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CancelKey {
     pub pid: i32,
-    pub secret: i32,
+    pub secret: CancelSecret,
+}
+
+/// A cancel key's secret: 4 bytes in protocol 3.0, up to 256 in 3.2.
+/// 3.0 secrets are kept inline (most sessions, and memory per idle
+/// session matters); longer ones on the heap. The representation is
+/// canonical (4 bytes is always `Short`), so the derived Eq and Hash
+/// compare the bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CancelSecret(SecretRepr);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SecretRepr {
+    Short([u8; 4]),
+    Long(Box<[u8]>),
+}
+
+impl CancelSecret {
+    /// A secret of `bytes`, which must be 4..=256 bytes long.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        match bytes.len() {
+            4 => Some(Self(SecretRepr::Short([
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ]))),
+            5..=MAX_CANCEL_SECRET_LEN => Some(Self(SecretRepr::Long(bytes.into()))),
+            _ => None,
+        }
+    }
+
+    /// A protocol 3.0 secret.
+    pub fn from_i32(secret: i32) -> Self {
+        Self(SecretRepr::Short(secret.to_be_bytes()))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            SecretRepr::Short(b) => b,
+            SecretRepr::Long(b) => b,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 impl CancelKey {
-    /// The complete CancelRequest packet for this key.
-    pub fn request_packet(&self) -> [u8; 16] {
-        let mut p = [0u8; 16];
-        p[0..4].copy_from_slice(&16u32.to_be_bytes());
-        p[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-        p[8..12].copy_from_slice(&self.pid.to_be_bytes());
-        p[12..16].copy_from_slice(&self.secret.to_be_bytes());
+    /// The complete CancelRequest packet for this key: 12 + secret bytes.
+    pub fn request_packet(&self) -> Vec<u8> {
+        let secret = self.secret.as_bytes();
+        let mut p = Vec::with_capacity(12 + secret.len());
+        p.extend_from_slice(&(12 + secret.len() as u32).to_be_bytes());
+        p.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        p.extend_from_slice(&self.pid.to_be_bytes());
+        p.extend_from_slice(secret);
         p
     }
 }
@@ -86,8 +138,15 @@ impl StartupMessage {
         }
     }
 
-    /// Encodes a protocol 3.0 StartupMessage with the same parameters,
-    /// for the backend (protocol options are not passed on).
+    /// The whole protocol number of this session (`PROTOCOL_3_0` or
+    /// `PROTOCOL_3_2`): after negotiation, `minor_version` is the version
+    /// the session speaks, not what the client first asked for.
+    pub fn protocol(&self) -> u32 {
+        (3 << 16) | u32::from(self.minor_version)
+    }
+
+    /// Encodes a StartupMessage with the same parameters and protocol
+    /// version, for the backend (protocol options are not passed on).
     pub fn encode_for_backend(&self, buf: &mut BytesMut) {
         let body_len: usize = 4
             + self
@@ -97,7 +156,7 @@ impl StartupMessage {
                 .sum::<usize>()
             + 1;
         buf.put_u32((body_len + 4) as u32);
-        buf.put_u32(PROTOCOL_3_0);
+        buf.put_u32(self.protocol());
         for (k, v) in &self.params {
             buf.put_slice(k.as_bytes());
             buf.put_u8(0);
@@ -139,11 +198,14 @@ pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, StartupError> {
             })
         }
         CANCEL_REQUEST_CODE => {
-            if rest.len() != 8 {
-                return Err(StartupError::Malformed("cancel request must carry 8 bytes"));
-            }
-            let pid = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-            let secret = i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            // 3.0 keys have 4 bytes of secret, 3.2 keys up to 256.
+            let (pid, secret) = match rest.split_first_chunk::<4>() {
+                Some((pid, secret)) => (i32::from_be_bytes(*pid), secret),
+                None => return Err(StartupError::Malformed("cancel request without a key")),
+            };
+            let secret = CancelSecret::from_bytes(secret).ok_or(StartupError::Malformed(
+                "cancel request secret must have 4 to 256 bytes",
+            ))?;
             Ok(StartupPacket::CancelRequest(CancelKey { pid, secret }))
         }
         _ => {
@@ -265,13 +327,33 @@ mod tests {
         );
         let key = CancelKey {
             pid: 42,
-            secret: -7,
+            secret: CancelSecret::from_i32(-7),
         };
         let p = key.request_packet();
         assert_eq!(startup_body_len(p[0..4].try_into().unwrap()), Ok(12));
         assert_eq!(
             parse_startup_body(&p[4..]),
             Ok(StartupPacket::CancelRequest(key))
+        );
+        // Protocol 3.2's long keys: packet length 12 + secret length.
+        for len in [5, 32, MAX_CANCEL_SECRET_LEN] {
+            let secret: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let key = CancelKey {
+                pid: 7,
+                secret: CancelSecret::from_bytes(&secret).unwrap(),
+            };
+            let p = key.request_packet();
+            assert_eq!(p.len(), 12 + len);
+            assert_eq!(startup_body_len(p[0..4].try_into().unwrap()), Ok(8 + len));
+            assert_eq!(
+                parse_startup_body(&p[4..]),
+                Ok(StartupPacket::CancelRequest(key))
+            );
+        }
+        // The same four bytes make the same key however they were built.
+        assert_eq!(
+            CancelSecret::from_bytes(&(-7i32).to_be_bytes()),
+            Some(CancelSecret::from_i32(-7))
         );
     }
 
@@ -295,6 +377,8 @@ mod tests {
         assert!(parse_startup_body(&packet(PROTOCOL_3_0, b"user\0x")).is_err());
         assert!(parse_startup_body(&packet(PROTOCOL_3_0, b"user\0x\0\0junk")).is_err());
         assert!(parse_startup_body(&packet(CANCEL_REQUEST_CODE, b"1234")).is_err());
+        assert!(parse_startup_body(&packet(CANCEL_REQUEST_CODE, b"1234567")).is_err());
+        assert!(parse_startup_body(&packet(CANCEL_REQUEST_CODE, &[1; 4 + 257])).is_err());
         for twice in [
             &b"user\0app\0database\0app\0user\0postgres\0\0"[..],
             b"user\0app\0database\0app\0database\0postgres\0\0",

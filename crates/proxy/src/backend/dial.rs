@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use pgferry_wire::messages::{
-    decode_backend_key_data, decode_parameter_status, decode_ready_for_query, take_message,
-    AuthRequest,
+    decode_backend_key_data, decode_negotiate_protocol_version, decode_parameter_status,
+    decode_ready_for_query, take_message, AuthRequest,
 };
 use pgferry_wire::startup::ssl_request_packet;
 use pgferry_wire::{tag, CancelKey, ErrorFields, StartupMessage};
@@ -76,6 +76,11 @@ pub enum DialError {
     /// another backend; this one has been marked unhealthy.
     #[error("backend takes no logins now: {}", .0.message().unwrap_or(""))]
     NotAcceptingLogins(ErrorFields),
+    /// The session speaks protocol 3.2 and this backend answered with an
+    /// older version: it cannot serve it (its cancel keys, for one, are
+    /// another length). Another backend may.
+    #[error("backend speaks protocol {}.{}, the session {}.{}", .offered >> 16, .offered & 0xffff, .wanted >> 16, .wanted & 0xffff)]
+    ProtocolTooOld { wanted: u32, offered: u32 },
 }
 
 /// An authenticated server connection, ready for queries.
@@ -193,7 +198,19 @@ async fn connect_inner(
                 }
                 return Err(DialError::Server(fields));
             }
-            tag::NEGOTIATE_PROTOCOL_VERSION => {}
+            tag::NEGOTIATE_PROTOCOL_VERSION => {
+                let (offered, _) = decode_negotiate_protocol_version(&msg.body)
+                    .map_err(|e| DialError::Protocol(e.to_string()))?;
+                // Only the protocol was asked for (pgferry passes no `_pq_.`
+                // options on), so a downgrade is all this can say; a 3.0
+                // session never gets one.
+                if offered < startup.protocol() {
+                    return Err(DialError::ProtocolTooOld {
+                        wanted: startup.protocol(),
+                        offered,
+                    });
+                }
+            }
             tag::READY_FOR_QUERY if authenticated => {
                 let ready_status = decode_ready_for_query(&msg.body)
                     .map_err(|e| DialError::Protocol(e.to_string()))?;

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use pgferry_auth::ChannelBinding;
 use pgferry_wire::messages::encode_negotiate_protocol_version;
-use pgferry_wire::startup::{parse_startup_body, startup_body_len, PROTOCOL_3_0};
+use pgferry_wire::startup::{parse_startup_body, startup_body_len};
 use pgferry_wire::{CancelKey, StartupError, StartupMessage, StartupPacket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::MaxProtocol;
 use crate::errors::SessionError;
 use crate::stream::Stream;
 
@@ -59,7 +60,14 @@ impl TlsPolicy {
     }
 }
 
-pub async fn negotiate(tcp: TcpStream, tls: &TlsPolicy) -> Result<Negotiated, NegotiationFailure> {
+/// `max` is `[proxy] max_protocol`: the returned StartupMessage's
+/// `minor_version` is the version the session speaks (what the client
+/// asked for, capped by `max`), and is what backends are asked for.
+pub async fn negotiate(
+    tcp: TcpStream,
+    tls: &TlsPolicy,
+    max: MaxProtocol,
+) -> Result<Negotiated, NegotiationFailure> {
     let mut stream = Stream::Plain(tcp);
     let mut offered_encryption = false;
     loop {
@@ -131,16 +139,20 @@ pub async fn negotiate(tcp: TcpStream, tls: &TlsPolicy) -> Result<Negotiated, Ne
                 stream = Stream::Plain(tcp);
             }
             StartupPacket::CancelRequest(key) => return Ok(Negotiated::Cancel(key)),
-            StartupPacket::Startup(startup) => {
+            StartupPacket::Startup(mut startup) => {
                 if tls.require && !stream.is_tls() {
                     return Err(NegotiationFailure::Reply(stream, SessionError::TlsRequired));
                 }
-                if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
+                let requested = startup.minor_version;
+                startup.minor_version = max.session_minor(requested);
+                // As PostgreSQL: a NegotiateProtocolVersion only when the
+                // client asked for more than it gets, or sent options
+                // (pgferry knows none of them).
+                if requested != startup.minor_version || !startup.protocol_options.is_empty() {
                     let mut out = BytesMut::new();
-                    // 3.0 is what the backends are spoken to in.
                     if encode_negotiate_protocol_version(
                         &mut out,
-                        PROTOCOL_3_0,
+                        startup.protocol(),
                         &startup.protocol_options,
                     )
                     .is_ok()

@@ -42,7 +42,7 @@ pub struct SessionIdentity<'a> {
     pub startup: &'a StartupMessage,
     pub credentials: &'a BackendCredentials,
     /// The key the client holds (pgferry's own); it does not change.
-    pub cancel_key: CancelKey,
+    pub cancel_key: &'a CancelKey,
     /// Its warm-spare key, when spares are on.
     pub spare_params: Option<&'a spares::Params>,
 }
@@ -274,7 +274,7 @@ pub async fn transfer(
         ServerSide {
             lease,
             peer,
-            key,
+            key: key.clone(),
             known,
         },
     );

@@ -31,9 +31,10 @@ use crate::metrics::Metrics;
 use crate::stream::Stream;
 use crate::ProxyContext;
 
-/// The client's startup parameters, in order: sessions with equal ones get
-/// identical server connections.
-pub type Params = Arc<Vec<(String, String)>>;
+/// The session's protocol minor version and its client's startup
+/// parameters, in order: sessions with equal ones get identical server
+/// connections (a 3.0 spare cannot serve a 3.2 session, nor the reverse).
+pub type Params = Arc<(u16, Vec<(String, String)>)>;
 
 struct Demand {
     sessions: usize,
@@ -124,7 +125,7 @@ impl SparePool {
         startup: &StartupMessage,
         credentials: &BackendCredentials,
     ) -> SpareDemand<'_> {
-        let params: Params = Arc::new(startup.params.clone());
+        let params: Params = Arc::new((startup.minor_version, startup.params.clone()));
         let mut st = self.lock();
         st.demands
             .entry(params.clone())
