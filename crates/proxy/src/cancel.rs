@@ -35,6 +35,10 @@ struct Entry {
     /// The session is being moved: its current backend runs pgferry's own
     /// capture and replay, which a client's cancel must never hit.
     moving: bool,
+    /// Moves ended so far, and whether the client had sent anything while
+    /// the last one ran (see `MovingGuard::end`).
+    moves_ended: u64,
+    last_move_held_requests: bool,
 }
 
 /// What a cancel request should do now.
@@ -45,6 +49,11 @@ pub enum CancelRoute {
     Unknown,
     /// The session is still moving after the wait allowed.
     StillMoving,
+    /// It arrived during a move at whose start the session was idle and
+    /// whose client sent nothing meanwhile: nothing ran for it to cancel,
+    /// and an idle PostgreSQL backend ignores such a cancel too (sent late,
+    /// it could hit the client's next query instead).
+    NothingToCancel,
 }
 
 #[derive(Default)]
@@ -84,6 +93,8 @@ impl CancelMap {
                 v.insert(Entry {
                     target,
                     moving: false,
+                    moves_ended: 0,
+                    last_move_held_requests: true,
                 });
                 return key;
             }
@@ -95,7 +106,12 @@ impl CancelMap {
         if let Some(e) = self.lock().get_mut(key) {
             e.moving = true;
         }
-        MovingGuard { map: self, key }
+        MovingGuard {
+            map: self,
+            key,
+            // Unless told otherwise: deliver.
+            held_requests: true,
+        }
     }
 
     /// Points an existing key at a new backend (after a migration).
@@ -120,6 +136,8 @@ impl CancelMap {
     /// afterwards, never into the move's own queries.
     pub async fn route(&self, key: &CancelKey, wait: Duration) -> CancelRoute {
         let deadline = tokio::time::Instant::now() + wait;
+        // The moves count when this cancel first found its session moving.
+        let mut held_since: Option<u64> = None;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -127,8 +145,17 @@ impl CancelMap {
             changed.as_mut().enable();
             match self.lock().get(key) {
                 None => return CancelRoute::Unknown,
-                Some(e) if !e.moving => return CancelRoute::Send(e.target.clone()),
-                Some(_) => tracing::debug!("cancel request held while its session moves"),
+                Some(e) if !e.moving => {
+                    let waited_out_a_move = held_since.is_some_and(|n| e.moves_ended > n);
+                    if waited_out_a_move && !e.last_move_held_requests {
+                        return CancelRoute::NothingToCancel;
+                    }
+                    return CancelRoute::Send(e.target.clone());
+                }
+                Some(e) => {
+                    held_since.get_or_insert(e.moves_ended);
+                    tracing::debug!("cancel request held while its session moves");
+                }
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return CancelRoute::StillMoving;
@@ -172,12 +199,23 @@ impl SecretLen {
 pub struct MovingGuard<'a> {
     map: &'a CancelMap,
     key: &'a CancelKey,
+    held_requests: bool,
+}
+
+impl MovingGuard<'_> {
+    /// The move is over; `held_requests`: the client sent something while
+    /// it ran, which cancels held meanwhile are for.
+    pub fn end(mut self, held_requests: bool) {
+        self.held_requests = held_requests;
+    }
 }
 
 impl Drop for MovingGuard<'_> {
     fn drop(&mut self) {
         if let Some(e) = self.map.lock().get_mut(self.key) {
             e.moving = false;
+            e.moves_ended += 1;
+            e.last_move_held_requests = self.held_requests;
         }
         self.map.changed.notify_waiters();
     }
@@ -254,6 +292,26 @@ mod tests {
             secret: CancelSecret::from_bytes(&bytes[..4]).unwrap(),
         };
         assert!(map.lookup(&prefix).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_held_through_a_move_of_an_idle_session_is_dropped() {
+        let map = std::sync::Arc::new(CancelMap::new());
+        let key = map.register(t(1), SecretLen::Protocol30);
+        let guard = map.moving(&key);
+        let waiting = {
+            let (map, key) = (map.clone(), key.clone());
+            tokio::spawn(async move { map.route(&key, Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        // The client sent nothing while it moved: nothing to cancel.
+        guard.end(false);
+        assert_eq!(waiting.await.unwrap(), CancelRoute::NothingToCancel);
+        // A cancel arriving after the move goes through.
+        assert_eq!(
+            map.route(&key, Duration::ZERO).await,
+            CancelRoute::Send(t(1))
+        );
     }
 
     #[tokio::test]

@@ -268,6 +268,10 @@ async fn forward_cancel(ctx: &ProxyContext, key: &CancelKey) {
             warn!("cancel request dropped: its session was still moving");
             return;
         }
+        CancelRoute::NothingToCancel => {
+            debug!("cancel request dropped: its session was idle through a move");
+            return;
+        }
     };
     if let Err(e) = send_cancel(&target, ctx.config.proxy.connect_timeout).await {
         warn!(backend = %target.backend, error = %e, "could not forward cancel request");
@@ -505,9 +509,13 @@ async fn migrate(
     let paused_at = Instant::now();
     let from_name = from.clone();
     ctx.registry.set_transferring(identity.id, true);
+    // The client's cancels wait until the move is over: they must reach
+    // the client's queries, never the capture or replay.
+    let moving = ctx.cancel_map.moving(identity.cancel_key);
     let result = transfer::transfer(ctx, fwd, server, identity, request.to.as_deref())
         .instrument(span.clone())
         .await;
+    moving.end(fwd.client_sent_during_hold());
     ctx.registry.set_transferring(identity.id, false);
     let (outcome, fatal) = match result {
         Ok(to) => {

@@ -288,6 +288,18 @@ impl<'m> Forwarder<'m> {
             .unwrap_or_default()
     }
 
+    /// The client has sent bytes that wait behind a transfer's hold (read
+    /// and held, or still on its socket). A TLS socket cannot be peeked, so
+    /// it always counts as having sent something.
+    pub fn client_sent_during_hold(&self) -> bool {
+        !self.request.at_boundary()
+            || self
+                .careful
+                .as_ref()
+                .is_some_and(|c| !c.request_at_boundary())
+            || !self.client.is_silent()
+    }
+
     /// No message is half-forwarded to the client.
     pub fn response_at_boundary(&self) -> bool {
         self.response.at_boundary()

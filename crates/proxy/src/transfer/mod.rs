@@ -126,9 +126,6 @@ pub async fn transfer(
     let max_len = ctx.config.proxy.max_message_length;
     let current = server.backend().name.clone();
     let target = choose_target(ctx, &current, to)?;
-    // The client's cancels wait until the move is over: they must reach
-    // the client's queries, never the capture or replay.
-    let _moving = ctx.cancel_map.moving(session.cancel_key);
 
     // 1. Capture on the old backend while dialing the target: the two are
     //    independent, and the session's traffic is held during both.
