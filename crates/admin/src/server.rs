@@ -57,20 +57,10 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut refusals = Refusals::default();
     tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => r,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((tcp, peer)) =
+        pgferry_proxy::listener::accept_until(&listener, shutdown.as_mut(), "admin accept failed")
+            .await
+    {
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(serve_connection(

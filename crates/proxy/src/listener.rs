@@ -80,6 +80,28 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The next connection, or None once `shutdown` resolves. Accept errors
+/// (EMFILE and friends) are logged as `what` and backed off, not spun on.
+pub async fn accept_until(
+    listener: &TcpListener,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.as_mut() => return None,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok(x) => return Some(x),
+            Err(e) => {
+                warn!(error = %e, "{what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 pub async fn accept_loop(
     ctx: Arc<ProxyContext>,
     listener: TcpListener,
@@ -88,20 +110,8 @@ pub async fn accept_loop(
     let slots = Arc::new(Semaphore::new(ctx.config.proxy.max_client_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => r,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some((tcp, peer)) = accept_until(&listener, shutdown.as_mut(), "accept failed").await
+    {
         ctx.metrics.client_connections_accepted.inc();
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
