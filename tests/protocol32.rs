@@ -38,16 +38,9 @@ fn pg18() -> &'static Pg18 {
 
 fn proxy_on(backends: Vec<(String, String)>, max_protocol: &str) -> ProxyProcess {
     ProxyProcess::start(ProxyOptions {
-        backends,
         tls: false,
-        require_tls: false,
         proxy_extra: format!("max_protocol = \"{max_protocol}\""),
-        migration_extra: String::new(),
-        extra_sections: String::new(),
-        userlist: Some(format!("\"{USER}\" \"{PASSWORD}\"\n")),
-        soft_nofile: None,
-        nofile: None,
-        auth_extra: String::new(),
+        ..ProxyOptions::bare(backends)
     })
 }
 

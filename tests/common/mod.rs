@@ -181,6 +181,28 @@ pub struct ProxyOptions {
     /// Start pgferry with both its soft and its hard limit on open files
     /// set to this, so that it cannot raise the soft one at start.
     pub nofile: Option<u64>,
+    /// `cluster = "..."` on every [[backend]].
+    pub backend_cluster: Option<String>,
+}
+
+impl ProxyOptions {
+    /// Options for `backends` alone, without the shared clusters (a test
+    /// with servers of its own): app's plaintext password only.
+    pub fn bare(backends: Vec<(String, String)>) -> Self {
+        Self {
+            backends,
+            tls: true,
+            require_tls: false,
+            proxy_extra: String::new(),
+            migration_extra: String::new(),
+            auth_extra: String::new(),
+            extra_sections: String::new(),
+            userlist: Some(format!("\"{USER}\" \"{PASSWORD}\"\n")),
+            soft_nofile: None,
+            nofile: None,
+            backend_cluster: None,
+        }
+    }
 }
 
 impl Default for ProxyOptions {
@@ -200,6 +222,7 @@ impl Default for ProxyOptions {
             userlist: None,
             soft_nofile: None,
             nofile: None,
+            backend_cluster: None,
         }
     }
 }
@@ -256,6 +279,9 @@ impl ProxyProcess {
             toml.push_str(&format!(
                 "[[backend]]\nname = \"{name}\"\naddress = \"{address}\"\n"
             ));
+            if let Some(c) = &opts.backend_cluster {
+                toml.push_str(&format!("cluster = \"{c}\"\n"));
+            }
         }
         let config = dir.path().join("pgferry.toml");
         std::fs::write(&config, toml).expect("write config");
@@ -684,7 +710,12 @@ pub fn has_session_in_state(admin: SocketAddr, app: &str, state: &str) -> bool {
 /// Runs pgbench (from the clusters' bindir) against `port` as the app
 /// user; fails the test if pgbench fails. Returns stdout and stderr.
 pub fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = Command::new(env().pg1.bins().path("pgbench"))
+    pgbench_with(&env().pg1.bins().path("pgbench"), port, args)
+}
+
+/// `pgbench` with the given binary (a test with clusters of its own).
+pub fn pgbench_with(bin: &std::path::Path, port: u16, args: &[&str]) -> String {
+    let out = Command::new(bin)
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER])
         .args(args)
         .arg(DB)

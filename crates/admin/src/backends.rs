@@ -32,6 +32,10 @@ pub struct BackendView {
     state: &'static str,
     healthy: bool,
     sessions: usize,
+    /// `primary`, `standby` or `unknown` (no `[backend_admin]`, or not
+    /// checked yet).
+    role: &'static str,
+    cluster: Option<String>,
 }
 
 fn view(b: &Backend) -> BackendView {
@@ -41,6 +45,8 @@ fn view(b: &Backend) -> BackendView {
         state: b.state().as_str(),
         healthy: b.healthy(),
         sessions: b.sessions(),
+        role: b.role().as_str(),
+        cluster: b.cluster.clone(),
     }
 }
 
@@ -72,6 +78,8 @@ pub async fn get_one(State(state): State<AdminState>, Path(name): Path<String>) 
 struct AddBody {
     name: String,
     address: String,
+    #[serde(default)]
+    cluster: Option<String>,
 }
 
 pub async fn add(State(state): State<AdminState>, body: Bytes) -> Response {
@@ -84,11 +92,12 @@ pub async fn add(State(state): State<AdminState>, body: Bytes) -> Response {
             )
         }
     };
-    match state
-        .proxy
-        .backends
-        .add(&body.name, &body.address, BackendOrigin::Api)
-    {
+    match state.proxy.backends.add(
+        &body.name,
+        &body.address,
+        body.cluster.as_deref(),
+        BackendOrigin::Api,
+    ) {
         Ok(b) => {
             info!(backend = %b.name, address = %b.address, "backend added");
             refill_all(&state.proxy);

@@ -2,7 +2,7 @@
 //!
 //! Owns the HTTP surface: `GET /healthz`, `GET /metrics` (Prometheus text),
 //! and the `/v1` API for orchestrators (list and move sessions; list, add,
-//! drain, activate and remove backends; rebalance). It reads
+//! drain, activate and remove backends; rebalance; switch a primary over). It reads
 //! proxy state through the registry and must never touch a session's
 //! sockets itself: it talks to sessions only through their control
 //! channels. How connections are accepted and timed out is `server`'s.
@@ -10,6 +10,7 @@
 mod backends;
 mod connections;
 mod server;
+mod switchover;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +43,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/backends/{name}/drain", post(backends::drain))
         .route("/v1/backends/{name}/activate", post(backends::activate))
         .route("/v1/rebalance", post(backends::rebalance))
+        .route(
+            "/v1/switchover",
+            get(switchover::progress).post(switchover::start),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))

@@ -9,10 +9,10 @@ use std::time::Duration;
 /// `ctl` subcommand, whose doc comment would otherwise replace it.
 pub const LONG_ABOUT: &str = "Inspect and steer a running pgferry through its HTTP admin API: \
 list backends and sessions, move a session, drain, activate, add or remove a backend, \
-rebalance.\n\n\
+rebalance, switch a primary over to its standby.\n\n\
 Exit status: 0 on success; 1 when the server answers an error or cannot be reached, a \
-transfer does not succeed, or a drain leaves sessions behind or fails to move some; 2 on \
-a usage error.";
+transfer does not succeed, a drain leaves sessions behind or fails to move some, or a \
+switchover aborts or cannot move every session; 2 on a usage error.";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CtlArgs {
@@ -86,6 +86,18 @@ pub enum CtlCommand {
         name: String,
         /// host:port of the PostgreSQL server.
         address: String,
+    },
+    /// Switch a cluster's primary over to its standby, keeping every
+    /// session: hold them at safe points, fence, catch up, promote, move.
+    Switchover {
+        /// The primary now.
+        from: String,
+        /// The standby to promote.
+        to: String,
+        /// How long sessions may take to reach a safe point, e.g. 30s
+        /// (server default: [switchover] default_timeout).
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<Timeout>,
     },
     /// Remove a backend that has no sessions (drain it first).
     Remove {

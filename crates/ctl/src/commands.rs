@@ -7,7 +7,9 @@ use serde_json::{json, Map, Value};
 
 use crate::args::{CtlCommand, Timeout};
 use crate::client::{segment, ClientError, Method, Reply, Request, Wait};
-use crate::model::{Backend, Connection, Drain, ErrorBody, Rebalance, Removed, Transfer};
+use crate::model::{
+    Backend, Connection, Drain, ErrorBody, Rebalance, Removed, Switchover, Transfer,
+};
 use crate::render;
 
 /// What to print and how the command went.
@@ -74,6 +76,20 @@ pub fn plan(cmd: &CtlCommand) -> Request {
             Some(json!({ "name": name, "address": address })),
             Wait::Short,
         ),
+        CtlCommand::Switchover { from, to, timeout } => {
+            let mut body = Map::new();
+            body.insert("from".into(), json!(from));
+            body.insert("to".into(), json!(to));
+            add_timeout(&mut body, *timeout);
+            // Catch-up and promotion come after the hold's deadline, on
+            // limits of the server's own.
+            req(
+                Method::Post,
+                "/v1/switchover".into(),
+                Some(Value::Object(body)),
+                Wait::ServerDeadline,
+            )
+        }
         CtlCommand::Remove { name, force } => req(
             Method::Delete,
             format!(
@@ -195,6 +211,16 @@ fn success(
                 )
             }
         }
+        CtlCommand::Switchover { from, to, .. } => {
+            let r: Switchover = parse(&reply.body).map_err(parse_err)?;
+            let problem = (r.outcome != "success").then(|| {
+                format!(
+                    "switchover {from} -> {to}: {} of {} sessions could not be moved and were closed",
+                    r.sessions_failed, r.sessions_held
+                )
+            });
+            (render::switchover(&r), problem)
+        }
         CtlCommand::Drain { name, .. } => {
             let d: Drain = parse(&reply.body).map_err(parse_err)?;
             let problem = (d.remaining > 0 || d.failed > 0).then(|| {
@@ -233,6 +259,7 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
         CtlCommand::Rebalance { .. } => "rebalance".to_owned(),
         CtlCommand::Add { name, .. } => format!("adding {name}"),
         CtlCommand::Remove { name, .. } => format!("removing {name}"),
+        CtlCommand::Switchover { from, to, .. } => format!("switchover {from} -> {to}"),
     };
     // 4xx: the server would not; 5xx: it tried and could not.
     let verb = if reply.status < 500 {
@@ -255,6 +282,17 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
         }
         (CtlCommand::Remove { force: false, .. }, _, Some(n)) if n > 0 => {
             line.push_str(" (--force closes them)")
+        }
+        (CtlCommand::Switchover { .. }, Some("aborted"), _) => {
+            line.push_str(" (nothing changed; every session was released)");
+            if let Ok(r) = serde_json::from_str::<Switchover>(&reply.body) {
+                if !r.blocked.is_empty() {
+                    line.push_str(&format!(
+                        "; not at a safe point in time: {}",
+                        r.blocked.join(", ")
+                    ));
+                }
+            }
         }
         _ => {}
     }

@@ -1,18 +1,18 @@
 //! `pgferry ctl`: the operators' command-line client of pgferry's HTTP admin
-//! API (`/v1/backends`, `/v1/connections`, `/v1/rebalance`; described in
+//! API (`/v1/backends`, `/v1/connections`, `/v1/rebalance`, `/v1/switchover`; described in
 //! docs/admin-api.md).
 //!
 //! This crate owns the `ctl` arguments, the blocking HTTP calls to the admin
 //! API, the human-readable tables, and the exit status. It talks to a running
 //! pgferry only over HTTP: it must not depend on `pgferry-proxy` or on tokio,
 //! must not log through `tracing` (stdout is for the answer, stderr for
-//! errors and drain progress, so scripts using `--json` get clean stdout),
+//! errors and progress, so scripts using `--json` get clean stdout),
 //! and must not panic on anything the network or the user hands it.
 //!
 //! Layout: [`args`] (clap types and duration parsing), `client` (HTTP),
 //! `model` (the JSON answers), `render` (tables), `commands` (what each
 //! subcommand sends and how its answer becomes output and an exit status),
-//! `progress` (the drain progress poller).
+//! `progress` (the drain and switchover progress poller).
 
 pub mod args;
 mod client;
@@ -40,11 +40,12 @@ pub fn run(args: CtlArgs) -> ExitCode {
         }
     };
     let request = commands::plan(&args.command);
-    // Only a drain runs long enough to be worth watching.
+    // Only drains and switchovers run long enough to be worth watching.
     let progress = match &args.command {
         CtlCommand::Drain { name, .. } => {
-            Some(progress::DrainProgress::start(client.clone(), name.clone()))
+            Some(progress::Progress::drain(client.clone(), name.clone()))
         }
+        CtlCommand::Switchover { .. } => Some(progress::Progress::switchover(client.clone())),
         _ => None,
     };
     let reply = client.send(&request);

@@ -10,6 +10,11 @@ pub struct Backend {
     pub state: String,
     pub healthy: bool,
     pub sessions: u64,
+    /// Older servers do not say.
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -97,4 +102,43 @@ pub struct ErrorBody {
     pub outcome: Option<String>,
     #[serde(default)]
     pub sessions: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct PhaseTime {
+    pub phase: String,
+    pub ms: f64,
+}
+
+/// A switchover's answer (200, and 409 when it aborted).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Switchover {
+    pub outcome: String,
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub phases: Vec<PhaseTime>,
+    pub sessions_held: u64,
+    pub sessions_moved: u64,
+    pub sessions_failed: u64,
+    #[serde(default)]
+    pub failures: Vec<Failure>,
+    #[serde(default)]
+    pub blocked: Vec<String>,
+    pub longest_pause_ms: f64,
+    pub duration_ms: f64,
+}
+
+/// `GET /v1/switchover`, as far as progress lines need it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SwitchoverProgress {
+    pub running: bool,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub held: u64,
+    #[serde(default)]
+    pub sessions: u64,
 }

@@ -1,7 +1,9 @@
 //! Human-readable output: aligned tables and one-line summaries. Pure
 //! functions from answers to text, so they are tested without a server.
 
-use crate::model::{Backend, Connection, Drain, Rebalance, Removed, Transfer};
+use crate::model::{
+    Backend, Connection, Drain, Rebalance, Removed, Switchover, SwitchoverProgress, Transfer,
+};
 
 /// Left-aligned columns, two spaces apart, no trailing blanks.
 struct Table {
@@ -90,7 +92,9 @@ fn plural(n: u64, one: &str, many: &str) -> String {
 }
 
 pub fn backends(list: &[Backend]) -> String {
-    let mut t = Table::new(&["NAME", "ADDRESS", "STATE", "HEALTHY", "SESSIONS"]);
+    let mut t = Table::new(&[
+        "NAME", "ADDRESS", "STATE", "HEALTHY", "SESSIONS", "ROLE", "CLUSTER",
+    ]);
     for b in list {
         t.row(vec![
             cell(&b.name),
@@ -98,9 +102,67 @@ pub fn backends(list: &[Backend]) -> String {
             cell(&b.state),
             yes_no(b.healthy),
             b.sessions.to_string(),
+            cell(b.role.as_deref().unwrap_or("-")),
+            cell(b.cluster.as_deref().unwrap_or("-")),
         ]);
     }
     t.render()
+}
+
+pub fn switchover(s: &Switchover) -> String {
+    let mut out = if s.outcome == "aborted" {
+        format!(
+            "switchover {} -> {} aborted after {}, nothing changed: {}\n",
+            cell(&s.from),
+            cell(&s.to),
+            millis(s.duration_ms),
+            cell(s.reason.as_deref().unwrap_or("no reason given"))
+        )
+    } else {
+        format!(
+            "switchover {} -> {}: {}, moved {} of {} held, failed {} in {} (longest pause {})\n",
+            cell(&s.from),
+            cell(&s.to),
+            cell(&s.outcome),
+            s.sessions_moved,
+            s.sessions_held,
+            s.sessions_failed,
+            millis(s.duration_ms),
+            millis(s.longest_pause_ms)
+        )
+    };
+    if !s.phases.is_empty() {
+        let phases: Vec<String> = s
+            .phases
+            .iter()
+            .map(|p| format!("{} {}", cell(&p.phase), millis(p.ms)))
+            .collect();
+        out.push_str(&format!("  phases: {}\n", phases.join(", ")));
+    }
+    if !s.blocked.is_empty() {
+        out.push_str("\nnot at a safe point in time:\n");
+        for id in &s.blocked {
+            out.push_str(&format!("  {}\n", cell(id)));
+        }
+    }
+    if !s.failures.is_empty() {
+        let mut t = Table::new(&["ID", "REASON"]);
+        for f in &s.failures {
+            t.row(vec![cell(&f.id), cell(&f.reason)]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out
+}
+
+pub fn switchover_progress(p: &SwitchoverProgress) -> String {
+    format!(
+        "switchover: {}, {} of {} held",
+        p.phase.as_deref().map(cell).unwrap_or_else(|| "?".into()),
+        p.held,
+        p.sessions
+    )
 }
 
 pub fn connections(list: &[Connection]) -> String {

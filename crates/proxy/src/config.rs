@@ -47,6 +47,134 @@ pub struct Config {
     /// Drain, rebalance and health checks.
     #[serde(default)]
     pub balancer: BalancerSection,
+    /// pgferry's own login to backends (role checks, switchovers); role
+    /// checks and switchovers are off without it.
+    #[serde(default)]
+    pub backend_admin: Option<BackendAdminSection>,
+    #[serde(default)]
+    pub switchover: SwitchoverSection,
+    #[serde(default)]
+    pub failover: FailoverSection,
+    #[serde(default)]
+    pub routing: RoutingSection,
+}
+
+/// The role pgferry logs in as for its own SQL on a backend.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendAdminSection {
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Read at load (first line); instead of `password`.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "defaults::health_check_database")]
+    pub database: String,
+}
+
+impl std::fmt::Debug for BackendAdminSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendAdminSection")
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the standby becomes the primary in a planned switchover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromoteMode {
+    /// `SELECT pg_promote()` on the target, as `[backend_admin]`.
+    #[default]
+    Sql,
+    /// The operator's `promote_command`, then wait for the target to
+    /// leave recovery.
+    Command,
+    /// Someone else promotes it; wait for it to leave recovery.
+    External,
+}
+
+/// What stops writes on the old primary once every session is held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceMode {
+    /// `ALTER SYSTEM SET default_transaction_read_only = on` and a reload
+    /// (undone if the switchover aborts).
+    #[default]
+    ReadOnly,
+    /// Nothing but pgferry's own hold.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverSection {
+    #[serde(default)]
+    pub promote: PromoteMode,
+    #[serde(default)]
+    pub promote_command: Option<String>,
+    #[serde(default = "defaults::promote_timeout", deserialize_with = "duration")]
+    pub promote_timeout: Duration,
+    #[serde(default)]
+    pub fence: FenceMode,
+    /// Deadline of the hold for calls that give none.
+    #[serde(
+        default = "defaults::switchover_timeout",
+        deserialize_with = "duration"
+    )]
+    pub default_timeout: Duration,
+}
+
+impl Default for SwitchoverSection {
+    fn default() -> Self {
+        Self {
+            promote: PromoteMode::default(),
+            promote_command: None,
+            promote_timeout: defaults::promote_timeout(),
+            fence: FenceMode::default(),
+            default_timeout: defaults::switchover_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    /// How long a session idle on a primary that died waits for a new
+    /// primary of its cluster before it is closed.
+    #[serde(default = "defaults::rehome_timeout", deserialize_with = "duration")]
+    pub rehome_timeout: Duration,
+    /// Sessions on clustered backends idle this long get their state
+    /// captured and kept (one query each, once per idle spell), so they
+    /// survive their primary's death.
+    #[serde(
+        default = "defaults::remember_state_after",
+        deserialize_with = "duration"
+    )]
+    pub remember_state_after: Duration,
+    #[serde(default = "defaults::remember_idle_state")]
+    pub remember_idle_state: bool,
+}
+
+impl Default for FailoverSection {
+    fn default() -> Self {
+        Self {
+            rehome_timeout: defaults::rehome_timeout(),
+            remember_state_after: defaults::remember_state_after(),
+            remember_idle_state: defaults::remember_idle_state(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingSection {
+    /// Users whose sessions go to a standby when one is up
+    /// (`target_session_attrs=prefer-standby`).
+    #[serde(default)]
+    pub read_only_users: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -330,6 +458,9 @@ pub struct BackendConfig {
     pub name: String,
     /// `host:port`; the host is also the name checked under verify-full.
     pub address: String,
+    /// Backends of one cluster are a primary and its streaming standbys.
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 mod defaults {
@@ -424,6 +555,21 @@ mod defaults {
     pub fn health_check_database() -> String {
         "postgres".into()
     }
+    pub fn promote_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn switchover_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn rehome_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn remember_state_after() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn remember_idle_state() -> bool {
+        true
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -468,6 +614,7 @@ impl Config {
             )
         })?;
         cfg.resolve_paths(base);
+        cfg.read_secrets().map_err(|(k, r)| invalid(k, r))?;
         cfg.validate().map_err(|(k, r)| invalid(k, r))?;
         Ok(cfg)
     }
@@ -486,6 +633,37 @@ impl Config {
         }
         if let Some(ca) = &mut self.backend_tls.ca {
             fix(ca);
+        }
+        if let Some(f) = self
+            .backend_admin
+            .as_mut()
+            .and_then(|a| a.password_file.as_mut())
+        {
+            fix(f);
+        }
+    }
+
+    /// Reads `[backend_admin] password_file` into `password`.
+    fn read_secrets(&mut self) -> Result<(), (String, String)> {
+        let Some(a) = &mut self.backend_admin else {
+            return Ok(());
+        };
+        match (&a.password, &a.password_file) {
+            (Some(_), Some(_)) => Err((
+                "backend_admin".into(),
+                "give password or password_file, not both".into(),
+            )),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    (
+                        "backend_admin.password_file".into(),
+                        format!("cannot read {}: {e}", f.display()),
+                    )
+                })?;
+                a.password = Some(text.lines().next().unwrap_or("").to_owned());
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -507,6 +685,38 @@ impl Config {
                 ));
             }
             split_host_port(&b.address).map_err(|r| (format!("backend[{i}].address"), r))?;
+            if b.cluster.as_deref().is_some_and(|c| c.is_empty()) {
+                return Err((format!("backend[{i}].cluster"), "must not be empty".into()));
+            }
+        }
+        if let Some(a) = &self.backend_admin {
+            if a.user.is_empty() {
+                return Err(("backend_admin.user".into(), "must not be empty".into()));
+            }
+        }
+        let s = &self.switchover;
+        if s.promote == PromoteMode::Command
+            && s.promote_command
+                .as_deref()
+                .is_none_or(|c| c.trim().is_empty())
+        {
+            return Err((
+                "switchover.promote_command".into(),
+                "promote = \"command\" needs a promote_command".into(),
+            ));
+        }
+        for (key, d) in [
+            ("switchover.promote_timeout", s.promote_timeout),
+            ("switchover.default_timeout", s.default_timeout),
+            ("failover.rehome_timeout", self.failover.rehome_timeout),
+            (
+                "failover.remember_state_after",
+                self.failover.remember_state_after,
+            ),
+        ] {
+            if d.is_zero() {
+                return Err((key.into(), "must be more than 0".into()));
+            }
         }
         if self.proxy.max_client_connections == 0 {
             return Err((

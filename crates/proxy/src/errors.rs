@@ -79,6 +79,27 @@ pub enum SessionError {
     /// unsupported protocol.
     #[error("no backend speaks protocol 3.2, which this session uses")]
     ProtocolUnavailable,
+    /// A startup option pgferry reads itself had a bad value.
+    /// PostgreSQL's class for a bad option value.
+    #[error("{0}")]
+    InvalidStartupOption(String),
+    /// The primary went away while a request was in flight: what it did
+    /// (a COMMIT, an autocommitted write) is not known.
+    #[error("connection to the primary of cluster {cluster} was lost while a statement was in flight (failover); whether it committed is unknown")]
+    FailoverOutcomeUnknown { cluster: String },
+    /// The primary went away while the session was inside a transaction
+    /// (nothing in flight): the transaction is gone.
+    #[error("connection to the primary of cluster {cluster} was lost (failover); the open transaction was rolled back")]
+    FailoverInTransaction { cluster: String },
+    /// The primary went away while the session was idle, and its state
+    /// (settings, prepared statements) is not known to pgferry, or no new
+    /// primary came up in time.
+    #[error("terminating connection: the primary of cluster {cluster} went away (failover) and this session could not be carried over: {why}")]
+    FailoverNotRehomed { cluster: String, why: String },
+    /// A switchover promoted the new primary, but this session could not
+    /// be moved to it; it must not stay on the fenced old primary.
+    #[error("terminating connection: the primary was switched over and this session could not be moved: {0}")]
+    SwitchoverNotMoved(String),
     #[error("internal proxy error: {0}")]
     Internal(String),
 }
@@ -103,7 +124,12 @@ impl SessionError {
             | SessionError::ChannelBindingNegotiation
             | SessionError::ChannelBindingCheckFailed => "28000",
             SessionError::TooManyConnections | SessionError::AuditBacklogFull => "53300",
-            SessionError::AdminShutdown => "57P01",
+            SessionError::AdminShutdown
+            | SessionError::FailoverNotRehomed { .. }
+            | SessionError::SwitchoverNotMoved(_) => "57P01",
+            SessionError::InvalidStartupOption(_) => "22023",
+            SessionError::FailoverOutcomeUnknown { .. } => "08007",
+            SessionError::FailoverInTransaction { .. } => "08006",
             SessionError::NoBackendAvailable => "57P03",
             SessionError::Internal(_) => "XX000",
         }
@@ -149,6 +175,11 @@ impl SessionError {
             SessionError::NoBackendAvailable => "no_backend_available",
             SessionError::MigrationFailed(_) => "migration_failed",
             SessionError::ProtocolUnavailable => "protocol_unavailable",
+            SessionError::InvalidStartupOption(_) => "invalid_startup_option",
+            SessionError::FailoverOutcomeUnknown { .. } => "failover_outcome_unknown",
+            SessionError::FailoverInTransaction { .. } => "failover_in_transaction",
+            SessionError::FailoverNotRehomed { .. } => "failover_not_rehomed",
+            SessionError::SwitchoverNotMoved(_) => "switchover_not_moved",
             SessionError::Internal(_) => "internal",
         }
     }

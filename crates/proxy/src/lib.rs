@@ -17,6 +17,7 @@ pub mod cancel;
 pub mod client;
 pub mod config;
 pub mod errors;
+pub mod failover;
 pub mod forwarder;
 pub mod listener;
 pub mod metrics;
@@ -26,6 +27,7 @@ pub mod reload;
 pub mod secret_file;
 pub mod session;
 pub mod stream;
+pub mod switchover;
 pub mod tls;
 pub mod transfer;
 
@@ -87,6 +89,11 @@ pub struct ProxyContext {
     pub balancer: BalancerState,
     /// Warm spare server connections for migrations (`[migration] warm_spares`).
     pub spares: transfer::spares::SparePool,
+    /// Planned switchovers: the running one, the last report, the gate.
+    pub switchover: switchover::Switchovers,
+    /// `[backend_admin]`: pgferry's own login (its SCRAM keys are derived
+    /// once and kept).
+    pub admin_login: Option<backend::admin_conn::AdminLogin>,
 }
 
 impl ProxyContext {
@@ -236,6 +243,11 @@ impl Proxy {
                 auth_secret,
                 throttle,
                 balancer: BalancerState::default(),
+                switchover: switchover::Switchovers::default(),
+                admin_login: config
+                    .backend_admin
+                    .as_ref()
+                    .map(backend::admin_conn::AdminLogin::new),
                 spares: transfer::spares::SparePool::new(
                     config.migration.warm_spares,
                     metrics.clone(),
@@ -279,6 +291,11 @@ impl Proxy {
             .take();
         let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
         let audit_task = batcher.map(|b| tokio::spawn(b.run(audit_stopped)));
+        // Roles are known before the first client arrives: a read-write
+        // session must not land on a standby because no check ran yet.
+        if self.ctx.admin_login.is_some() {
+            balancer::health::check_all(&self.ctx).await;
+        }
         let (stop_balancer, balancer_stopped) = tokio::sync::watch::channel(false);
         let balancer_task =
             tokio::spawn(balancer::run_background(self.ctx.clone(), balancer_stopped));

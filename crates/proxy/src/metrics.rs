@@ -44,6 +44,16 @@ pub struct Metrics {
     /// Migrations that reused the state known from the session's previous
     /// capture or replay (the client had sent nothing since).
     pub migration_state_reused: IntCounter,
+    /// 1 for the backend's current role (`primary`, `standby`, `unknown`).
+    pub backend_role: IntGaugeVec,
+    pub switchover_total: IntCounterVec,
+    pub switchover_phase: HistogramVec,
+    pub switchover_sessions_held: IntGauge,
+    /// Sessions whose primary died, by what became of them (`rehomed`,
+    /// `closed`).
+    pub failover_sessions: IntCounterVec,
+    /// Idle sessions whose state was captured and kept by the sweep.
+    pub state_remembered: IntCounter,
 }
 
 /// How a migration ended, for the outcome counters.
@@ -281,6 +291,50 @@ impl Metrics {
                  the session's state was last captured or replayed",
             )
             .expect("static metric definition"),
+            backend_role: IntGaugeVec::new(
+                Opts::new(
+                    "pgferry_backend_role",
+                    "1 for the backend's role as its last check saw it (primary, standby, unknown)",
+                ),
+                &["backend", "role"],
+            )
+            .expect("static metric definition"),
+            switchover_total: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_switchover_total",
+                    "Planned switchovers by outcome (success, partial, aborted)",
+                ),
+                &["outcome"],
+            )
+            .expect("static metric definition"),
+            switchover_phase: HistogramVec::new(
+                HistogramOpts::new(
+                    "pgferry_switchover_phase_seconds",
+                    "Time spent in each phase of a switchover: hold, fence, catch_up, promote, move",
+                )
+                .buckets(prometheus::exponential_buckets(0.001, 2.0, 17).expect("static buckets")),
+                &["phase"],
+            )
+            .expect("static metric definition"),
+            switchover_sessions_held: IntGauge::new(
+                "pgferry_switchover_sessions_held",
+                "Sessions held at a safe point by a running switchover",
+            )
+            .expect("static metric definition"),
+            failover_sessions: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_failover_sessions_total",
+                    "Sessions whose primary went away: rehomed on the new primary, or closed",
+                ),
+                &["outcome"],
+            )
+            .expect("static metric definition"),
+            state_remembered: IntCounter::new(
+                "pgferry_conn_state_remembered_total",
+                "Idle sessions on clustered backends whose state was captured and kept, so they \
+                 can be rehomed if their primary dies",
+            )
+            .expect("static metric definition"),
             registry,
         };
         // Registration only fails on duplicate names, which are static here.
@@ -307,6 +361,12 @@ impl Metrics {
             Box::new(m.migration_phase.clone()),
             Box::new(m.migration_state_reused.clone()),
             Box::new(m.migration_state_bytes.clone()),
+            Box::new(m.backend_role.clone()),
+            Box::new(m.switchover_total.clone()),
+            Box::new(m.switchover_phase.clone()),
+            Box::new(m.switchover_sessions_held.clone()),
+            Box::new(m.failover_sessions.clone()),
+            Box::new(m.state_remembered.clone()),
             Box::new(MigrationCollector {
                 outcomes: m.migrations.clone(),
                 descs: MigrationOutcomes::NAMES
@@ -322,6 +382,12 @@ impl Metrics {
         // Both series exist from the start, so a rate() sees the first one.
         for phase in ["header", "idle"] {
             m.admin_connections_timed_out.with_label_values(&[phase]);
+        }
+        for outcome in ["success", "partial", "aborted"] {
+            m.switchover_total.with_label_values(&[outcome]);
+        }
+        for outcome in ["rehomed", "closed"] {
+            m.failover_sessions.with_label_values(&[outcome]);
         }
         m
     }

@@ -56,7 +56,12 @@ pub async fn apply(ctx: &Arc<ProxyContext>, new: &Config) -> Result<ReloadSummar
     let current = ctx.backends.all();
     for b in &new.backends {
         match current.iter().find(|c| c.name == b.name) {
-            None => match ctx.backends.add(&b.name, &b.address, BackendOrigin::Config) {
+            None => match ctx.backends.add(
+                &b.name,
+                &b.address,
+                b.cluster.as_deref(),
+                BackendOrigin::Config,
+            ) {
                 Ok(_) => summary.added.push(b.name.clone()),
                 Err(e) => warn!(backend = %b.name, error = %e, "config reload: cannot add backend"),
             },

@@ -16,14 +16,16 @@ use uuid::Uuid;
 
 use crate::backend::dial::{self, DialError, ServerConnection};
 use crate::backend::login::BackendCredentials;
+use crate::backend::role::TargetSessionAttrs;
 use crate::backend::BackendLease;
 use crate::cancel::{send_cancel, CancelRoute, CancelTarget, SecretLen};
 use crate::client::auth::{authenticate, AuthOutcome};
 use crate::client::handshake::{negotiate, Negotiated, NegotiationFailure};
 use crate::errors::SessionError;
+use crate::failover;
 use crate::forwarder::tracker::SessionTracker;
 use crate::forwarder::{
-    control_channel, ForwardEnd, Forwarder, Interrupt, TransferOutcome, TransferRequest,
+    control_channel, ForwardEnd, Forwarder, HoldWord, Interrupt, TransferOutcome, TransferRequest,
 };
 use crate::metrics::MigrationResult;
 use crate::registry::SessionInfo;
@@ -77,7 +79,25 @@ pub async fn serve(
         Ok(None) => return,
         Ok(Some(x)) => x,
     };
-    let connecting = Box::pin(connect_backend(&ctx, client, &startup, &credentials, peer));
+    let attrs = match TargetSessionAttrs::for_session(&startup, &ctx.config.routing.read_only_users)
+    {
+        Ok(a) => a,
+        Err(why) => {
+            let err = SessionError::InvalidStartupOption(why);
+            info!(%peer, error = %err, "refusing connection");
+            goodbye(client, &err).await;
+            trail.ended(err.kind(), 0, 0);
+            return;
+        }
+    };
+    let connecting = Box::pin(connect_backend(
+        &ctx,
+        client,
+        &startup,
+        &credentials,
+        attrs,
+        peer,
+    ));
     let (client, server) = match connecting.await {
         Ok(x) => x,
         Err(reason) => {
@@ -96,6 +116,7 @@ pub async fn serve(
         SessionBasics {
             startup,
             credentials,
+            attrs,
             id,
             accepted_at,
             peer,
@@ -108,6 +129,7 @@ pub async fn serve(
 struct SessionBasics {
     startup: StartupMessage,
     credentials: BackendCredentials,
+    attrs: TargetSessionAttrs,
     id: Uuid,
     accepted_at: SystemTime,
     peer: SocketAddr,
@@ -285,10 +307,16 @@ async fn connect_backend(
     mut client: Stream,
     startup: &StartupMessage,
     credentials: &BackendCredentials,
+    attrs: TargetSessionAttrs,
     peer: SocketAddr,
 ) -> Result<(Stream, (ServerConnection, BytesMut)), &'static str> {
+    // A switchover holding its cluster's sessions: a new read-write login
+    // waits for the new primary rather than land on the fenced old one.
+    if attrs != TargetSessionAttrs::Any {
+        ctx.switchover.wait_for_new_primary().await;
+    }
     let mut first_failure: Option<SessionError> = None;
-    for backend in ctx.backends.candidates() {
+    for backend in ctx.backends.candidates(attrs) {
         let mut relay = BytesMut::new();
         let name = backend.name.clone();
         let address = backend.address.clone();
@@ -358,6 +386,7 @@ async fn run_session(
     let SessionBasics {
         startup,
         credentials,
+        attrs,
         id,
         accepted_at,
         peer,
@@ -442,6 +471,7 @@ async fn run_session(
         credentials: &credentials,
         cancel_key,
         spare_params: spare_demand.as_ref().map(|d| d.params()),
+        attrs,
     };
     let tracker = SessionTracker::new(ready_status, parameters);
     let mut fwd = Forwarder::new(
@@ -454,7 +484,51 @@ async fn run_session(
     );
     let end = loop {
         match fwd.run().await {
+            Interrupt::Ended(end @ (ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_))) => {
+                let from = server.backend().name.clone();
+                let lost_at = SystemTime::now();
+                let started = Instant::now();
+                let after = Box::pin(failover::after_server_loss(
+                    ctx,
+                    &mut fwd,
+                    &mut server,
+                    &identity,
+                ))
+                .await;
+                match after {
+                    None => break end,
+                    Some(failover::AfterLoss::Close(err)) => break ForwardEnd::Terminated(err),
+                    Some(failover::AfterLoss::Rehomed(to)) => {
+                        ctx.registry.record_migration(id, &to);
+                        trail.migrated(pgferry_audit::MigrationRecord {
+                            id: Uuid::new_v4(),
+                            connection_id: id,
+                            from_backend: from,
+                            to_backend: Some(to),
+                            started_at: lost_at,
+                            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                            outcome: "rehomed".to_owned(),
+                            reason: Some("its primary went away".to_owned()),
+                        });
+                    }
+                }
+            }
             Interrupt::Ended(end) => break end,
+            Interrupt::Remember => {
+                // Cancels wait, as during a move: they must not hit the capture.
+                let moving = ctx.cancel_map.moving(identity.cancel_key);
+                let r = Box::pin(transfer::remember(ctx, &mut fwd, &mut server, &identity)).await;
+                moving.end(fwd.client_sent_during_hold());
+                match r {
+                    Ok(true) => ctx.metrics.state_remembered.inc(),
+                    Ok(false) => {}
+                    Err(TransferError::BackendEnded { .. }) => break ForwardEnd::ServerClosed,
+                    Err(TransferError::Fatal(reason) | TransferError::Recoverable(reason)) => {
+                        break ForwardEnd::Terminated(SessionError::MigrationFailed(reason))
+                    }
+                }
+                fwd.resume_after_transfer();
+            }
             Interrupt::SafePoint(request) => {
                 // Boxed: its state is big, and an idle session's task should
                 // not carry room for it.
@@ -491,9 +565,27 @@ async fn migrate(
     fwd: &mut Forwarder<'_>,
     server: &mut ServerSide,
     identity: &SessionIdentity<'_>,
-    request: TransferRequest,
+    mut request: TransferRequest,
     trail: &AuditTrail<'_>,
 ) -> Option<ForwardEnd> {
+    let paused_at = Instant::now();
+    // A switchover's hold: held here, at the safe point, until its word.
+    if let Some(hold) = request.hold.take() {
+        let _ = hold.held.send(());
+        let word = tokio::time::timeout_at(hold.until.into(), hold.word).await;
+        match word {
+            Ok(Ok(HoldWord::MoveTo(to))) => request.to = Some(to),
+            // Released, or the switchover gave up on it (or is gone):
+            // not a migration attempt; the session goes on where it is.
+            _ => {
+                fwd.resume_after_transfer();
+                let _ = request.reply.send(TransferOutcome::RecoverableError(
+                    "released by the switchover".into(),
+                ));
+                return None;
+            }
+        }
+    }
     let from = server.backend().name.clone();
     let started_at = SystemTime::now()
         .checked_sub(request.requested_at.elapsed())
@@ -506,7 +598,6 @@ async fn migrate(
         outcome = tracing::field::Empty,
         reason = tracing::field::Empty,
     );
-    let paused_at = Instant::now();
     let from_name = from.clone();
     ctx.registry.set_transferring(identity.id, true);
     // The client's cancels wait until the move is over: they must reach

@@ -1,12 +1,15 @@
 //! Backends: the servers sessions run on, their state (active, draining,
-//! drained, unhealthy), how many sessions each serves, and which one a new
-//! session goes to (least connections among the active, healthy ones).
+//! drained, unhealthy), their role (primary, standby: `role`), how many
+//! sessions each serves, and which one a new session goes to (least
+//! connections among the active, healthy ones its role rules allow).
 //!
 //! The set changes at run time (admin API, config reload); readers take a
 //! snapshot, so a session never holds a lock while it dials or forwards.
 
+pub mod admin_conn;
 pub mod dial;
 pub mod login;
+pub mod role;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -16,6 +19,7 @@ use thiserror::Error;
 
 use crate::config::{split_host_port, BackendConfig};
 use crate::metrics::Metrics;
+use role::{Role, TargetSessionAttrs};
 
 /// What the operator asked of a backend; health is tracked apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +79,10 @@ pub struct Backend {
     pub host: String,
     pub port: u16,
     pub origin: BackendOrigin,
+    /// Backends of one cluster are a primary and its standbys.
+    pub cluster: Option<String>,
     sessions: AtomicUsize,
+    role: AtomicU8,
     mode: AtomicU8,
     healthy: AtomicBool,
     removed: AtomicBool,
@@ -84,6 +91,8 @@ pub struct Backend {
     check_successes: AtomicU32,
     gauge: IntGauge,
     up_gauge: IntGauge,
+    /// One per role, in `Role::ALL` order.
+    role_gauges: [IntGauge; 3],
 }
 
 impl Backend {
@@ -109,6 +118,30 @@ impl Backend {
 
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn role(&self) -> Role {
+        Role::from_u8(self.role.load(Ordering::Relaxed))
+    }
+
+    /// Records the role a check (or a promotion) found; the old one.
+    pub fn set_role(&self, role: Role) -> Role {
+        let old = Role::from_u8(self.role.swap(role as u8, Ordering::Relaxed));
+        for (r, g) in Role::ALL.iter().zip(&self.role_gauges) {
+            g.set(i64::from(*r == role));
+        }
+        old
+    }
+
+    /// Brings it back at once (a promotion pgferry itself saw succeed).
+    pub fn mark_healthy(&self) {
+        self.check_failures.store(0, Ordering::Relaxed);
+        self.set_healthy(true);
+    }
+
+    /// In the same cluster as `other` (a backend without one is alone).
+    pub fn same_cluster(&self, other: &Backend) -> bool {
+        self.cluster.is_some() && self.cluster == other.cluster
     }
 
     pub fn is_removed(&self) -> bool {
@@ -259,8 +292,13 @@ impl BackendSet {
             metrics,
         };
         for c in configs {
-            set.add(&c.name, &c.address, BackendOrigin::Config)
-                .map_err(|e| e.to_string())?;
+            set.add(
+                &c.name,
+                &c.address,
+                c.cluster.as_deref(),
+                BackendOrigin::Config,
+            )
+            .map_err(|e| e.to_string())?;
         }
         Ok(set)
     }
@@ -279,8 +317,14 @@ impl BackendSet {
         &self,
         name: &str,
         address: &str,
+        cluster: Option<&str>,
         origin: BackendOrigin,
     ) -> Result<Arc<Backend>, AddBackendError> {
+        if cluster.is_some_and(|c| c.is_empty() || c.len() > 63) {
+            return Err(AddBackendError::Invalid(
+                "cluster must be 1 to 63 characters".into(),
+            ));
+        }
         if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_control()) {
             return Err(AddBackendError::Invalid(
                 "name must be 1 to 63 printable characters".into(),
@@ -297,13 +341,17 @@ impl BackendSet {
         m.drain_in_progress.with_label_values(&[name]).set(0);
         let up_gauge = m.backend_up.with_label_values(&[name]);
         up_gauge.set(1);
+        let role_gauges = Role::ALL.map(|r| m.backend_role.with_label_values(&[name, r.as_str()]));
+        role_gauges[0].set(1);
         let backend = Arc::new(Backend {
             name: name.to_owned(),
             address: address.to_owned(),
             host,
             port,
             origin,
+            cluster: cluster.map(str::to_owned),
             sessions: AtomicUsize::new(0),
+            role: AtomicU8::new(Role::Unknown as u8),
             mode: AtomicU8::new(BackendMode::Active as u8),
             // Healthy until checks say otherwise: a new backend must not
             // wait a check interval before it can serve.
@@ -313,6 +361,7 @@ impl BackendSet {
             check_successes: AtomicU32::new(0),
             gauge: m.backend_sessions.with_label_values(&[name]),
             up_gauge,
+            role_gauges,
         });
         let mut next = Vec::clone(&list);
         next.push(backend.clone());
@@ -333,32 +382,71 @@ impl BackendSet {
         let _ = m.backend_up.remove_label_values(&[name]);
         let _ = m.backend_dial_errors.remove_label_values(&[name]);
         let _ = m.drain_in_progress.remove_label_values(&[name]);
+        for r in Role::ALL {
+            let _ = m.backend_role.remove_label_values(&[name, r.as_str()]);
+        }
         Some(gone)
     }
 
-    /// Backends in the order a new session should try them: the active,
-    /// healthy ones, fewest sessions first, ties broken round-robin so an
-    /// idle cluster still spreads its first sessions. Active backends whose
-    /// health check fails come last, as a last resort: a check can lag, and
-    /// trying costs less than refusing the client for sure.
-    pub fn candidates(&self) -> Vec<Arc<Backend>> {
+    /// Backends in the order a new session with `attrs` should try them:
+    /// the active, healthy ones its role rules allow, fewest sessions
+    /// first, ties broken round-robin so an idle cluster still spreads its
+    /// first sessions (standbys before the others for `prefer-standby`).
+    /// Active backends whose health check fails come last, as a last
+    /// resort: a check can lag, and trying costs less than refusing the
+    /// client for sure.
+    pub fn candidates(&self, attrs: TargetSessionAttrs) -> Vec<Arc<Backend>> {
         let all = self.all();
         // One step of the rotation per choice: stepping once per list would
         // bring a two-backend set back to the same tie order every time.
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        let mut healthy = least_loaded(&all, start, |b| b.accepts_sessions());
-        let fallback = least_loaded(&all, start, |b| {
-            b.mode() == BackendMode::Active && !b.healthy() && !b.is_removed()
-        });
-        healthy.extend(fallback);
-        healthy
+        let mut order = Vec::new();
+        if attrs == TargetSessionAttrs::PreferStandby {
+            order = least_loaded(&all, start, |b| {
+                b.accepts_sessions() && b.role() == Role::Standby
+            });
+        }
+        for b in least_loaded(&all, start, |b| {
+            b.accepts_sessions() && attrs.allows(b.role())
+        }) {
+            if !order.iter().any(|o| Arc::ptr_eq(o, &b)) {
+                order.push(b);
+            }
+        }
+        order.extend(least_loaded(&all, start, |b| {
+            b.mode() == BackendMode::Active
+                && !b.healthy()
+                && !b.is_removed()
+                && attrs.allows(b.role())
+        }));
+        order
     }
 
-    /// Where a session on `current` may be moved: active, healthy, other.
-    pub fn migration_targets(&self, current: &str) -> Vec<Arc<Backend>> {
+    /// Where a session with `attrs` on `current` may be moved: active,
+    /// healthy, other, of a role it may run on.
+    pub fn migration_targets(&self, current: &str, attrs: TargetSessionAttrs) -> Vec<Arc<Backend>> {
         let all = self.all();
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        least_loaded(&all, start, |b| b.accepts_sessions() && b.name != current)
+        least_loaded(&all, start, |b| {
+            b.accepts_sessions() && b.name != current && attrs.allows(b.role())
+        })
+    }
+
+    /// The primaries of `cluster` that take sessions, `last` (the one
+    /// that just went away, back by now or not) after the others.
+    pub fn primaries_of(&self, cluster: &str, last: &str) -> Vec<Arc<Backend>> {
+        let mut found: Vec<Arc<Backend>> = self
+            .all()
+            .iter()
+            .filter(|b| {
+                b.cluster.as_deref() == Some(cluster)
+                    && b.role() == Role::Primary
+                    && b.accepts_sessions()
+            })
+            .cloned()
+            .collect();
+        found.sort_by_key(|b| b.name == last);
+        found
     }
 }
 
@@ -390,6 +478,7 @@ mod tests {
             .map(|i| BackendConfig {
                 name: format!("pg{i}"),
                 address: format!("127.0.0.1:{}", 5000 + i),
+                cluster: None,
             })
             .collect();
         BackendSet::new(&cfgs, Arc::new(Metrics::new())).unwrap()
@@ -400,7 +489,7 @@ mod tests {
         let s = set(3);
         let mut leases = Vec::new();
         for _ in 0..9 {
-            let b = s.candidates()[0].clone();
+            let b = s.candidates(TargetSessionAttrs::ReadWrite)[0].clone();
             leases.push(BackendLease::new(b));
         }
         for b in s.all().iter() {
@@ -408,7 +497,13 @@ mod tests {
         }
         // pg0 is the busiest: it comes last.
         leases.push(BackendLease::new(s.get("pg0").unwrap()));
-        assert_eq!(s.candidates().last().unwrap().name, "pg0");
+        assert_eq!(
+            s.candidates(TargetSessionAttrs::ReadWrite)
+                .last()
+                .unwrap()
+                .name,
+            "pg0"
+        );
         drop(leases);
         assert!(s.all().iter().all(|b| b.sessions() == 0));
     }
@@ -416,7 +511,9 @@ mod tests {
     #[test]
     fn ties_alternate_between_two_backends() {
         let s = set(2);
-        let firsts: Vec<_> = (0..4).map(|_| s.candidates()[0].name.clone()).collect();
+        let firsts: Vec<_> = (0..4)
+            .map(|_| s.candidates(TargetSessionAttrs::ReadWrite)[0].name.clone())
+            .collect();
         assert_eq!(firsts, ["pg0", "pg1", "pg0", "pg1"]);
     }
 
@@ -429,17 +526,51 @@ mod tests {
         assert_eq!(pg1.record_check(false, 3, 2), None);
         assert_eq!(pg1.record_check(false, 3, 2), Some(false));
         assert_eq!(pg1.state(), BackendState::Unhealthy);
-        let names: Vec<_> = s.candidates().iter().map(|b| b.name.clone()).collect();
+        let names: Vec<_> = s
+            .candidates(TargetSessionAttrs::ReadWrite)
+            .iter()
+            .map(|b| b.name.clone())
+            .collect();
         assert_eq!(names, ["pg2", "pg1"]);
-        assert_eq!(s.migration_targets("pg0").len(), 1);
+        assert_eq!(
+            s.migration_targets("pg0", TargetSessionAttrs::ReadWrite)
+                .len(),
+            1
+        );
         assert!(s.remove("pg2").is_some());
-        let names: Vec<_> = s.candidates().iter().map(|b| b.name.clone()).collect();
+        let names: Vec<_> = s
+            .candidates(TargetSessionAttrs::ReadWrite)
+            .iter()
+            .map(|b| b.name.clone())
+            .collect();
         assert_eq!(names, ["pg1"]);
-        assert!(s.migration_targets("pg0").is_empty());
+        assert!(s
+            .migration_targets("pg0", TargetSessionAttrs::ReadWrite)
+            .is_empty());
         // Two successes bring it back.
         assert_eq!(pg1.record_check(true, 3, 2), None);
         assert_eq!(pg1.record_check(true, 3, 2), Some(true));
         assert_eq!(pg1.state(), BackendState::Active);
+    }
+
+    #[test]
+    fn read_write_sessions_avoid_standbys_read_only_ones_need_them() {
+        let s = set(3);
+        s.get("pg0").unwrap().set_role(Role::Primary);
+        s.get("pg1").unwrap().set_role(Role::Standby);
+        let names = |v: Vec<Arc<Backend>>| v.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
+        let rw = names(s.candidates(TargetSessionAttrs::ReadWrite));
+        assert!(!rw.contains(&"pg1".to_owned()) && rw.len() == 2, "{rw:?}");
+        assert_eq!(names(s.candidates(TargetSessionAttrs::ReadOnly)), ["pg1"]);
+        assert_eq!(
+            s.candidates(TargetSessionAttrs::PreferStandby)[0].name,
+            "pg1"
+        );
+        assert_eq!(s.candidates(TargetSessionAttrs::Any).len(), 3);
+        assert!(
+            !names(s.migration_targets("pg0", TargetSessionAttrs::ReadWrite))
+                .contains(&"pg1".to_owned())
+        );
     }
 
     #[test]
@@ -463,18 +594,21 @@ mod tests {
     fn add_rejects_duplicates_and_bad_addresses() {
         let s = set(1);
         assert_eq!(
-            s.add("pg0", "127.0.0.1:1", BackendOrigin::Api).unwrap_err(),
+            s.add("pg0", "127.0.0.1:1", None, BackendOrigin::Api)
+                .unwrap_err(),
             AddBackendError::Exists("pg0".into())
         );
         assert!(matches!(
-            s.add("pg9", "nope", BackendOrigin::Api),
+            s.add("pg9", "nope", None, BackendOrigin::Api),
             Err(AddBackendError::Invalid(_))
         ));
         assert!(matches!(
-            s.add("", "127.0.0.1:1", BackendOrigin::Api),
+            s.add("", "127.0.0.1:1", None, BackendOrigin::Api),
             Err(AddBackendError::Invalid(_))
         ));
-        let b = s.add("pg9", "127.0.0.1:9", BackendOrigin::Api).unwrap();
+        let b = s
+            .add("pg9", "127.0.0.1:9", None, BackendOrigin::Api)
+            .unwrap();
         assert_eq!(b.state(), BackendState::Active);
         assert_eq!(s.all().len(), 2);
     }

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::mover::{request_transfer, MoveError};
+use crate::backend::role::TargetSessionAttrs;
 use crate::backend::BackendMode;
 use crate::forwarder::{ControlSender, TransferOutcome};
 use crate::registry::SessionInfo;
@@ -124,7 +125,10 @@ pub async fn drain(
             if sessions.is_empty() && backend.sessions() == 0 && in_flight.is_empty() {
                 break;
             }
-            no_target = ctx.backends.migration_targets(name).is_empty();
+            no_target = ctx
+                .backends
+                .migration_targets(name, TargetSessionAttrs::Any)
+                .is_empty();
             if no_target {
                 for (info, _) in &sessions {
                     failures

@@ -5,6 +5,11 @@
 //! "starting up"/"shutting down" (SQLSTATE class 57P) is not. The probe
 //! hangs up before authenticating, which PostgreSQL does not log.
 //!
+//! With `[backend_admin]`, the probe logs in instead and asks
+//! `pg_is_in_recovery()`: that is how a backend's role (primary, standby)
+//! is known, and how a promotion by someone else is noticed within one
+//! interval.
+//!
 //! `unhealthy_threshold` failures in a row take a backend out of the
 //! candidates for new sessions and migrations; `healthy_threshold`
 //! successes bring it back.
@@ -20,7 +25,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::backend::dial::DialSettings;
+use crate::backend::admin_conn::{AdminConn, AdminLogin, AdminSqlError};
+use crate::backend::dial::{DialError, DialSettings};
+use crate::backend::role::Role;
 use crate::backend::Backend;
 use crate::config::BalancerSection;
 use crate::ProxyContext;
@@ -75,6 +82,55 @@ pub async fn probe(
     }
 }
 
+/// The probe with `[backend_admin]`: a login and `pg_is_in_recovery()`.
+/// `Ok(None)`: serving logins, but pgferry's own was refused (its role
+/// stays unknown).
+pub async fn probe_role(
+    backend: &Arc<Backend>,
+    login: &AdminLogin,
+    cfg: &BalancerSection,
+    dial: &DialSettings,
+) -> Result<Option<Role>, String> {
+    let fut = async {
+        let mut conn = match AdminConn::open(backend.clone(), login, dial).await {
+            Ok(c) => c,
+            Err(DialError::NotAcceptingLogins(f)) => {
+                return Err(format!(
+                    "server refuses logins: {} (57P03)",
+                    f.message().unwrap_or("no message")
+                ))
+            }
+            // A server that answers a login with an error (a wrong
+            // password for pgferry's own role) is serving logins.
+            Err(e @ (DialError::Server(_) | DialError::Login(_))) => {
+                warn!(backend = %backend.name, error = %e, "[backend_admin] login refused: the backend's role is unknown");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let v = conn
+            .value(
+                "SELECT pg_catalog.pg_is_in_recovery()",
+                cfg.health_check_timeout,
+            )
+            .await;
+        conn.close().await;
+        match v {
+            Ok(Some(v)) => Ok(Some(Role::from_in_recovery(v == "t"))),
+            Ok(None) => Err("pg_is_in_recovery() returned nothing".into()),
+            Err(AdminSqlError::Server(f)) => {
+                warn!(backend = %backend.name, error = %f.message().unwrap_or(""), "role check failed");
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match tokio::time::timeout(cfg.health_check_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {:?}", cfg.health_check_timeout)),
+    }
+}
+
 /// What a server's first answer to a StartupMessage says about it.
 fn judge(message_tag: u8, body: &[u8]) -> Result<(), String> {
     match message_tag {
@@ -108,46 +164,63 @@ pub async fn run(ctx: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let mut checks = JoinSet::new();
-        for b in ctx.backends.all().iter() {
-            let (b, ctx) = (b.clone(), ctx.clone());
-            checks.spawn(async move {
-                let r = probe(&b, &ctx.config.balancer, &ctx.dial).await;
-                (b, r)
-            });
+        check_all(&ctx).await;
+    }
+}
+
+/// One round of checks of every backend, recording health and roles.
+pub async fn check_all(ctx: &Arc<ProxyContext>) {
+    let cfg = &ctx.config.balancer;
+    let mut checks = JoinSet::new();
+    for b in ctx.backends.all().iter() {
+        let (b, ctx) = (b.clone(), ctx.clone());
+        checks.spawn(async move {
+            let r = match &ctx.admin_login {
+                Some(login) => probe_role(&b, login, &ctx.config.balancer, &ctx.dial).await,
+                None => probe(&b, &ctx.config.balancer, &ctx.dial)
+                    .await
+                    .map(|()| None),
+            };
+            (b, r)
+        });
+    }
+    while let Some(done) = checks.join_next().await {
+        let Ok((b, result)) = done else { continue };
+        if b.is_removed() {
+            continue;
         }
-        while let Some(done) = checks.join_next().await {
-            let Ok((b, result)) = done else { continue };
-            if b.is_removed() {
-                continue;
+        if let Ok(Some(role)) = result {
+            let old = b.set_role(role);
+            if old != role {
+                info!(backend = %b.name, from = old.as_str(), to = role.as_str(), "backend role changed");
             }
-            let changed = b.record_check(
-                result.is_ok(),
-                cfg.unhealthy_threshold,
-                cfg.healthy_threshold,
-            );
-            match (changed, &result) {
-                (Some(false), Err(reason)) => {
-                    warn!(
-                        backend = %b.name,
-                        address = %b.address,
-                        %reason,
-                        failures = cfg.unhealthy_threshold,
-                        "backend is unhealthy: no new sessions until it passes its health check"
-                    );
-                    ctx.spares.discard_backend(&b.name);
-                }
-                (Some(true), _) => {
-                    info!(
-                        backend = %b.name,
-                        address = %b.address,
-                        "backend is healthy again"
-                    );
-                    crate::transfer::spares::refill_all(&ctx);
-                }
-                (_, Err(reason)) => debug!(backend = %b.name, %reason, "health check failed"),
-                _ => {}
+        }
+        let changed = b.record_check(
+            result.is_ok(),
+            cfg.unhealthy_threshold,
+            cfg.healthy_threshold,
+        );
+        match (changed, &result) {
+            (Some(false), Err(reason)) => {
+                warn!(
+                    backend = %b.name,
+                    address = %b.address,
+                    %reason,
+                    failures = cfg.unhealthy_threshold,
+                    "backend is unhealthy: no new sessions until it passes its health check"
+                );
+                ctx.spares.discard_backend(&b.name);
             }
+            (Some(true), _) => {
+                info!(
+                    backend = %b.name,
+                    address = %b.address,
+                    "backend is healthy again"
+                );
+                crate::transfer::spares::refill_all(ctx);
+            }
+            (_, Err(reason)) => debug!(backend = %b.name, %reason, "health check failed"),
+            _ => {}
         }
     }
 }

@@ -42,9 +42,11 @@ impl BalancerState {
 /// set, until `stop` turns true.
 pub async fn run_background(ctx: Arc<ProxyContext>, stop: watch::Receiver<bool>) {
     let health = tokio::spawn(health::run(ctx.clone(), stop.clone()));
+    let sweep = tokio::spawn(crate::failover::remember_sweep(ctx.clone(), stop.clone()));
     if let Some(every) = ctx.config.balancer.rebalance_interval {
         info!(interval = ?every, "automatic rebalancing on");
         rebalance::run_periodically(ctx.clone(), every, stop).await;
     }
     let _ = health.await;
+    let _ = sweep.await;
 }

@@ -28,7 +28,12 @@ pub async fn request_transfer(
     timeout: Duration,
 ) -> Result<TransferOutcome, MoveError> {
     let (reply, answer) = oneshot::channel();
-    let cmd = ControlCommand::Transfer { to, timeout, reply };
+    let cmd = ControlCommand::Transfer {
+        to,
+        timeout,
+        reply,
+        hold: None,
+    };
     control
         .send(cmd)
         .await

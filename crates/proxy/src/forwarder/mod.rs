@@ -72,9 +72,16 @@ pub enum ControlCommand {
         to: Option<String>,
         timeout: Duration,
         reply: oneshot::Sender<TransferOutcome>,
+        /// A switchover's hold: stop at the safe point and wait for its
+        /// word before moving (or not).
+        hold: Option<Hold>,
     },
     /// Close the session at the next message boundary with this error.
     Terminate(SessionError),
+    /// The idle-state sweep (`[failover] remember_state_after`): if the
+    /// client has sent nothing since the last sweep and the session is at
+    /// a safe point, stop so its state can be captured and kept.
+    Remember,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +115,26 @@ pub struct TransferRequest {
     pub to: Option<String>,
     pub requested_at: Instant,
     pub reply: oneshot::Sender<TransferOutcome>,
+    pub hold: Option<Hold>,
+}
+
+/// A switchover's hold on one session: at its safe point the session says
+/// so on `held` and, its traffic held, waits for `word` (until `until`,
+/// then it lets itself go).
+#[derive(Debug)]
+pub struct Hold {
+    pub held: oneshot::Sender<()>,
+    pub word: oneshot::Receiver<HoldWord>,
+    pub until: Instant,
+}
+
+/// What a held session is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldWord {
+    /// Move to this backend now.
+    MoveTo(String),
+    /// Go on where you are.
+    Release,
 }
 
 /// Why `Forwarder::run` returned.
@@ -119,6 +146,9 @@ pub enum Interrupt {
     /// COPY, nothing half-forwarded either way. The request direction is
     /// held until `resume_after_transfer`.
     SafePoint(TransferRequest),
+    /// Idle through a whole sweep interval and at a safe point: the
+    /// session's state may be captured now (`Remember`).
+    Remember,
 }
 
 /// A transfer waiting for its safe point (an explicit state, not flags).
@@ -176,6 +206,9 @@ pub struct Forwarder<'m> {
     control_open: bool,
     pending_terminate: Option<SessionError>,
     transfer: TransferWait,
+    /// The client's last message as the previous `Remember` sweep saw it.
+    remember_seen: Option<Option<Stamp>>,
+    remember_due: bool,
     /// Message-by-message forwarding while the backend lacks statements the
     /// client holds (boxed: almost no session ever has it).
     careful: Option<Box<Careful>>,
@@ -205,6 +238,8 @@ impl<'m> Forwarder<'m> {
             control_open: true,
             pending_terminate: None,
             transfer: TransferWait::None,
+            remember_seen: None,
+            remember_due: false,
             careful: None,
             max_message_len,
             metrics,
@@ -229,6 +264,7 @@ impl<'m> Forwarder<'m> {
                     self.refuse(req.reply, "transfers are not available");
                     self.resume_after_transfer();
                 }
+                Interrupt::Remember => {}
             }
         }
     }
@@ -300,6 +336,24 @@ impl<'m> Forwarder<'m> {
             || !self.client.is_silent()
     }
 
+    /// Whether the session can go on on another server after losing its
+    /// own: nothing in flight or half-forwarded either way, idle outside a
+    /// transaction, and no deferred statements being re-created.
+    pub fn can_rehome(&self) -> bool {
+        self.careful.is_none()
+            && self.request.is_drained()
+            && self.request.at_boundary()
+            && self.response.at_boundary()
+            && self.tracker.is_quiescent()
+    }
+
+    /// After a new server socket was swapped in for one that was lost
+    /// (the session was rehomed): forwarding can go on.
+    pub fn replace_lost_server_after_swap(&mut self) {
+        self.response.reopen();
+        self.resume_after_transfer();
+    }
+
     /// No message is half-forwarded to the client.
     pub fn response_at_boundary(&self) -> bool {
         self.response.at_boundary()
@@ -349,7 +403,12 @@ impl<'m> Forwarder<'m> {
             ControlCommand::Inspect(reply) => {
                 let _ = reply.send(self.snapshot());
             }
-            ControlCommand::Transfer { to, timeout, reply } => {
+            ControlCommand::Transfer {
+                to,
+                timeout,
+                reply,
+                hold,
+            } => {
                 if matches!(self.transfer, TransferWait::Waiting { .. }) {
                     self.refuse(reply, TRANSFER_IN_PROGRESS);
                     return;
@@ -364,11 +423,17 @@ impl<'m> Forwarder<'m> {
                         to,
                         requested_at: Instant::now(),
                         reply,
+                        hold,
                     },
                     deadline: Box::pin(tokio::time::sleep(timeout)),
                 };
             }
             ControlCommand::Terminate(err) => self.pending_terminate = Some(err),
+            ControlCommand::Remember => {
+                let now = self.tracker.last_request();
+                self.remember_due = self.remember_seen == Some(now);
+                self.remember_seen = Some(now);
+            }
         }
     }
 
@@ -399,6 +464,12 @@ impl<'m> Forwarder<'m> {
                 if let Some(err) = self.pending_terminate.take() {
                     return Poll::Ready(Interrupt::Ended(ForwardEnd::Terminated(err)));
                 }
+            }
+            if std::mem::take(&mut self.remember_due)
+                && matches!(self.transfer, TransferWait::None)
+                && self.at_safe_point()
+            {
+                return Poll::Ready(Interrupt::Remember);
             }
             match self.poll_transfer_wait(cx) {
                 WaitStep::Ready(req) => return Poll::Ready(Interrupt::SafePoint(req)),
@@ -583,6 +654,7 @@ mod tests {
                 to: None,
                 timeout: Duration::from_secs(5),
                 reply: ttx,
+                hold: None,
             })
             .await
             .unwrap();

@@ -71,6 +71,12 @@ impl Pump {
         self.paused
     }
 
+    /// Reads again after its source ended (the source was replaced: a
+    /// session rehomed after its primary died). Only at a boundary.
+    pub fn reopen(&mut self) {
+        self.eof = false;
+    }
+
     /// Lets a paused pump go on with what it holds and then read again.
     pub fn resume(&mut self) {
         self.paused = false;

@@ -164,6 +164,15 @@ impl SessionTracker {
         self.parameters = parameters;
     }
 
+    /// A ParameterStatus the proxy itself relayed to the client during a
+    /// move (a reload the capture made the old backend process, say): the
+    /// swap must know the client saw it.
+    pub fn note_parameter(&mut self, body: &[u8]) {
+        if let Ok((name, value)) = decode_parameter_status(body) {
+            self.parameters.set(&name, &value);
+        }
+    }
+
     /// ParameterStatus values as the client last saw them.
     pub fn parameters(&self) -> &ParameterList {
         &self.parameters

@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::backend::dial::{self, put_raw, read_message, DialError};
 use crate::backend::login::BackendCredentials;
+use crate::backend::role::TargetSessionAttrs;
 use crate::backend::{Backend, BackendLease};
 use crate::cancel::CancelTarget;
 use crate::forwarder::careful::Deferred;
@@ -45,6 +46,8 @@ pub struct SessionIdentity<'a> {
     pub cancel_key: &'a CancelKey,
     /// Its warm-spare key, when spares are on.
     pub spare_params: Option<&'a spares::Params>,
+    /// Which roles it may run on.
+    pub attrs: TargetSessionAttrs,
 }
 
 /// The backend end of the session, besides its socket (which the
@@ -89,6 +92,7 @@ pub fn choose_target(
     ctx: &ProxyContext,
     current: &str,
     to: Option<&str>,
+    attrs: TargetSessionAttrs,
 ) -> Result<Arc<Backend>, TransferError> {
     match to {
         Some(name) if name == current => Err(Recoverable(format!("session is already on {name}"))),
@@ -97,7 +101,13 @@ pub fn choose_target(
                 .backends
                 .get(name)
                 .ok_or_else(|| Recoverable(format!("unknown backend {name:?}")))?;
-            if b.accepts_sessions() {
+            if b.accepts_sessions() && !attrs.allows(b.role()) {
+                Err(Recoverable(format!(
+                    "backend {name} is a {} and this session is {}",
+                    b.role().as_str(),
+                    attrs.as_str()
+                )))
+            } else if b.accepts_sessions() {
                 Ok(b)
             } else {
                 Err(Recoverable(format!(
@@ -108,7 +118,7 @@ pub fn choose_target(
         }
         None => ctx
             .backends
-            .migration_targets(current)
+            .migration_targets(current, attrs)
             .into_iter()
             .next()
             .ok_or_else(|| Recoverable("no other active backend to move to".into())),
@@ -125,7 +135,7 @@ pub async fn transfer(
 ) -> Result<String, TransferError> {
     let max_len = ctx.config.proxy.max_message_length;
     let current = server.backend().name.clone();
-    let target = choose_target(ctx, &current, to)?;
+    let target = choose_target(ctx, &current, to, session.attrs)?;
 
     // 1. Capture on the old backend while dialing the target: the two are
     //    independent, and the session's traffic is held during both.
@@ -250,52 +260,7 @@ pub async fn transfer(
     last_words(fwd, max_len).await?;
 
     // 4. Swap. From here on the session runs on the target.
-    let mut for_client = BytesMut::new();
-    for (name, value) in params.iter() {
-        let known = fwd.tracker.parameters().contains(name, value);
-        if !known && encode_parameter_status(&mut for_client, name, value).is_err() {
-            tracing::warn!(%name, "could not relay parameter status");
-        }
-    }
-    let dial::ServerConnection {
-        stream,
-        lease,
-        peer,
-        key,
-        ..
-    } = conn;
-    let mut old_stream = std::mem::replace(&mut fwd.server, stream);
-    let known = server.known.take();
-    let _old = std::mem::replace(
-        server,
-        ServerSide {
-            lease,
-            peer,
-            key: key.clone(),
-            known,
-        },
-    );
-    ctx.cancel_map.retarget(
-        session.cancel_key,
-        CancelTarget {
-            backend: target.name.clone(),
-            address: peer,
-            key,
-        },
-    );
-    fwd.tracker.set_parameters(params);
-    if !deferred.is_empty() {
-        tracing::info!(
-            count = deferred.len(),
-            "statements that do not parse here are re-created at their first use"
-        );
-        fwd.defer_statements(deferred);
-    }
-    if !for_client.is_empty() {
-        // A client that is gone will be noticed by the forwarder.
-        let _ = fwd.client.write_all(&for_client).await;
-        let _ = fwd.client.flush().await;
-    }
+    let mut old_stream = swap(ctx, fwd, server, session, conn, params, deferred).await;
     // Say goodbye to the old backend off the session's path.
     let session_id = session.id;
     tokio::spawn(async move {
@@ -321,9 +286,118 @@ pub async fn transfer(
     Ok(target.name.clone())
 }
 
+/// Captures and keeps the state of a session that has been idle at a safe
+/// point through a whole sweep interval (`[failover]
+/// remember_state_after`), so that it can be rehomed if its primary dies
+/// (and its next move skips the capture). Nothing if it is known already.
+/// Only `Fatal` and `BackendEnded` matter to the caller: the session
+/// ends as a failed capture during a move would end it.
+pub async fn remember(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    server: &mut ServerSide,
+    session: &SessionIdentity<'_>,
+) -> Result<bool, TransferError> {
+    let custom = custom_setting_names(ctx, fwd);
+    let last_request = fwd.tracker.last_request();
+    if let Some(k) = server.known.take() {
+        if let Some(state) = k.still_holds(last_request, &custom) {
+            server.known = KnownState::keep(last_request, &custom, &state);
+            return Ok(false);
+        }
+    }
+    let unnamed = match fwd.tracker.unnamed_statement() {
+        Unnamed::None => None,
+        Unnamed::Known(body) => decode_unnamed_parse(body).map(|(q, o)| (q.to_owned(), o)),
+        // Not carried by a move either: not worth knowing.
+        Unnamed::TooLarge | Unnamed::Unknown => return Ok(false),
+    };
+    let unnamed_ref = unnamed.as_ref().map(|(query, oids)| UnnamedStatement {
+        query,
+        parameter_oids: oids,
+    });
+    let current = server.backend().name.clone();
+    let mut state = match capture(ctx, fwd, &current, session, &custom, unnamed_ref).await {
+        Ok(state) => state,
+        Err(Recoverable(_)) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let backslash_escapes = fwd
+        .tracker
+        .parameters()
+        .contains("standard_conforming_strings", "off");
+    if prepare_text::isolate_prepares(&mut state, backslash_escapes).is_err() {
+        return Ok(false);
+    }
+    server.known = KnownState::keep(last_request, &custom, &state);
+    Ok(server.known.is_some())
+}
+
+/// Puts `conn` (logged in and replayed) under the session: the client
+/// hears of changed parameters, cancels go to the new backend. Returns the
+/// old server socket.
+pub async fn swap(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    server: &mut ServerSide,
+    session: &SessionIdentity<'_>,
+    conn: dial::ServerConnection,
+    params: crate::parameters::ParameterList,
+    deferred: Vec<Deferred>,
+) -> crate::stream::Stream {
+    let mut for_client = BytesMut::new();
+    for (name, value) in params.iter() {
+        let known = fwd.tracker.parameters().contains(name, value);
+        if !known && encode_parameter_status(&mut for_client, name, value).is_err() {
+            tracing::warn!(%name, "could not relay parameter status");
+        }
+    }
+    let target = conn.backend().name.clone();
+    let dial::ServerConnection {
+        stream,
+        lease,
+        peer,
+        key,
+        ..
+    } = conn;
+    let old_stream = std::mem::replace(&mut fwd.server, stream);
+    let known = server.known.take();
+    let _old = std::mem::replace(
+        server,
+        ServerSide {
+            lease,
+            peer,
+            key: key.clone(),
+            known,
+        },
+    );
+    ctx.cancel_map.retarget(
+        session.cancel_key,
+        CancelTarget {
+            backend: target,
+            address: peer,
+            key,
+        },
+    );
+    fwd.tracker.set_parameters(params);
+    if !deferred.is_empty() {
+        tracing::info!(
+            count = deferred.len(),
+            "statements that do not parse here are re-created at their first use"
+        );
+        fwd.defer_statements(deferred);
+    }
+    if !for_client.is_empty() {
+        // A client that is gone will be noticed by the forwarder.
+        let _ = fwd.client.write_all(&for_client).await;
+        let _ = fwd.client.flush().await;
+    }
+    old_stream
+}
+
 /// Custom settings (placeholders such as `app.tenant`) a capture asks for:
 /// the configured ones and those the client was seen setting.
-fn custom_setting_names(ctx: &ProxyContext, fwd: &Forwarder<'_>) -> Vec<String> {
+pub fn custom_setting_names(ctx: &ProxyContext, fwd: &Forwarder<'_>) -> Vec<String> {
     let mut custom: Vec<String> = ctx.config.migration.carry_settings.clone();
     for n in fwd.tracker.custom_settings() {
         if !custom.contains(n) {
@@ -343,7 +417,7 @@ async fn timed<F: std::future::Future>(h: prometheus::Histogram, fut: F) -> F::O
 
 /// A logged-in connection to `target` as the client: a warm spare when
 /// one is ready, else a fresh dial.
-async fn target_connection(
+pub async fn target_connection(
     ctx: &ProxyContext,
     target: &Arc<Backend>,
     session: &SessionIdentity<'_>,
@@ -538,7 +612,11 @@ async fn ask_old_backend(
                     break;
                 }
             }
-            tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
+            tag::PARAMETER_STATUS => {
+                fwd.tracker.note_parameter(&m.body);
+                put_raw(&mut for_client, m.tag, &m.body)
+            }
+            tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE => {
                 put_raw(&mut for_client, m.tag, &m.body)
             }
             _ => {}
@@ -648,7 +726,11 @@ async fn last_words(fwd: &mut Forwarder<'_>, max_len: u32) -> Result<(), Transfe
                         ended = Some(true);
                     }
                 }
-                tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
+                tag::PARAMETER_STATUS => {
+                    fwd.tracker.note_parameter(&m.body);
+                    put_raw(&mut for_client, m.tag, &m.body)
+                }
+                tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE => {
                     put_raw(&mut for_client, m.tag, &m.body)
                 }
                 _ => {}

@@ -16,15 +16,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
-use pgferry_wire::messages::{encode_query, encode_terminate};
-use pgferry_wire::{tag, ErrorFields, StartupMessage};
+use pgferry_wire::messages::encode_terminate;
+use pgferry_wire::StartupMessage;
 use std::pin::Pin;
 use std::task::{Context, Waker};
 
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tracing::debug;
 
-use crate::backend::dial::{self, read_message, DialError, ServerConnection};
+use crate::backend::dial::{self, DialError, ServerConnection};
 use crate::backend::login::BackendCredentials;
 use crate::backend::{Backend, BackendLease};
 use crate::metrics::Metrics;
@@ -332,33 +332,13 @@ async fn simple_exchange(
     sql: &str,
     max_len: u32,
 ) -> Result<ServerConnection, DialError> {
-    let mut out = BytesMut::new();
-    encode_query(&mut out, sql).map_err(|e| DialError::Protocol(e.to_string()))?;
-    let io = |e: std::io::Error| DialError::Unreachable(e.to_string());
-    conn.stream.write_all(&out).await.map_err(io)?;
-    conn.stream.flush().await.map_err(io)?;
-    let mut inbuf = BytesMut::new();
-    let mut failed = None;
-    loop {
-        let m = read_message(&mut conn.stream, &mut inbuf, max_len).await?;
-        match m.tag {
-            tag::ERROR_RESPONSE => {
-                failed = Some(
-                    ErrorFields::decode(&m.body).map_err(|e| DialError::Protocol(e.to_string()))?,
-                )
-            }
-            tag::PARAMETER_STATUS => {
-                if let Ok((n, v)) = pgferry_wire::messages::decode_parameter_status(&m.body) {
-                    conn.parameters.set(&n, &v);
-                }
-            }
-            tag::READY_FOR_QUERY => break,
-            _ => {}
+    use crate::backend::admin_conn::{simple_query, AdminSqlError};
+    match simple_query(&mut conn, sql, max_len).await {
+        Ok(_) => Ok(conn),
+        Err(AdminSqlError::Dial(e)) => Err(e),
+        Err(AdminSqlError::Server(f)) => Err(DialError::Server(f)),
+        Err(AdminSqlError::Timeout(d)) => {
+            Err(DialError::Unreachable(format!("no answer within {d:?}")))
         }
-    }
-    match failed {
-        Some(f) => Err(DialError::Server(f)),
-        None if !inbuf.is_empty() => Err(DialError::Protocol("data after ReadyForQuery".into())),
-        None => Ok(conn),
     }
 }

@@ -1,0 +1,184 @@
+//! pgferry's own SQL on a backend: role checks, and the switchover's
+//! fence, WAL positions and promotion, as `[backend_admin]`.
+//!
+//! One connection type for all of it: a `ServerConnection` dialed and
+//! logged in exactly like a session's (TLS, SCRAM, 57P03 handling), with
+//! simple queries whose rows come back as text (`simple_query`, which the
+//! warm-spare reset uses on its own connections too).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgferry_auth::DerivedKeys;
+use pgferry_wire::messages::{decode_data_row, decode_parameter_status, encode_query};
+use pgferry_wire::{tag, ErrorFields, StartupMessage};
+use tokio::io::AsyncWriteExt;
+use zeroize::Zeroizing;
+
+use super::dial::{self, read_message, DialError, DialSettings, ServerConnection};
+use super::login::BackendCredentials;
+use super::{Backend, BackendLease};
+use crate::config::BackendAdminSection;
+
+/// Who pgferry logs in as for its own SQL.
+pub struct AdminLogin {
+    startup: StartupMessage,
+    credentials: BackendCredentials,
+}
+
+impl AdminLogin {
+    pub fn new(cfg: &BackendAdminSection) -> Self {
+        let startup = StartupMessage {
+            minor_version: 0,
+            params: vec![
+                ("user".into(), cfg.user.clone()),
+                ("database".into(), cfg.database.clone()),
+                ("application_name".into(), "pgferry".into()),
+            ],
+            protocol_options: Vec::new(),
+        };
+        let credentials = BackendCredentials::Password {
+            password: Zeroizing::new(cfg.password.clone().unwrap_or_default()),
+            keys: Arc::new(DerivedKeys::default()),
+        };
+        Self {
+            startup,
+            credentials,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminSqlError {
+    #[error("{0}")]
+    Dial(#[from] DialError),
+    #[error("{}", describe(.0))]
+    Server(ErrorFields),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+fn describe(e: &ErrorFields) -> String {
+    format!(
+        "{} ({})",
+        e.message().unwrap_or("error"),
+        e.sqlstate().unwrap_or("?????")
+    )
+}
+
+/// Rows of text columns (`None`: NULL).
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// An authenticated connection for pgferry's own SQL.
+pub struct AdminConn {
+    conn: ServerConnection,
+    max_len: u32,
+}
+
+impl AdminConn {
+    /// Dials `backend` as `login`; the connection counts as no session.
+    pub async fn open(
+        backend: Arc<Backend>,
+        login: &AdminLogin,
+        dial_settings: &DialSettings,
+    ) -> Result<Self, DialError> {
+        let mut chatter = BytesMut::new();
+        let conn = dial::connect(
+            BackendLease::idle(backend),
+            dial_settings,
+            &login.startup,
+            &login.credentials,
+            &mut chatter,
+        )
+        .await?;
+        Ok(Self {
+            conn,
+            max_len: dial_settings.max_message_len,
+        })
+    }
+
+    /// Runs `sql` (one simple Query, possibly several statements) within
+    /// `timeout`; the rows of its last result.
+    pub async fn query(&mut self, sql: &str, timeout: Duration) -> Result<Rows, AdminSqlError> {
+        match tokio::time::timeout(timeout, simple_query(&mut self.conn, sql, self.max_len)).await {
+            Ok(r) => r,
+            Err(_) => Err(AdminSqlError::Timeout(timeout)),
+        }
+    }
+
+    /// The first column of the first row (`None` for no row or NULL).
+    pub async fn value(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>, AdminSqlError> {
+        let rows = self.query(sql, timeout).await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten()))
+    }
+
+    /// Says goodbye (best effort, bounded).
+    pub async fn close(mut self) {
+        let mut x = BytesMut::new();
+        if pgferry_wire::messages::encode_terminate(&mut x).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = self.conn.stream.write_all(&x).await;
+                let _ = self.conn.stream.shutdown().await;
+            })
+            .await;
+        }
+    }
+}
+
+/// Runs `sql` as one simple Query on `conn` and reads to ReadyForQuery,
+/// keeping ParameterStatus changes. The rows of the last result set; an
+/// ErrorResponse fails it (after ReadyForQuery, so the connection stays
+/// usable).
+pub async fn simple_query(
+    conn: &mut ServerConnection,
+    sql: &str,
+    max_len: u32,
+) -> Result<Rows, AdminSqlError> {
+    let protocol = |e: String| AdminSqlError::Dial(DialError::Protocol(e));
+    let mut out = BytesMut::new();
+    encode_query(&mut out, sql).map_err(|e| protocol(e.to_string()))?;
+    let io = |e: std::io::Error| AdminSqlError::Dial(DialError::Unreachable(e.to_string()));
+    conn.stream.write_all(&out).await.map_err(io)?;
+    conn.stream.flush().await.map_err(io)?;
+    let mut inbuf = BytesMut::new();
+    let mut failed = None;
+    let mut rows = Vec::new();
+    loop {
+        let m = read_message(&mut conn.stream, &mut inbuf, max_len).await?;
+        match m.tag {
+            tag::ERROR_RESPONSE => {
+                failed = Some(ErrorFields::decode(&m.body).map_err(|e| protocol(e.to_string()))?)
+            }
+            tag::PARAMETER_STATUS => {
+                if let Ok((n, v)) = decode_parameter_status(&m.body) {
+                    conn.parameters.set(&n, &v);
+                }
+            }
+            // A new result set: only the last one's rows are kept.
+            tag::ROW_DESCRIPTION => rows.clear(),
+            tag::DATA_ROW => {
+                let cols = decode_data_row(&m.body).map_err(|e| protocol(e.to_string()))?;
+                rows.push(
+                    cols.into_iter()
+                        .map(|c| c.map(|b| String::from_utf8_lossy(b).into_owned()))
+                        .collect(),
+                );
+            }
+            tag::READY_FOR_QUERY => break,
+            _ => {}
+        }
+    }
+    match failed {
+        Some(f) => Err(AdminSqlError::Server(f)),
+        None if !inbuf.is_empty() => Err(protocol("data after ReadyForQuery".into())),
+        None => Ok(rows),
+    }
+}

@@ -1,0 +1,690 @@
+//! Planned switchover of a cluster's primary to one of its standbys, with
+//! every session kept (docs/switchover.md).
+//!
+//! 1. hold: every session on `from` stops at its next safe point and
+//!    waits there, its traffic held (new client messages wait, in order);
+//!    new read-write logins wait too. A session not at a safe point by the
+//!    deadline aborts it all: everyone is released, nothing changed.
+//! 2. fence (`[switchover] fence`): no new write transactions on `from`.
+//! 3. catch-up: wait until `to` has replayed all of `from`'s WAL.
+//! 4. promote (`[switchover] promote`).
+//! 5. move: each held session moves to `to` with its state (the ordinary
+//!    transfer, run by the session itself), then goes on; `from` ends
+//!    drained.
+//!
+//! Until `to` is promoted any failure aborts (fence undone); after it,
+//! sessions that cannot be moved are closed with 57P01 rather than left on
+//! a fenced server. pgferry never runs, commits or rolls back anything of
+//! a client's: sessions are only ever moved between statements.
+
+pub mod primary;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::backend::role::Role;
+use crate::backend::{Backend, BackendMode};
+use crate::balancer::mover::request_transfer;
+use crate::config::FenceMode;
+use crate::errors::SessionError;
+use crate::forwarder::{ControlCommand, ControlSender, Hold, HoldWord, TransferOutcome};
+use crate::ProxyContext;
+
+/// How often the hold looks for sessions that reached `from` since.
+const RESCAN: Duration = Duration::from_millis(20);
+/// Moves retried after the promotion, for sessions whose first move failed.
+const MOVE_ATTEMPTS: usize = 3;
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// Beyond its phases' own limits, what a held session waits before it lets
+/// itself go (a switchover that vanished).
+const HOLD_MARGIN: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum SwitchoverError {
+    #[error("no such backend {0:?}")]
+    UnknownBackend(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("switchovers need [backend_admin] (pgferry's own login to the servers)")]
+    NoAdminLogin,
+    #[error("a switchover is already running")]
+    AlreadyRunning,
+    #[error("backend {0} is being drained")]
+    Draining(String),
+    #[error("backend {backend}: could not {what}: {why}")]
+    Server {
+        backend: String,
+        what: &'static str,
+        why: String,
+    },
+    #[error("the standby did not catch up in time ({behind_bytes} bytes of WAL behind)")]
+    CatchUpTimeout { behind_bytes: u64 },
+    #[error("the standby did not leave recovery within promote_timeout")]
+    PromoteTimeout,
+    #[error("promote_command failed: {0}")]
+    PromoteCommand(String),
+}
+
+impl SwitchoverError {
+    /// Refused before anything was touched (the request itself is wrong,
+    /// or the moment is), as opposed to an aborted switchover.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownBackend(_)
+                | Self::Invalid(_)
+                | Self::NoAdminLogin
+                | Self::AlreadyRunning
+                | Self::Draining(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Hold,
+    Fence,
+    CatchUp,
+    Promote,
+    Move,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hold => "hold",
+            Self::Fence => "fence",
+            Self::CatchUp => "catch_up",
+            Self::Promote => "promote",
+            Self::Move => "move",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTime {
+    pub phase: Phase,
+    pub ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub id: Uuid,
+    pub reason: String,
+}
+
+/// What a switchover did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwitchoverReport {
+    /// `success`, `partial` (promoted, but some sessions could not be
+    /// moved and were closed) or `aborted` (nothing changed).
+    pub outcome: &'static str,
+    pub from: String,
+    pub to: String,
+    pub cluster: Option<String>,
+    /// Why it aborted.
+    pub reason: Option<String>,
+    pub phases: Vec<PhaseTime>,
+    pub sessions_held: usize,
+    pub sessions_moved: usize,
+    pub sessions_failed: usize,
+    pub failures: Vec<Failure>,
+    /// Sessions that did not reach a safe point by the deadline.
+    pub blocked: Vec<Uuid>,
+    /// The longest time any session's traffic was held (hold + move).
+    pub longest_pause_ms: f64,
+    pub duration_ms: f64,
+}
+
+/// What `GET /v1/switchover` shows.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Progress {
+    pub running: bool,
+    pub phase: Option<Phase>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub held: usize,
+    pub sessions: usize,
+    pub elapsed_ms: f64,
+    pub last: Option<SwitchoverReport>,
+}
+
+struct Current {
+    from: String,
+    to: String,
+    phase: Phase,
+    held: usize,
+    sessions: usize,
+    started: Instant,
+}
+
+/// The running switchover (at most one), the last one's report, and the
+/// gate new read-write logins wait at while sessions are held.
+pub struct Switchovers {
+    running: tokio::sync::Mutex<()>,
+    current: Mutex<Option<Current>>,
+    last: Mutex<Option<SwitchoverReport>>,
+    /// True while new read-write logins must wait.
+    gate: watch::Sender<bool>,
+    /// Their longest wait.
+    gate_limit: Mutex<Duration>,
+}
+
+impl Default for Switchovers {
+    fn default() -> Self {
+        Self {
+            running: tokio::sync::Mutex::new(()),
+            current: Mutex::new(None),
+            last: Mutex::new(None),
+            gate: watch::channel(false).0,
+            gate_limit: Mutex::new(Duration::ZERO),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain assignments under these locks cannot be left half-done.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Switchovers {
+    /// Waits while a switchover holds its sessions (bounded): a login now
+    /// would land on the fenced old primary or find no primary at all.
+    pub async fn wait_for_new_primary(&self) {
+        if !*self.gate.borrow() {
+            return;
+        }
+        let limit = *lock(&self.gate_limit);
+        let mut rx = self.gate.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|closed| !*closed)).await;
+    }
+
+    pub fn progress(&self) -> Progress {
+        let last = lock(&self.last).clone();
+        match &*lock(&self.current) {
+            Some(c) => Progress {
+                running: true,
+                phase: Some(c.phase),
+                from: Some(c.from.clone()),
+                to: Some(c.to.clone()),
+                held: c.held,
+                sessions: c.sessions,
+                elapsed_ms: ms(c.started.elapsed()),
+                last,
+            },
+            None => Progress {
+                last,
+                ..Progress::default()
+            },
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Current)) {
+        if let Some(c) = lock(&self.current).as_mut() {
+            f(c);
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One held session.
+struct Held {
+    word: oneshot::Sender<HoldWord>,
+    outcome: oneshot::Receiver<TransferOutcome>,
+    control: ControlSender,
+}
+
+/// One session asked to hold, not held yet.
+struct Asked {
+    word: oneshot::Sender<HoldWord>,
+    outcome: oneshot::Receiver<TransferOutcome>,
+    control: ControlSender,
+}
+
+/// Clears the running state however the switchover ends.
+struct RunningGuard<'a> {
+    ctx: &'a ProxyContext,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        let s = &self.ctx.switchover;
+        *lock(&s.current) = None;
+        s.gate.send_replace(false);
+        self.ctx.metrics.switchover_sessions_held.set(0);
+    }
+}
+
+/// Switches `from` (the primary) over to `to` (its standby). `timeout`
+/// bounds the hold (and, again, the catch-up); `promote_timeout` the
+/// promotion. `Ok` with outcome `aborted` when it was started and undone.
+pub async fn switchover(
+    ctx: &Arc<ProxyContext>,
+    from: &str,
+    to: &str,
+    timeout: Duration,
+) -> Result<SwitchoverReport, SwitchoverError> {
+    let (from_b, to_b) = validate(ctx, from, to)?;
+    let _one = ctx
+        .switchover
+        .running
+        .try_lock()
+        .map_err(|_| SwitchoverError::AlreadyRunning)?;
+    // The servers' own word on their roles, not the last check's.
+    let mut from_conn = primary::connect(ctx, &from_b).await?;
+    let mut to_conn = primary::connect(ctx, &to_b).await?;
+    if primary::in_recovery(&mut from_conn, &from_b).await? {
+        return Err(SwitchoverError::Invalid(format!(
+            "{from} is not a primary (it is in recovery)"
+        )));
+    }
+    if !primary::in_recovery(&mut to_conn, &to_b).await? {
+        return Err(SwitchoverError::Invalid(format!(
+            "{to} is not a standby (it is not in recovery)"
+        )));
+    }
+    if ctx.balancer.draining(from) {
+        return Err(SwitchoverError::Draining(from.to_owned()));
+    }
+
+    let started = Instant::now();
+    let cfg = &ctx.config.switchover;
+    let hold_until = started + timeout * 2 + cfg.promote_timeout + HOLD_MARGIN;
+    *lock(&ctx.switchover.current) = Some(Current {
+        from: from.to_owned(),
+        to: to.to_owned(),
+        phase: Phase::Hold,
+        held: 0,
+        sessions: ctx.registry.on_backend(from).len(),
+        started,
+    });
+    *lock(&ctx.switchover.gate_limit) = hold_until.saturating_duration_since(started);
+    ctx.switchover.gate.send_replace(true);
+    let _running = RunningGuard { ctx };
+    let was_mode = from_b.mode();
+    from_b.set_mode(BackendMode::Draining);
+    ctx.spares.discard_backend(from);
+    info!(%from, %to, ?timeout, "switchover started: holding sessions");
+
+    let mut run = Run {
+        ctx,
+        from: from_b.clone(),
+        to: to_b.clone(),
+        started,
+        phases: Vec::new(),
+        phase: Phase::Hold,
+        phase_started: started,
+    };
+
+    // 1. hold
+    let held = match run.hold(started + timeout, hold_until).await {
+        Ok(held) => held,
+        Err(blocked) => {
+            from_b.change_mode(BackendMode::Draining, was_mode);
+            let reason = format!(
+                "{} session(s) not at a safe point within {timeout:?}",
+                blocked.len()
+            );
+            return Ok(run.aborted(reason, blocked, 0));
+        }
+    };
+    let held_count = held.len();
+    run.next(Phase::Fence);
+
+    // 2..4: any failure releases everyone and undoes the fence.
+    let fenced = cfg.fence == FenceMode::ReadOnly;
+    let before_promotion = async {
+        if fenced {
+            primary::fence(&mut from_conn, &from_b).await?;
+        }
+        run.next(Phase::CatchUp);
+        let end = primary::wal_end(&mut from_conn, &from_b).await?;
+        primary::catch_up(&mut to_conn, &to_b, end, Instant::now() + timeout).await?;
+        run.next(Phase::Promote);
+        primary::promote(
+            ctx,
+            &mut to_conn,
+            &from_b,
+            &to_b,
+            Instant::now() + cfg.promote_timeout,
+        )
+        .await
+    };
+    if let Err(e) = before_promotion.await {
+        warn!(%from, %to, error = %e, "switchover aborted: releasing every session");
+        // Promoted after all (a command that failed late): too late to undo.
+        let promoted = !primary::in_recovery(&mut to_conn, &to_b)
+            .await
+            .unwrap_or(true);
+        if !promoted {
+            if fenced {
+                if let Err(e) = primary::unfence(&mut from_conn, &from_b).await {
+                    warn!(backend = %from, error = %e, "could not undo the fence: reset default_transaction_read_only by hand");
+                }
+            }
+            release(held);
+            from_b.change_mode(BackendMode::Draining, was_mode);
+            return Ok(run.aborted(e.to_string(), Vec::new(), held_count));
+        }
+        warn!(%to, "the standby was promoted although the promotion reported an error; moving on");
+    }
+    // The new primary takes sessions from now on.
+    to_b.set_role(Role::Primary);
+    to_b.mark_healthy();
+    to_b.set_mode(BackendMode::Active);
+    if fenced {
+        // A fence from an earlier switchover may have come with its copied
+        // configuration (a former primary rebuilt with pg_rewind).
+        match primary::fenced(&mut to_conn, &to_b).await {
+            Ok(true) => {
+                if let Err(e) = primary::unfence(&mut to_conn, &to_b).await {
+                    warn!(backend = %to, error = %e, "the new primary is fenced read-only and could not be unfenced");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!(backend = %to, error = %e, "could not check the new primary's fence"),
+        }
+    }
+    ctx.switchover.gate.send_replace(false);
+    run.next(Phase::Move);
+
+    // 5. move
+    let (moved, failures, longest_pause) = run.move_all(held).await;
+    from_b.change_mode(BackendMode::Draining, BackendMode::Drained);
+    from_conn.close().await;
+    to_conn.close().await;
+    run.end_phase();
+    let outcome = if failures.is_empty() {
+        "success"
+    } else {
+        "partial"
+    };
+    ctx.metrics
+        .switchover_total
+        .with_label_values(&[outcome])
+        .inc();
+    let report = SwitchoverReport {
+        outcome,
+        from: from.to_owned(),
+        to: to.to_owned(),
+        cluster: to_b.cluster.clone(),
+        reason: None,
+        phases: run.phases.clone(),
+        sessions_held: held_count,
+        sessions_moved: moved,
+        sessions_failed: failures.len(),
+        failures,
+        blocked: Vec::new(),
+        longest_pause_ms: ms(longest_pause),
+        duration_ms: ms(started.elapsed()),
+    };
+    info!(%from, %to, outcome, moved, held = held_count, longest_pause_ms = report.longest_pause_ms, "switchover finished");
+    *lock(&ctx.switchover.last) = Some(report.clone());
+    Ok(report)
+}
+
+fn validate(
+    ctx: &ProxyContext,
+    from: &str,
+    to: &str,
+) -> Result<(Arc<Backend>, Arc<Backend>), SwitchoverError> {
+    let get = |n: &str| {
+        ctx.backends
+            .get(n)
+            .ok_or_else(|| SwitchoverError::UnknownBackend(n.to_owned()))
+    };
+    let (f, t) = (get(from)?, get(to)?);
+    if from == to {
+        return Err(SwitchoverError::Invalid(
+            "from and to are the same backend".into(),
+        ));
+    }
+    if !f.same_cluster(&t) {
+        return Err(SwitchoverError::Invalid(format!(
+            "{from} and {to} are not in one cluster (set `cluster` on both [[backend]]s)"
+        )));
+    }
+    if ctx.config.backend_admin.is_none() {
+        return Err(SwitchoverError::NoAdminLogin);
+    }
+    Ok((f, t))
+}
+
+/// Tells every held session to go on where it is.
+fn release(held: HashMap<Uuid, Held>) {
+    for (_, h) in held {
+        let _ = h.word.send(HoldWord::Release);
+    }
+}
+
+struct Run<'a> {
+    ctx: &'a Arc<ProxyContext>,
+    from: Arc<Backend>,
+    to: Arc<Backend>,
+    started: Instant,
+    phases: Vec<PhaseTime>,
+    phase: Phase,
+    phase_started: Instant,
+}
+
+impl Run<'_> {
+    fn end_phase(&mut self) {
+        let phase = self.phase;
+        let took = self.phase_started.elapsed();
+        self.ctx
+            .metrics
+            .switchover_phase
+            .with_label_values(&[phase.as_str()])
+            .observe(took.as_secs_f64());
+        self.phases.push(PhaseTime {
+            phase,
+            ms: ms(took),
+        });
+        self.phase_started = Instant::now();
+    }
+
+    fn next(&mut self, phase: Phase) {
+        self.end_phase();
+        self.phase = phase;
+        self.ctx.switchover.update(|c| c.phase = phase);
+        info!(from = %self.from.name, to = %self.to.name, phase = phase.as_str(), "switchover phase");
+    }
+
+    fn aborted(&mut self, reason: String, mut blocked: Vec<Uuid>, held: usize) -> SwitchoverReport {
+        self.end_phase();
+        blocked.sort();
+        self.ctx
+            .metrics
+            .switchover_total
+            .with_label_values(&["aborted"])
+            .inc();
+        let report = SwitchoverReport {
+            outcome: "aborted",
+            from: self.from.name.clone(),
+            to: self.to.name.clone(),
+            cluster: self.to.cluster.clone(),
+            reason: Some(reason),
+            phases: self.phases.clone(),
+            sessions_held: held,
+            sessions_moved: 0,
+            sessions_failed: 0,
+            failures: Vec::new(),
+            blocked,
+            longest_pause_ms: 0.0,
+            duration_ms: ms(self.started.elapsed()),
+        };
+        warn!(from = %report.from, to = %report.to, reason = report.reason.as_deref().unwrap_or(""),
+            blocked = report.blocked.len(), "switchover aborted; nothing changed");
+        *lock(&self.ctx.switchover.last) = Some(report.clone());
+        report
+    }
+
+    /// Holds every session on `from` at its safe point by `deadline`.
+    /// `Err`: the sessions that did not get there (the others released).
+    async fn hold(
+        &mut self,
+        deadline: Instant,
+        until: Instant,
+    ) -> Result<HashMap<Uuid, Held>, Vec<Uuid>> {
+        let ctx = self.ctx;
+        let (held_tx, mut held_rx) = mpsc::unbounded_channel::<Uuid>();
+        let mut asked: HashMap<Uuid, Asked> = HashMap::new();
+        let mut held: HashMap<Uuid, Held> = HashMap::new();
+        loop {
+            let listed: HashSet<Uuid> = {
+                let sessions = ctx.registry.on_backend(&self.from.name);
+                let mut ids = HashSet::with_capacity(sessions.len());
+                for (info, control) in sessions {
+                    ids.insert(info.id);
+                    if asked.contains_key(&info.id) || held.contains_key(&info.id) {
+                        continue;
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let (word_tx, word_rx) = oneshot::channel();
+                    let (reply_tx, reply_rx) = oneshot::channel();
+                    let (ack_tx, ack_rx) = oneshot::channel();
+                    let cmd = ControlCommand::Transfer {
+                        to: None,
+                        timeout: left,
+                        reply: reply_tx,
+                        hold: Some(Hold {
+                            held: ack_tx,
+                            word: word_rx,
+                            until: until.into_std(),
+                        }),
+                    };
+                    if control.try_send(cmd).is_err() {
+                        continue; // gone (or its queue full: asked again next scan)
+                    }
+                    let (id, tx) = (info.id, held_tx.clone());
+                    tokio::spawn(async move {
+                        if ack_rx.await.is_ok() {
+                            let _ = tx.send(id);
+                        }
+                    });
+                    asked.insert(
+                        info.id,
+                        Asked {
+                            word: word_tx,
+                            outcome: reply_rx,
+                            control,
+                        },
+                    );
+                }
+                ids
+            };
+            // Sessions that ended while asked are nobody's concern; one that
+            // refused at once (another move of it was pending) is asked
+            // again at the next scan.
+            asked.retain(|id, a| {
+                listed.contains(id)
+                    && matches!(
+                        a.outcome.try_recv(),
+                        Err(oneshot::error::TryRecvError::Empty)
+                    )
+            });
+            let all_held = asked.is_empty() && self.from.sessions() <= held.len();
+            ctx.switchover.update(|c| {
+                c.held = held.len();
+                c.sessions = listed.len().max(held.len());
+            });
+            ctx.metrics.switchover_sessions_held.set(held.len() as i64);
+            if all_held {
+                return Ok(held);
+            }
+            if Instant::now() >= deadline {
+                let blocked: Vec<Uuid> = asked.keys().copied().collect();
+                for (_, a) in asked {
+                    let _ = a.word.send(HoldWord::Release);
+                }
+                release(held);
+                return Err(blocked);
+            }
+            let wake = (Instant::now() + RESCAN).min(deadline);
+            tokio::select! {
+                Some(id) = held_rx.recv() => {
+                    if let Some(a) = asked.remove(&id) {
+                        held.insert(id, Held { word: a.word, outcome: a.outcome, control: a.control });
+                    }
+                    // Take every ack already queued before rescanning.
+                    while let Ok(id) = held_rx.try_recv() {
+                        if let Some(a) = asked.remove(&id) {
+                            held.insert(id, Held { word: a.word, outcome: a.outcome, control: a.control });
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Moves every held session to `to`: (moved, failures, longest pause).
+    async fn move_all(&mut self, held: HashMap<Uuid, Held>) -> (usize, Vec<Failure>, Duration) {
+        let ctx = self.ctx;
+        let to = self.to.name.clone();
+        let limit = ctx.config.proxy.connect_timeout * 3 + ctx.config.migration.capture_timeout;
+        let mut moves = JoinSet::new();
+        for (id, h) in held {
+            let _ = h.word.send(HoldWord::MoveTo(to.clone()));
+            let to = to.clone();
+            moves.spawn(async move {
+                let mut outcome = match tokio::time::timeout(limit, h.outcome).await {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(_)) => TransferOutcome::SessionEnded("session ended".into()),
+                    Err(_) => TransferOutcome::RecoverableError("no answer".into()),
+                };
+                for _ in 1..MOVE_ATTEMPTS {
+                    if !matches!(outcome, TransferOutcome::RecoverableError(_)) {
+                        break;
+                    }
+                    tokio::time::sleep(RETRY_AFTER).await;
+                    outcome = match request_transfer(&h.control, Some(to.clone()), limit).await {
+                        Ok(o) => o,
+                        Err(e) => TransferOutcome::SessionEnded(e.to_string()),
+                    };
+                }
+                (id, outcome, h.control)
+            });
+        }
+        let mut moved = 0;
+        let mut failures = Vec::new();
+        let mut longest = Duration::ZERO;
+        while let Some(done) = moves.join_next().await {
+            let Ok((id, outcome, control)) = done else {
+                continue;
+            };
+            match outcome {
+                TransferOutcome::Success { pause, .. } => {
+                    moved += 1;
+                    longest = longest.max(pause);
+                }
+                // Gone by itself (its client left, its backend ended it).
+                TransferOutcome::SessionEnded(_) => {}
+                TransferOutcome::RecoverableError(reason) => {
+                    // Left on a fenced former primary it would fail every
+                    // write: closed, between statements, with a clear word.
+                    let _ = control.try_send(ControlCommand::Terminate(
+                        SessionError::SwitchoverNotMoved(reason.clone()),
+                    ));
+                    failures.push(Failure { id, reason });
+                }
+                TransferOutcome::FatalError(reason) => failures.push(Failure { id, reason }),
+            }
+        }
+        failures.sort_by_key(|f| f.id);
+        (moved, failures, longest)
+    }
+}
