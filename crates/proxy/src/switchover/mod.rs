@@ -332,13 +332,13 @@ pub async fn switchover(
     // 1. hold
     let held = match run.hold(started + timeout, hold_until).await {
         Ok(held) => held,
-        Err(blocked) => {
+        Err((blocked, held)) => {
             from_b.change_mode(BackendMode::Draining, was_mode);
             let reason = format!(
                 "{} session(s) not at a safe point within {timeout:?}",
                 blocked.len()
             );
-            return Ok(run.aborted(reason, blocked, 0));
+            return Ok(run.aborted(reason, blocked, held));
         }
     };
     let held_count = held.len();
@@ -533,12 +533,13 @@ impl Run<'_> {
     }
 
     /// Holds every session on `from` at its safe point by `deadline`.
-    /// `Err`: the sessions that did not get there (the others released).
+    /// `Err`: the sessions that did not get there, and how many did (all
+    /// released).
     async fn hold(
         &mut self,
         deadline: Instant,
         until: Instant,
-    ) -> Result<HashMap<Uuid, Held>, Vec<Uuid>> {
+    ) -> Result<HashMap<Uuid, Held>, (Vec<Uuid>, usize)> {
         let ctx = self.ctx;
         let (held_tx, mut held_rx) = mpsc::unbounded_channel::<Uuid>();
         let mut asked: HashMap<Uuid, Asked> = HashMap::new();
@@ -552,7 +553,9 @@ impl Run<'_> {
                     if asked.contains_key(&info.id) || held.contains_key(&info.id) {
                         continue;
                     }
-                    let left = deadline.saturating_duration_since(Instant::now());
+                    // A little past the hold's deadline: the session must
+                    // not give up before the switchover has decided.
+                    let left = deadline.saturating_duration_since(Instant::now()) + RESCAN * 5;
                     let (word_tx, word_rx) = oneshot::channel();
                     let (reply_tx, reply_rx) = oneshot::channel();
                     let (ack_tx, ack_rx) = oneshot::channel();
@@ -606,12 +609,19 @@ impl Run<'_> {
                 return Ok(held);
             }
             if Instant::now() >= deadline {
-                let blocked: Vec<Uuid> = asked.keys().copied().collect();
+                // Every session still on `from` that is not held: asked and
+                // not there yet, or refused (its own wait ran out too).
+                let blocked: Vec<Uuid> = listed
+                    .iter()
+                    .filter(|id| !held.contains_key(id))
+                    .copied()
+                    .collect();
                 for (_, a) in asked {
                     let _ = a.word.send(HoldWord::Release);
                 }
+                let count = held.len();
                 release(held);
-                return Err(blocked);
+                return Err((blocked, count));
             }
             let wake = (Instant::now() + RESCAN).min(deadline);
             tokio::select! {
