@@ -42,6 +42,10 @@ pub async fn start(State(state): State<AdminState>, body: Bytes) -> Response {
         Ok(report) if report.outcome == "aborted" => {
             (StatusCode::CONFLICT, Json(report)).into_response()
         }
+        // The promotion was asked for and did not finish.
+        Ok(report) if report.outcome == "failed" => {
+            (StatusCode::BAD_GATEWAY, Json(report)).into_response()
+        }
         Ok(report) => Json(report).into_response(),
         Err(e) => {
             let status = match &e {

@@ -302,7 +302,7 @@ impl Metrics {
             switchover_total: IntCounterVec::new(
                 Opts::new(
                     "pgferry_switchover_total",
-                    "Planned switchovers by outcome (success, partial, aborted)",
+                    "Planned switchovers by outcome (success, partial, aborted, failed)",
                 ),
                 &["outcome"],
             )
@@ -383,7 +383,7 @@ impl Metrics {
         for phase in ["header", "idle"] {
             m.admin_connections_timed_out.with_label_values(&[phase]);
         }
-        for outcome in ["success", "partial", "aborted"] {
+        for outcome in ["success", "partial", "aborted", "failed"] {
             m.switchover_total.with_label_values(&[outcome]);
         }
         for outcome in ["rehomed", "closed"] {

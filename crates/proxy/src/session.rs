@@ -30,7 +30,7 @@ use crate::forwarder::{
 use crate::metrics::MigrationResult;
 use crate::registry::SessionInfo;
 use crate::stream::{tune_socket, Stream};
-use crate::transfer::{self, ServerSide, SessionIdentity, TransferError};
+use crate::transfer::{self, Remembered, ServerSide, SessionIdentity, TransferError};
 use crate::ProxyContext;
 use tracing::Instrument;
 
@@ -312,7 +312,7 @@ async fn connect_backend(
 ) -> Result<(Stream, (ServerConnection, BytesMut)), &'static str> {
     // A switchover holding its cluster's sessions: a new read-write login
     // waits for the new primary rather than land on the fenced old one.
-    if attrs != TargetSessionAttrs::Any {
+    if attrs == TargetSessionAttrs::ReadWrite {
         ctx.switchover.wait_for_new_primary().await;
     }
     let mut first_failure: Option<SessionError> = None;
@@ -517,11 +517,18 @@ async fn run_session(
             Interrupt::Remember => {
                 // Cancels wait, as during a move: they must not hit the capture.
                 let moving = ctx.cancel_map.moving(identity.cancel_key);
-                let r = Box::pin(transfer::remember(ctx, &mut fwd, &mut server, &identity)).await;
+                let r = Box::pin(transfer::remember(
+                    ctx,
+                    &mut fwd,
+                    &mut server,
+                    &identity,
+                    false,
+                ))
+                .await;
                 moving.end(fwd.client_sent_during_hold());
                 match r {
-                    Ok(true) => ctx.metrics.state_remembered.inc(),
-                    Ok(false) => {}
+                    Ok(transfer::Remembered::Captured) => ctx.metrics.state_remembered.inc(),
+                    Ok(_) => {}
                     Err(TransferError::BackendEnded { .. }) => break ForwardEnd::ServerClosed,
                     Err(TransferError::Fatal(reason) | TransferError::Recoverable(reason)) => {
                         break ForwardEnd::Terminated(SessionError::MigrationFailed(reason))
@@ -570,9 +577,31 @@ async fn migrate(
 ) -> Option<ForwardEnd> {
     let paused_at = Instant::now();
     // A switchover's hold: held here, at the safe point, until its word.
+    let switchover = request.hold.is_some();
     if let Some(hold) = request.hold.take() {
-        let _ = hold.held.send(());
-        let word = tokio::time::timeout_at(hold.until.into(), hold.word).await;
+        // The state is captured now, while the old primary is surely up.
+        let moving = ctx.cancel_map.moving(identity.cancel_key);
+        let known = transfer::remember(ctx, fwd, server, identity, true).await;
+        moving.end(fwd.client_sent_during_hold());
+        let known = match known {
+            Ok(Remembered::Captured | Remembered::AlreadyKnown) => Ok(()),
+            Ok(Remembered::Unknown(why)) => Err(why),
+            Err(TransferError::BackendEnded { .. }) => {
+                let _ = hold.held.send(Err(transfer::BACKEND_ENDED.into()));
+                return Some(ForwardEnd::ServerClosed);
+            }
+            Err(TransferError::Fatal(why) | TransferError::Recoverable(why)) => {
+                let _ = hold.held.send(Err(why.clone()));
+                return Some(ForwardEnd::Terminated(SessionError::MigrationFailed(why)));
+            }
+        };
+        let movable = known.is_ok();
+        let _ = hold.held.send(known);
+        let word = if movable {
+            tokio::time::timeout_at(hold.until.into(), hold.word).await
+        } else {
+            Ok(Ok(HoldWord::Release))
+        };
         match word {
             Ok(Ok(HoldWord::MoveTo(to))) => request.to = Some(to),
             // Released, or the switchover gave up on it (or is gone):
@@ -603,9 +632,16 @@ async fn migrate(
     // The client's cancels wait until the move is over: they must reach
     // the client's queries, never the capture or replay.
     let moving = ctx.cancel_map.moving(identity.cancel_key);
-    let result = transfer::transfer(ctx, fwd, server, identity, request.to.as_deref())
-        .instrument(span.clone())
-        .await;
+    let result = transfer::transfer(
+        ctx,
+        fwd,
+        server,
+        identity,
+        request.to.as_deref(),
+        switchover,
+    )
+    .instrument(span.clone())
+    .await;
     moving.end(fwd.client_sent_during_hold());
     ctx.registry.set_transferring(identity.id, false);
     let (outcome, fatal) = match result {

@@ -109,25 +109,47 @@ pub async fn probe_role(
             Err(e) => return Err(e.to_string()),
         };
         let v = conn
-            .value(
-                "SELECT pg_catalog.pg_is_in_recovery()",
+            .query(
+                "SELECT pg_catalog.pg_is_in_recovery(), \
+                 coalesce(current_setting('pgferry.fenced', true), '')",
                 cfg.health_check_timeout,
             )
             .await;
-        conn.close().await;
-        match v {
-            Ok(Some(v)) => Ok(Some(Role::from_in_recovery(v == "t"))),
-            Ok(None) => Err("pg_is_in_recovery() returned nothing".into()),
+        let result = match v.map(|rows| rows.into_iter().next().unwrap_or_default()) {
+            Ok(row) if row.len() == 2 => {
+                let standby = row[0].as_deref() == Some("t");
+                if standby && row[1].as_deref() == Some("on") {
+                    lift_stale_fence(&mut conn, backend).await;
+                }
+                Ok(Some(Role::from_in_recovery(standby)))
+            }
+            Ok(_) => Err("the role check returned no row".into()),
             Err(AdminSqlError::Server(f)) => {
                 warn!(backend = %backend.name, error = %f.message().unwrap_or(""), "role check failed");
                 Ok(None)
             }
             Err(e) => Err(e.to_string()),
-        }
+        };
+        conn.close().await;
+        result
     };
     match tokio::time::timeout(cfg.health_check_timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {:?}", cfg.health_check_timeout)),
+    }
+}
+
+/// A standby carrying the fence of an earlier switchover (a former primary
+/// re-attached without a new base backup): lifted, or its next promotion
+/// would refuse every write.
+async fn lift_stale_fence(conn: &mut AdminConn, backend: &Backend) {
+    match crate::switchover::primary::unfence(conn, backend).await {
+        Ok(()) => {
+            info!(backend = %backend.name, "lifted the read-only fence of an earlier switchover from this standby")
+        }
+        Err(e) => {
+            warn!(backend = %backend.name, error = %e, "this standby carries an earlier switchover's read-only fence and it could not be lifted")
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::mover::request_transfer;
+use crate::backend::role::Role;
 use crate::forwarder::{ControlSender, TransferOutcome};
 use crate::ProxyContext;
 
@@ -109,8 +110,16 @@ pub async fn rebalance(ctx: &ProxyContext, timeout: Duration) -> RebalanceReport
     let _one = ctx.balancer.rebalancing.lock().await;
     let cooldown = ctx.config.balancer.cooldown;
     let mut controls: Vec<(Uuid, ControlSender)> = Vec::new();
+    // Standbys and the others are evened out apart: a read-write session
+    // never moves to a standby.
     let mut loads = Vec::new();
+    let mut standby_loads = Vec::new();
     for b in ctx.backends.all().iter().filter(|b| b.accepts_sessions()) {
+        let loads = if b.role() == Role::Standby {
+            &mut standby_loads
+        } else {
+            &mut loads
+        };
         let mut sessions = ctx.registry.on_backend(&b.name);
         // Never-moved sessions first, then the longest-settled ones.
         sessions.sort_by_key(|(i, _)| (i.last_migrated.is_some(), i.last_migrated));
@@ -129,7 +138,8 @@ pub async fn rebalance(ctx: &ProxyContext, timeout: Duration) -> RebalanceReport
             movable,
         });
     }
-    let planned = plan(loads);
+    let mut planned = plan(loads);
+    planned.extend(plan(standby_loads));
     if planned.is_empty() {
         return RebalanceReport::default();
     }

@@ -118,12 +118,13 @@ pub struct TransferRequest {
     pub hold: Option<Hold>,
 }
 
-/// A switchover's hold on one session: at its safe point the session says
-/// so on `held` and, its traffic held, waits for `word` (until `until`,
-/// then it lets itself go).
+/// A switchover's hold on one session: at its safe point the session
+/// captures its state and says so on `held` (or why it cannot move) and,
+/// its traffic held, waits for `word` (until `until`, then it lets itself
+/// go).
 #[derive(Debug)]
 pub struct Hold {
-    pub held: oneshot::Sender<()>,
+    pub held: oneshot::Sender<Result<(), String>>,
     pub word: oneshot::Receiver<HoldWord>,
     pub until: Instant,
 }

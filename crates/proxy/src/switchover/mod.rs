@@ -72,6 +72,9 @@ pub enum SwitchoverError {
     PromoteTimeout,
     #[error("promote_command failed: {0}")]
     PromoteCommand(String),
+    /// `pg_promote()` was refused by the server: nothing was set in motion.
+    #[error("the standby refused pg_promote(): {0}")]
+    PromoteRefused(String),
 }
 
 impl SwitchoverError {
@@ -127,7 +130,9 @@ pub struct Failure {
 #[derive(Debug, Clone, Serialize)]
 pub struct SwitchoverReport {
     /// `success`, `partial` (promoted, but some sessions could not be
-    /// moved and were closed) or `aborted` (nothing changed).
+    /// moved and were closed), `aborted` (nothing changed) or `failed`
+    /// (the promotion was asked for and did not finish in time: the old
+    /// primary stays fenced, its sessions released there).
     pub outcome: &'static str,
     pub from: String,
     pub to: String,
@@ -254,6 +259,13 @@ struct Asked {
     control: ControlSender,
 }
 
+/// Why the hold failed.
+struct HoldFailed {
+    blocked: Vec<Uuid>,
+    held: usize,
+    reason: String,
+}
+
 /// Clears the running state however the switchover ends.
 struct RunningGuard<'a> {
     ctx: &'a ProxyContext,
@@ -332,44 +344,54 @@ pub async fn switchover(
     // 1. hold
     let held = match run.hold(started + timeout, hold_until).await {
         Ok(held) => held,
-        Err((blocked, held)) => {
+        Err(failed) => {
             from_b.change_mode(BackendMode::Draining, was_mode);
-            let reason = format!(
-                "{} session(s) not at a safe point within {timeout:?}",
-                blocked.len()
-            );
-            return Ok(run.aborted(reason, blocked, held));
+            return Ok(run.aborted(failed.reason, failed.blocked, failed.held));
         }
     };
     let held_count = held.len();
     run.next(Phase::Fence);
 
-    // 2..4: any failure releases everyone and undoes the fence.
+    // 2, 3: any failure releases everyone and undoes the fence.
     let fenced = cfg.fence == FenceMode::ReadOnly;
-    let before_promotion = async {
+    let prepared = async {
         if fenced {
             primary::fence(&mut from_conn, &from_b).await?;
         }
         run.next(Phase::CatchUp);
         let end = primary::wal_end(&mut from_conn, &from_b).await?;
-        primary::catch_up(&mut to_conn, &to_b, end, Instant::now() + timeout).await?;
-        run.next(Phase::Promote);
-        primary::promote(
-            ctx,
-            &mut to_conn,
-            &from_b,
-            &to_b,
-            Instant::now() + cfg.promote_timeout,
-        )
-        .await
+        primary::catch_up(&mut to_conn, &to_b, end, Instant::now() + timeout).await
     };
-    if let Err(e) = before_promotion.await {
-        warn!(%from, %to, error = %e, "switchover aborted: releasing every session");
-        // Promoted after all (a command that failed late): too late to undo.
-        let promoted = !primary::in_recovery(&mut to_conn, &to_b)
+    if let Err(e) = prepared.await {
+        if fenced {
+            if let Err(e) = primary::unfence(&mut from_conn, &from_b).await {
+                warn!(backend = %from, error = %e, "could not undo the fence: reset default_transaction_read_only by hand");
+            }
+        }
+        release(held);
+        from_b.change_mode(BackendMode::Draining, was_mode);
+        return Ok(run.aborted(e.to_string(), Vec::new(), held_count));
+    }
+
+    // 4. From the promotion request on there is no way back: a promotion
+    //    that did not finish in time may still finish, and undoing the
+    //    fence then would make two writable primaries.
+    run.next(Phase::Promote);
+    let promoted = primary::promote(
+        ctx,
+        &mut to_conn,
+        &from_b,
+        &to_b,
+        Instant::now() + cfg.promote_timeout,
+    )
+    .await;
+    if let Err(e) = promoted {
+        let done = !primary::in_recovery(&mut to_conn, &to_b)
             .await
             .unwrap_or(true);
-        if !promoted {
+        if done {
+            warn!(%to, error = %e, "the standby was promoted although the promotion reported an error; moving on");
+        } else if matches!(e, SwitchoverError::PromoteRefused(_)) {
             if fenced {
                 if let Err(e) = primary::unfence(&mut from_conn, &from_b).await {
                     warn!(backend = %from, error = %e, "could not undo the fence: reset default_transaction_read_only by hand");
@@ -378,8 +400,16 @@ pub async fn switchover(
             release(held);
             from_b.change_mode(BackendMode::Draining, was_mode);
             return Ok(run.aborted(e.to_string(), Vec::new(), held_count));
+        } else {
+            // Sessions go on on the old primary, fenced: they read, and
+            // their writes get the server's own 25006.
+            release(held);
+            from_b.change_mode(BackendMode::Draining, was_mode);
+            tracing::error!(%from, %to, error = %e,
+                "switchover failed after the promotion was requested: {from} stays fenced read-only; \
+                 once {to} is a primary (or is known not to become one) switch over again or unfence {from} by hand");
+            return Ok(run.failed(e.to_string(), held_count));
         }
-        warn!(%to, "the standby was promoted although the promotion reported an error; moving on");
     }
     // The new primary takes sessions from now on.
     to_b.set_role(Role::Primary);
@@ -503,16 +533,30 @@ impl Run<'_> {
         info!(from = %self.from.name, to = %self.to.name, phase = phase.as_str(), "switchover phase");
     }
 
-    fn aborted(&mut self, reason: String, mut blocked: Vec<Uuid>, held: usize) -> SwitchoverReport {
+    fn aborted(&mut self, reason: String, blocked: Vec<Uuid>, held: usize) -> SwitchoverReport {
+        self.ended("aborted", reason, blocked, held)
+    }
+
+    fn failed(&mut self, reason: String, held: usize) -> SwitchoverReport {
+        self.ended("failed", reason, Vec::new(), held)
+    }
+
+    fn ended(
+        &mut self,
+        outcome: &'static str,
+        reason: String,
+        mut blocked: Vec<Uuid>,
+        held: usize,
+    ) -> SwitchoverReport {
         self.end_phase();
         blocked.sort();
         self.ctx
             .metrics
             .switchover_total
-            .with_label_values(&["aborted"])
+            .with_label_values(&[outcome])
             .inc();
         let report = SwitchoverReport {
-            outcome: "aborted",
+            outcome,
             from: self.from.name.clone(),
             to: self.to.name.clone(),
             cluster: self.to.cluster.clone(),
@@ -526,22 +570,23 @@ impl Run<'_> {
             longest_pause_ms: 0.0,
             duration_ms: ms(self.started.elapsed()),
         };
-        warn!(from = %report.from, to = %report.to, reason = report.reason.as_deref().unwrap_or(""),
-            blocked = report.blocked.len(), "switchover aborted; nothing changed");
+        warn!(from = %report.from, to = %report.to, outcome, reason = report.reason.as_deref().unwrap_or(""),
+            blocked = report.blocked.len(), "switchover did not complete");
         *lock(&self.ctx.switchover.last) = Some(report.clone());
         report
     }
 
-    /// Holds every session on `from` at its safe point by `deadline`.
-    /// `Err`: the sessions that did not get there, and how many did (all
-    /// released).
+    /// Holds every session on `from` at its safe point by `deadline`, each
+    /// with its state captured. `Err`: some did not get there in time, or
+    /// one cannot be moved at all (temporary tables, LISTEN...); everyone
+    /// is released.
     async fn hold(
         &mut self,
         deadline: Instant,
         until: Instant,
-    ) -> Result<HashMap<Uuid, Held>, (Vec<Uuid>, usize)> {
+    ) -> Result<HashMap<Uuid, Held>, HoldFailed> {
         let ctx = self.ctx;
-        let (held_tx, mut held_rx) = mpsc::unbounded_channel::<Uuid>();
+        let (held_tx, mut held_rx) = mpsc::unbounded_channel::<(Uuid, Result<(), String>)>();
         let mut asked: HashMap<Uuid, Asked> = HashMap::new();
         let mut held: HashMap<Uuid, Held> = HashMap::new();
         loop {
@@ -574,8 +619,8 @@ impl Run<'_> {
                     }
                     let (id, tx) = (info.id, held_tx.clone());
                     tokio::spawn(async move {
-                        if ack_rx.await.is_ok() {
-                            let _ = tx.send(id);
+                        if let Ok(r) = ack_rx.await {
+                            let _ = tx.send((id, r));
                         }
                     });
                     asked.insert(
@@ -621,22 +666,58 @@ impl Run<'_> {
                 }
                 let count = held.len();
                 release(held);
-                return Err((blocked, count));
+                let reason = format!(
+                    "{} session(s) not at a safe point within the deadline",
+                    blocked.len()
+                );
+                return Err(HoldFailed {
+                    blocked,
+                    held: count,
+                    reason,
+                });
             }
             let wake = (Instant::now() + RESCAN).min(deadline);
+            let mut acks = Vec::new();
             tokio::select! {
-                Some(id) = held_rx.recv() => {
-                    if let Some(a) = asked.remove(&id) {
-                        held.insert(id, Held { word: a.word, outcome: a.outcome, control: a.control });
-                    }
-                    // Take every ack already queued before rescanning.
-                    while let Ok(id) = held_rx.try_recv() {
-                        if let Some(a) = asked.remove(&id) {
-                            held.insert(id, Held { word: a.word, outcome: a.outcome, control: a.control });
-                        }
+                Some(ack) = held_rx.recv() => {
+                    acks.push(ack);
+                    // Every ack already queued, before rescanning.
+                    while let Ok(ack) = held_rx.try_recv() {
+                        acks.push(ack);
                     }
                 }
                 _ = tokio::time::sleep_until(wake) => {}
+            }
+            let mut unmovable = Vec::new();
+            for (id, r) in acks {
+                let Some(a) = asked.remove(&id) else { continue };
+                match r {
+                    Ok(()) => {
+                        held.insert(
+                            id,
+                            Held {
+                                word: a.word,
+                                outcome: a.outcome,
+                                control: a.control,
+                            },
+                        );
+                    }
+                    // It has released itself; the switchover cannot take it.
+                    Err(why) => unmovable.push((id, why)),
+                }
+            }
+            if let Some((first, why)) = unmovable.first().cloned() {
+                for (_, a) in asked {
+                    let _ = a.word.send(HoldWord::Release);
+                }
+                let count = held.len();
+                release(held);
+                let blocked = unmovable.into_iter().map(|(id, _)| id).collect();
+                return Err(HoldFailed {
+                    blocked,
+                    held: count,
+                    reason: format!("session {first} cannot be moved: {why}"),
+                });
             }
         }
     }

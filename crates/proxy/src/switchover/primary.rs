@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::SwitchoverError;
-use crate::backend::admin_conn::AdminConn;
+use crate::backend::admin_conn::{AdminConn, AdminSqlError};
 use crate::backend::Backend;
 use crate::config::PromoteMode;
 use crate::ProxyContext;
@@ -59,13 +59,21 @@ pub async fn in_recovery(conn: &mut AdminConn, backend: &Backend) -> Result<bool
 /// holds pick it up at their next statement (the capture), which is why
 /// the capture relays, and the swap corrects, the ParameterStatus it
 /// causes.
+///
+/// It lives in the server's `postgresql.auto.conf`, with a marker
+/// (`pgferry.fenced`) saying it is pgferry's: a former primary that comes
+/// back as a standby without a new base backup keeps it, and the health
+/// check lifts it then (`lift_stale_fence`), so it cannot outlive its
+/// switchover into a later promotion.
 pub async fn fence(conn: &mut AdminConn, backend: &Backend) -> Result<(), SwitchoverError> {
-    conn.query(
+    for sql in [
         "ALTER SYSTEM SET default_transaction_read_only = on",
-        STATEMENT_TIMEOUT,
-    )
-    .await
-    .map_err(|e| server_error(backend, "fence")(e.to_string()))?;
+        "ALTER SYSTEM SET pgferry.fenced = 'on'",
+    ] {
+        conn.query(sql, STATEMENT_TIMEOUT)
+            .await
+            .map_err(|e| server_error(backend, "fence")(e.to_string()))?;
+    }
     conn.query("SELECT pg_catalog.pg_reload_conf()", STATEMENT_TIMEOUT)
         .await
         .map_err(|e| server_error(backend, "fence")(e.to_string()))?;
@@ -75,31 +83,31 @@ pub async fn fence(conn: &mut AdminConn, backend: &Backend) -> Result<(), Switch
 /// Undoes `fence` (an aborted switchover; a promoted standby that still
 /// carries the fence of an earlier switchover in its copied config).
 pub async fn unfence(conn: &mut AdminConn, backend: &Backend) -> Result<(), SwitchoverError> {
-    conn.query(
+    for sql in [
         "ALTER SYSTEM RESET default_transaction_read_only",
-        STATEMENT_TIMEOUT,
-    )
-    .await
-    .map_err(|e| server_error(backend, "unfence")(e.to_string()))?;
+        "ALTER SYSTEM RESET pgferry.fenced",
+    ] {
+        conn.query(sql, STATEMENT_TIMEOUT)
+            .await
+            .map_err(|e| server_error(backend, "unfence")(e.to_string()))?;
+    }
     conn.query("SELECT pg_catalog.pg_reload_conf()", STATEMENT_TIMEOUT)
         .await
         .map_err(|e| server_error(backend, "unfence")(e.to_string()))?;
     Ok(())
 }
 
-/// Whether the server's configuration (not a session's) makes new
-/// transactions read-only.
+/// Whether the server carries pgferry's fence (its marker).
 pub async fn fenced(conn: &mut AdminConn, backend: &Backend) -> Result<bool, SwitchoverError> {
     let v = conn
-        .value(
-            "SELECT setting FROM pg_catalog.pg_settings \
-             WHERE name = 'default_transaction_read_only' AND source <> 'default'",
-            STATEMENT_TIMEOUT,
-        )
+        .value(FENCE_MARKER_SQL, STATEMENT_TIMEOUT)
         .await
         .map_err(|e| server_error(backend, "read its settings")(e.to_string()))?;
     Ok(v.as_deref() == Some("on"))
 }
+
+/// The fence marker's value (empty when unset).
+pub const FENCE_MARKER_SQL: &str = "SELECT coalesce(current_setting('pgferry.fenced', true), '')";
 
 /// A WAL position on the old primary that every commit any client was
 /// told about precedes, and that is flushed (so it will be streamed).
@@ -169,12 +177,26 @@ pub async fn promote(
     match cfg.promote {
         PromoteMode::Sql => {
             let wait = left.as_secs().clamp(1, 3600);
-            conn.query(
-                &format!("SELECT pg_catalog.pg_promote(true, {wait})"),
-                left + STATEMENT_TIMEOUT,
-            )
-            .await
-            .map_err(|e| server_error(to, "promote")(e.to_string()))?;
+            match conn
+                .query(
+                    &format!("SELECT pg_catalog.pg_promote(true, {wait})"),
+                    left + STATEMENT_TIMEOUT,
+                )
+                .await
+            {
+                // `false`: not done within the wait, but under way.
+                Ok(_) => {}
+                // The server refused to run it (no privilege, not a
+                // standby): nothing was set in motion.
+                Err(AdminSqlError::Server(f)) => {
+                    return Err(SwitchoverError::PromoteRefused(format!(
+                        "{} ({})",
+                        f.message().unwrap_or("error"),
+                        f.sqlstate().unwrap_or("?????")
+                    )))
+                }
+                Err(e) => return Err(server_error(to, "promote")(e.to_string())),
+            }
         }
         PromoteMode::Command => {
             let command = cfg.promote_command.as_deref().unwrap_or_default();

@@ -27,13 +27,15 @@ pub struct KnownState {
 }
 
 impl KnownState {
-    /// Keeps `state` (if small enough) as of the client's `last_request`.
+    /// Keeps `state` (if small enough, or `any_size`) as of the client's
+    /// `last_request`.
     pub fn keep(
         last_request: Option<Stamp>,
         custom: &[String],
         state: &SessionState,
+        any_size: bool,
     ) -> Option<Box<Self>> {
-        (state.size <= MAX_KEPT_BYTES).then(|| {
+        (any_size || state.size <= MAX_KEPT_BYTES).then(|| {
             Box::new(Self {
                 last_request,
                 custom: custom.to_vec(),
@@ -69,16 +71,16 @@ mod tests {
     fn holds_until_the_client_sends_anything() {
         let at = Some(Stamp { tag: b'Q', tick: 7 });
         let names = vec!["app.tenant".to_owned()];
-        let k = KnownState::keep(at, &names, &state()).unwrap();
+        let k = KnownState::keep(at, &names, &state(), false).unwrap();
         assert_eq!(k.still_holds(at, &names), Some(state()));
-        let k = KnownState::keep(at, &names, &state()).unwrap();
+        let k = KnownState::keep(at, &names, &state(), false).unwrap();
         assert_eq!(
             k.still_holds(Some(Stamp { tag: b'S', tick: 9 }), &names),
             None
         );
-        let k = KnownState::keep(None, &names, &state()).unwrap();
+        let k = KnownState::keep(None, &names, &state(), false).unwrap();
         assert_eq!(k.still_holds(at, &names), None, "first message after login");
-        let k = KnownState::keep(at, &names, &state()).unwrap();
+        let k = KnownState::keep(at, &names, &state(), false).unwrap();
         assert_eq!(k.still_holds(at, &[]), None, "other custom names");
     }
 
@@ -88,6 +90,7 @@ mod tests {
             size: MAX_KEPT_BYTES + 1,
             ..state()
         };
-        assert!(KnownState::keep(None, &[], &big).is_none());
+        assert!(KnownState::keep(None, &[], &big, false).is_none());
+        assert!(KnownState::keep(None, &[], &big, true).is_some());
     }
 }

@@ -126,12 +126,19 @@ pub fn choose_target(
 }
 
 /// Moves the session; on success returns the new backend's name.
+///
+/// `old_may_end`: a switchover's move, whose state was captured during the
+/// hold. Its old primary may have been shut down since by the orchestrator
+/// that promoted the standby; what that server said on the way out (its
+/// FATAL) is about a connection pgferry replaces, so the move goes on with
+/// the known state and the client is not told (it lost nothing).
 pub async fn transfer(
     ctx: &ProxyContext,
     fwd: &mut Forwarder<'_>,
     server: &mut ServerSide,
     session: &SessionIdentity<'_>,
     to: Option<&str>,
+    old_may_end: bool,
 ) -> Result<String, TransferError> {
     let max_len = ctx.config.proxy.max_message_length;
     let current = server.backend().name.clone();
@@ -170,7 +177,8 @@ pub async fn transfer(
         .known
         .take()
         .and_then(|k| k.still_holds(last_request, &custom))
-        .filter(|_| fwd.server.is_silent());
+        .filter(|_| old_may_end || fwd.server.is_silent());
+    let reused = known.is_some();
     let connect = timed(
         phase("connect"),
         target_connection(ctx, &target, session, &mut startup_chatter),
@@ -200,7 +208,7 @@ pub async fn transfer(
         .contains("standard_conforming_strings", "off");
     prepare_text::isolate_prepares(&mut state, backslash_escapes).map_err(Recoverable)?;
     // True here whatever happens next, and on the target after a replay.
-    server.known = KnownState::keep(last_request, &custom, &state);
+    server.known = KnownState::keep(last_request, &custom, &state, false);
     let mut conn = match dialed {
         Ok(c) => c,
         Err(e) => {
@@ -257,7 +265,11 @@ pub async fn transfer(
     // 3. Whatever the old backend said meanwhile is the client's to hear;
     //    if it ended the session (an administrator's pg_terminate_backend
     //    during the move), the session ends, as it would have.
-    last_words(fwd, max_len).await?;
+    if old_may_end && reused {
+        farewell_unheard(fwd, &current, max_len).await;
+    } else {
+        last_words(fwd, max_len).await?;
+    }
 
     // 4. Swap. From here on the session runs on the target.
     let mut old_stream = swap(ctx, fwd, server, session, conn, params, deferred).await;
@@ -286,31 +298,52 @@ pub async fn transfer(
     Ok(target.name.clone())
 }
 
-/// Captures and keeps the state of a session that has been idle at a safe
-/// point through a whole sweep interval (`[failover]
-/// remember_state_after`), so that it can be rehomed if its primary dies
-/// (and its next move skips the capture). Nothing if it is known already.
-/// Only `Fatal` and `BackendEnded` matter to the caller: the session
-/// ends as a failed capture during a move would end it.
+/// What `remember` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Remembered {
+    /// Known already (the client has sent nothing since).
+    AlreadyKnown,
+    /// Captured now and kept.
+    Captured,
+    /// Not known, and why: a move would be refused for the same reason.
+    Unknown(String),
+}
+
+/// Captures and keeps the session's state (it is at a safe point, its
+/// traffic held) unless it is known already: for an idle session on a
+/// clustered backend (`[failover] remember_state_after`), so it can be
+/// rehomed if its primary dies; for a session a switchover holds, while
+/// its old primary is surely up (an orchestrator may shut it down before
+/// the move), then kept whatever its size. `Fatal` and `BackendEnded` end
+/// the session as a failed capture during a move would.
 pub async fn remember(
     ctx: &ProxyContext,
     fwd: &mut Forwarder<'_>,
     server: &mut ServerSide,
     session: &SessionIdentity<'_>,
-) -> Result<bool, TransferError> {
+    any_size: bool,
+) -> Result<Remembered, TransferError> {
     let custom = custom_setting_names(ctx, fwd);
     let last_request = fwd.tracker.last_request();
     if let Some(k) = server.known.take() {
         if let Some(state) = k.still_holds(last_request, &custom) {
-            server.known = KnownState::keep(last_request, &custom, &state);
-            return Ok(false);
+            server.known = KnownState::keep(last_request, &custom, &state, true);
+            return Ok(Remembered::AlreadyKnown);
         }
     }
     let unnamed = match fwd.tracker.unnamed_statement() {
         Unnamed::None => None,
         Unnamed::Known(body) => decode_unnamed_parse(body).map(|(q, o)| (q.to_owned(), o)),
-        // Not carried by a move either: not worth knowing.
-        Unnamed::TooLarge | Unnamed::Unknown => return Ok(false),
+        Unnamed::TooLarge => {
+            return Ok(Remembered::Unknown(format!(
+                "the session's unnamed prepared statement is over {MAX_UNNAMED_STATEMENT} bytes"
+            )))
+        }
+        Unnamed::Unknown => {
+            return Ok(Remembered::Unknown(
+                "the session's unnamed prepared statement is not known".into(),
+            ))
+        }
     };
     let unnamed_ref = unnamed.as_ref().map(|(query, oids)| UnnamedStatement {
         query,
@@ -319,18 +352,22 @@ pub async fn remember(
     let current = server.backend().name.clone();
     let mut state = match capture(ctx, fwd, &current, session, &custom, unnamed_ref).await {
         Ok(state) => state,
-        Err(Recoverable(_)) => return Ok(false),
+        Err(Recoverable(why)) => return Ok(Remembered::Unknown(why)),
         Err(e) => return Err(e),
     };
     let backslash_escapes = fwd
         .tracker
         .parameters()
         .contains("standard_conforming_strings", "off");
-    if prepare_text::isolate_prepares(&mut state, backslash_escapes).is_err() {
-        return Ok(false);
+    if let Err(why) = prepare_text::isolate_prepares(&mut state, backslash_escapes) {
+        return Ok(Remembered::Unknown(why));
     }
-    server.known = KnownState::keep(last_request, &custom, &state);
-    Ok(server.known.is_some())
+    server.known = KnownState::keep(last_request, &custom, &state, any_size);
+    Ok(if server.known.is_some() {
+        Remembered::Captured
+    } else {
+        Remembered::Unknown("its state is too large to keep".into())
+    })
 }
 
 /// Puts `conn` (logged in and replayed) under the session: the client
@@ -744,6 +781,30 @@ async fn last_words(fwd: &mut Forwarder<'_>, max_len: u32) -> Result<(), Transfe
     match ended {
         Some(said_why) => Err(BackendEnded { said_why }),
         None => Ok(()),
+    }
+}
+
+/// Reads, without waiting, what the old backend of a switchover's move said
+/// since the hold, for the log only (see `transfer`'s `old_may_end`).
+async fn farewell_unheard(fwd: &mut Forwarder<'_>, current: &str, max_len: u32) {
+    if fwd.server.is_silent() {
+        return;
+    }
+    let mut inbuf = BytesMut::new();
+    while let Ok(Ok(m)) = tokio::time::timeout(
+        GOODBYE_TIMEOUT / 10,
+        read_message(&mut fwd.server, &mut inbuf, max_len),
+    )
+    .await
+    {
+        if m.tag == tag::ERROR_RESPONSE {
+            let f = ErrorFields::decode(&m.body).ok();
+            tracing::info!(
+                backend = %current,
+                said = f.as_ref().and_then(|f| f.message()).unwrap_or(""),
+                "the old primary closed the session during the switchover; it moves on with its state"
+            );
+        }
     }
 }
 
