@@ -21,7 +21,7 @@ use crate::sql::{conf_value, conninfo_value, dollar_tag, quote_ident, quote_lite
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const PORT_ATTEMPTS: usize = 5;
 const LOG_TAIL_LINES: usize = 30;
 const TEMP_BASE_NAME: &str = "pgferry-clusters";
@@ -68,7 +68,7 @@ impl ClusterOptions {
         }
     }
 
-    fn validate(&self) -> Result<(), ClusterError> {
+    pub(crate) fn validate(&self) -> Result<(), ClusterError> {
         let name_ok = !self.name.is_empty()
             && self.name != "."
             && self.name != ".."
@@ -146,15 +146,16 @@ impl StopMode {
 #[derive(Debug)]
 pub struct Cluster {
     bins: ServerBinaries,
-    opts: ClusterOptions,
-    port: u16,
+    // pub(crate): the standby code in `replica` changes them.
+    pub(crate) opts: ClusterOptions,
+    pub(crate) port: u16,
     /// Absolute directory containing the data dir and the log.
-    parent: PathBuf,
-    data_dir: PathBuf,
+    pub(crate) parent: PathBuf,
+    pub(crate) data_dir: PathBuf,
     log_path: PathBuf,
     /// Directory removed on drop (start_temp only).
     temp_root: Option<PathBuf>,
-    run_as: Option<RunAs>,
+    pub(crate) run_as: Option<RunAs>,
     child: Mutex<Option<Child>>,
     /// Serializes ensure_user_and_database within this process.
     admin_lock: Mutex<()>,
@@ -170,16 +171,7 @@ impl Cluster {
         opts: ClusterOptions,
     ) -> Result<Cluster, ClusterError> {
         opts.validate()?;
-        let parent = fs::canonicalize(parent_dir).map_err(|e| {
-            ClusterError::io("cluster parent directory is not usable", parent_dir, e)
-        })?;
-        if !parent.is_dir() {
-            return Err(ClusterError::io(
-                "cluster parent directory is not a directory",
-                &parent,
-                io::Error::from(io::ErrorKind::NotADirectory),
-            ));
-        }
+        let parent = usable_parent(parent_dir)?;
         Self::start_in(bins, parent, None, opts)
     }
 
@@ -191,24 +183,7 @@ impl Cluster {
         opts: ClusterOptions,
     ) -> Result<Cluster, ClusterError> {
         opts.validate()?;
-        let run_as = RunAs::current()?;
-        let removed = cleanup_stale_temp_dirs();
-        if removed > 0 {
-            tracing::debug!(removed, "removed stale pgferry cluster temp dirs");
-        }
-        let base = ensure_temp_base()?;
-        let root = tempfile::Builder::new()
-            .prefix(&format!("{}-{}-", std::process::id(), opts.name))
-            .rand_bytes(8)
-            .tempdir_in(&base)
-            .map_err(|e| ClusterError::io("could not create cluster temp dir", &base, e))?
-            .keep();
-        if let Some(ra) = &run_as {
-            if let Err(e) = ra.chown(&root) {
-                let _ = fs::remove_dir_all(&root);
-                return Err(e);
-            }
-        }
+        let root = new_temp_root(&opts.name)?;
         Self::start_in(bins, root.clone(), Some(root), opts)
     }
 
@@ -218,11 +193,25 @@ impl Cluster {
         temp_root: Option<PathBuf>,
         opts: ClusterOptions,
     ) -> Result<Cluster, ClusterError> {
+        let mut cluster = Self::unstarted(bins, parent, temp_root, opts)?;
+        cluster.init_if_needed()?;
+        cluster.launch(cluster.opts.port)?;
+        Ok(cluster)
+    }
+
+    /// The `Cluster` for `<parent>/<name>`, not started and its data dir not
+    /// touched. Dropping it removes `temp_root`.
+    pub(crate) fn unstarted(
+        bins: &ServerBinaries,
+        parent: PathBuf,
+        temp_root: Option<PathBuf>,
+        opts: ClusterOptions,
+    ) -> Result<Cluster, ClusterError> {
         let run_as = RunAs::current()?;
         let data_dir = parent.join(&opts.name);
         let log_path = parent.join(format!("{}.log", opts.name));
         // From here on, Drop cleans up (temp dir, half-started server).
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             bins: bins.clone(),
             port: opts.port.unwrap_or(0),
             opts,
@@ -237,8 +226,6 @@ impl Cluster {
         if let Some(ra) = &cluster.run_as {
             ra.check_traversable(&cluster.parent)?;
         }
-        cluster.init_if_needed()?;
-        cluster.launch(cluster.opts.port)?;
         Ok(cluster)
     }
 
@@ -480,7 +467,7 @@ impl Cluster {
 
     /// A command for a PostgreSQL program: run as the unprivileged user when we
     /// are root, in the cluster's parent dir, with libpq environment cleared.
-    fn command(&self, program: &str) -> Command {
+    pub(crate) fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.bins.path(program));
         cmd.current_dir(&self.parent).stdin(Stdio::null());
         let pg_vars: Vec<OsString> = std::env::vars_os()
@@ -496,7 +483,7 @@ impl Cluster {
         cmd
     }
 
-    fn chown(&self, path: &Path) -> Result<(), ClusterError> {
+    pub(crate) fn chown(&self, path: &Path) -> Result<(), ClusterError> {
         match &self.run_as {
             Some(ra) => ra.chown(path),
             None => Ok(()),
@@ -621,7 +608,7 @@ impl Cluster {
 
     /// Starts the postmaster on `port` (or a free one, retrying bind races) and
     /// waits for it to accept connections.
-    fn launch(&mut self, port: Option<u16>) -> Result<(), ClusterError> {
+    pub(crate) fn launch(&mut self, port: Option<u16>) -> Result<(), ClusterError> {
         let attempts = if port.is_some() { 1 } else { PORT_ATTEMPTS };
         let mut last_err = None;
         for attempt in 1..=attempts {
@@ -907,6 +894,44 @@ fn free_port() -> io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// `parent_dir`, canonical, if it is an existing directory.
+pub(crate) fn usable_parent(parent_dir: &Path) -> Result<PathBuf, ClusterError> {
+    let parent = fs::canonicalize(parent_dir)
+        .map_err(|e| ClusterError::io("cluster parent directory is not usable", parent_dir, e))?;
+    if !parent.is_dir() {
+        return Err(ClusterError::io(
+            "cluster parent directory is not a directory",
+            &parent,
+            io::Error::from(io::ErrorKind::NotADirectory),
+        ));
+    }
+    Ok(parent)
+}
+
+/// A fresh `<temp_dir>/pgferry-clusters/<pid>-<name>-<random>`, owned by the
+/// server user, after sweeping stale siblings.
+pub(crate) fn new_temp_root(name: &str) -> Result<PathBuf, ClusterError> {
+    let run_as = RunAs::current()?;
+    let removed = cleanup_stale_temp_dirs();
+    if removed > 0 {
+        tracing::debug!(removed, "removed stale pgferry cluster temp dirs");
+    }
+    let base = ensure_temp_base()?;
+    let root = tempfile::Builder::new()
+        .prefix(&format!("{}-{name}-", std::process::id()))
+        .rand_bytes(8)
+        .tempdir_in(&base)
+        .map_err(|e| ClusterError::io("could not create cluster temp dir", &base, e))?
+        .keep();
+    if let Some(ra) = &run_as {
+        if let Err(e) = ra.chown(&root) {
+            let _ = fs::remove_dir_all(&root);
+            return Err(e);
+        }
+    }
+    Ok(root)
+}
+
 /// `<temp_dir>/pgferry-clusters`, where [`Cluster::start_temp`] puts clusters.
 pub fn temp_base_dir() -> PathBuf {
     std::env::temp_dir().join(TEMP_BASE_NAME)
@@ -972,7 +997,7 @@ pub fn cleanup_stale_temp_dirs() -> usize {
     removed
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else {
         return false;
     };
