@@ -1,5 +1,6 @@
 use std::io;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Everything that can go wrong while managing a local cluster. Messages say
 /// what failed and where (paths, cluster names, program output).
@@ -87,6 +88,26 @@ pub enum ClusterError {
     /// The operation needs a running server.
     #[error("cluster {name} is not running")]
     NotRunning { name: String },
+
+    /// A condition polled for did not come true in time.
+    #[error("cluster {name}: {what} (gave up after {after:?})")]
+    Timeout {
+        name: String,
+        what: String,
+        after: Duration,
+    },
+
+    /// A query answered something it never should (parsing its result failed).
+    #[error("cluster {name}: unexpected answer to {query:?}: {output:?}")]
+    UnexpectedOutput {
+        name: String,
+        query: String,
+        output: String,
+    },
+
+    /// The operation needs a standby (a server in recovery).
+    #[error("cluster {name} is not a standby (not in recovery)")]
+    NotStandby { name: String },
 
     /// [`crate::Cluster::scram_verifier`] found no password for the role.
     #[error("cluster {name}: role {role:?} does not exist or has no password")]

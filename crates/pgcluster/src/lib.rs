@@ -11,6 +11,11 @@
 //!   through a `static OnceLock<Cluster>` ([`Cluster::start_temp`]);
 //! * benchmarks.
 //!
+//! A cluster can also be a streaming standby of another one
+//! ([`Cluster::start_standby_temp`], [`Cluster::start_standby`]), be promoted
+//! ([`Cluster::promote`]) and be re-attached to a new primary after a
+//! switchover ([`Cluster::rebuild_as_standby_of`]); see the `replica` module.
+//!
 //! The API is synchronous and uses only `std` threads and processes, so a
 //! cluster does not belong to any particular async runtime and can live in a
 //! `static`. Every postmaster is forked from one long-lived spawner thread with
@@ -34,6 +39,7 @@
 mod binaries;
 mod cluster;
 mod error;
+mod replica;
 mod runas;
 mod spawner;
 mod sql;
