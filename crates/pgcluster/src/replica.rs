@@ -224,7 +224,9 @@ impl Cluster {
     /// record. Reading `pg_current_wal_lsn()` instead is not enough: with
     /// `synchronous_commit = off` (the cluster default) it can trail commits
     /// that have already returned, and WAL that nothing flushes is not sent.
-    /// `primary` must accept writes. [`ClusterError::NotStandby`] if this
+    /// `primary` must not be in recovery; one fenced with
+    /// `default_transaction_read_only = on` will do (the message is allowed
+    /// in a read-only transaction). [`ClusterError::NotStandby`] if this
     /// cluster is (or becomes) not in recovery, [`ClusterError::Timeout`]
     /// after `timeout`.
     pub fn wait_replayed(&self, primary: &Cluster, timeout: Duration) -> Result<(), ClusterError> {

@@ -75,7 +75,13 @@ fn standby_streams_is_promoted_and_the_old_primary_is_rebuilt() -> TestResult {
         "read_only_sql_transaction expected: {err}"
     );
 
-    // Switchover: the old primary goes away, the standby takes over.
+    // Switchover as pgferry does it: fence the primary read-only, let the
+    // standby catch up, stop the old primary, promote the standby.
+    primary.psql(
+        "postgres",
+        "ALTER SYSTEM SET default_transaction_read_only = on;\nSELECT pg_reload_conf();",
+    )?;
+    standby.wait_replayed(&primary, CATCH_UP)?;
     let old_port = primary.port();
     primary.stop(StopMode::Fast)?;
     standby.promote(Duration::from_secs(60))?;
