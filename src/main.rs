@@ -29,8 +29,9 @@ struct Cli {
 enum Command {
     /// Serve clients as described by a config file.
     Run(RunArgs),
-    /// Start two local PostgreSQL clusters and pgferry in front of them,
-    /// print a psql connection string, and stop everything on Ctrl-C.
+    /// Start two local PostgreSQL clusters (with --replica: a primary and
+    /// its streaming standby) and pgferry in front of them, print a psql
+    /// connection string, and stop everything on Ctrl-C.
     Sandbox(sandbox::SandboxArgs),
     /// Inspect and steer a running pgferry through its admin API.
     #[command(long_about = pgferry_ctl::LONG_ABOUT)]

@@ -30,6 +30,11 @@ impl Sandbox {
     /// Starts it in a fresh state directory named after `prefix` and waits
     /// for its connection string and admin URL.
     pub fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, &[])
+    }
+
+    /// [`Sandbox::start`] with extra `pgferry sandbox` arguments (`--replica`).
+    pub fn start_with(prefix: &str, extra_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir()
@@ -49,6 +54,7 @@ impl Sandbox {
                 "--admin-port",
                 &free_port().to_string(),
             ])
+            .args(extra_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
