@@ -130,7 +130,6 @@ fn sandbox_prints_a_working_connection_string_and_cleans_up_on_ctrl_c() {
 /// `pgferry sandbox --replica`: pg2 streams from pg1, and a switchover
 /// through `pgferry ctl` makes pg2 the primary behind the same URL.
 #[test]
-#[ignore = "needs the switchover proxy side (merged in main)"]
 fn sandbox_replica_switchover() {
     let mut sandbox = Sandbox::start_with("pgferry-sandbox-replica-test", &["--replica"]);
     let url = sandbox.psql_url.clone();

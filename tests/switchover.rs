@@ -251,10 +251,30 @@ fn a_switchover_keeps_state_and_a_long_transaction_makes_it_abort_with_nothing_c
     assert_eq!(psql_value(&pg1, "SELECT count(*) FROM t_long"), "2");
     assert_eq!(a.value("EXECUTE doubled(4)"), "8");
 
+    // A standby that still carries the fence of an earlier switchover (a
+    // former primary re-attached without a new base backup) is unfenced by
+    // the health check, or its promotion would refuse every write.
+    pg2.psql(
+        "postgres",
+        "ALTER SYSTEM SET default_transaction_read_only = on; SET pgferry.fenced = 'on'; \
+         ALTER SYSTEM SET pgferry.fenced = 'on'; SELECT pg_reload_conf()",
+    )
+    .expect("fence the standby as an old switchover would have");
+    wait_until(Duration::from_secs(10), "the stale fence lifted", || {
+        pg2.psql("postgres", "SHOW default_transaction_read_only")
+            .is_ok_and(|v| v == "off")
+    });
+
     let (status, r) = switchover(&proxy, "pg1", "pg2", 30_000);
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["outcome"], "success", "{r}");
     assert_eq!(r["sessions_moved"], 2, "{r}");
+    // The old primary stays fenced (it is no standby), with pgferry's mark.
+    assert_eq!(psql_value(&pg1, "SHOW default_transaction_read_only"), "on");
+    assert_eq!(
+        psql_value(&pg1, "SELECT current_setting('pgferry.fenced', true)"),
+        "on"
+    );
     let phases: Vec<&str> = r["phases"]
         .as_array()
         .expect("phases")
@@ -388,4 +408,67 @@ fn a_killed_primary_leaves_idle_sessions_running_on_the_promoted_standby() {
         proxy.metric("pgferry_failover_sessions_total{outcome=\"closed\"}"),
         3.0
     );
+}
+
+#[test]
+fn a_promote_command_that_stops_the_old_primary_first_keeps_every_session() {
+    let (pg1, pg2) = pair("sw-cmd");
+    // What Patroni's and CloudNativePG's switchovers do: shut the old
+    // primary down (its sessions get FATAL 57P01), then promote.
+    let pid = pg1.pid().expect("pg1 runs");
+    let psql = pg1.bins().path("psql");
+    // (The postmaster is this test's child: a zombie until reaped, so the
+    // wait is for its pid file, which it removes as it exits.)
+    let command = format!(
+        "kill -INT {pid}; while [ -e {}/postmaster.pid ]; do sleep 0.05; done; \
+         PGPASSWORD=postgres {} -h 127.0.0.1 -p {} -U postgres -d postgres -Atc 'SELECT pg_promote()'",
+        pg1.data_dir().display(),
+        psql.display(),
+        pg2.port()
+    );
+    let proxy = proxy(
+        &pg1,
+        &pg2,
+        &format!(
+            "[switchover]\npromote = \"command\"\npromote_command = {}\n",
+            toml_string(&command)
+        ),
+    );
+    let mut a = RawClient::connect(proxy.addr, USER, PASSWORD, DB, "cmd-a");
+    ok(a.simple("SET work_mem = '5MB'"));
+    a.send(
+        &[
+            raw::parse("sq", "SELECT $1::int * $1::int", &[]),
+            raw::sync(),
+        ]
+        .concat(),
+    );
+    ok(a.recv_until(b'Z'));
+    let mut b = RawClient::connect(proxy.addr, USER, PASSWORD, DB, "cmd-b");
+    ok(b.simple("CREATE TABLE IF NOT EXISTS cmd_t (x int)"));
+
+    let (status, r) = switchover(&proxy, "pg1", "pg2", 30_000);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["outcome"], "success", "{r}");
+    assert_eq!(r["sessions_moved"], 2, "{r}");
+    assert!(
+        !pg1.is_running() || pg1.is_in_recovery().is_err(),
+        "pg1 was stopped"
+    );
+
+    // Neither client heard the old primary's FATAL; both go on, on pg2.
+    let msgs = ok(a.simple("SHOW work_mem"));
+    let row = msgs.iter().find(|m| m.tag == b'D').expect("a row");
+    assert_eq!(row.first_column().as_deref(), Some("5MB"));
+    a.send(&[raw::bind("sq", &["7"]), raw::execute(), raw::sync()].concat());
+    let rows = ok(a.recv_until(b'Z'));
+    let row = rows.iter().find(|m| m.tag == b'D').expect("a row");
+    assert_eq!(row.first_column().as_deref(), Some("49"));
+    ok(b.simple("INSERT INTO cmd_t VALUES (1)"));
+    assert_eq!(b.value("SELECT inet_server_port()"), pg2.port().to_string());
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }

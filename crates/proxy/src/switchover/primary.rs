@@ -66,8 +66,11 @@ pub async fn in_recovery(conn: &mut AdminConn, backend: &Backend) -> Result<bool
 /// check lifts it then (`lift_stale_fence`), so it cannot outlive its
 /// switchover into a later promotion.
 pub async fn fence(conn: &mut AdminConn, backend: &Backend) -> Result<(), SwitchoverError> {
+    // ALTER SYSTEM only takes a custom setting its session knows (before
+    // PostgreSQL 17): the SET makes it known.
     for sql in [
         "ALTER SYSTEM SET default_transaction_read_only = on",
+        "SET pgferry.fenced = 'on'",
         "ALTER SYSTEM SET pgferry.fenced = 'on'",
     ] {
         conn.query(sql, STATEMENT_TIMEOUT)
@@ -85,6 +88,7 @@ pub async fn fence(conn: &mut AdminConn, backend: &Backend) -> Result<(), Switch
 pub async fn unfence(conn: &mut AdminConn, backend: &Backend) -> Result<(), SwitchoverError> {
     for sql in [
         "ALTER SYSTEM RESET default_transaction_read_only",
+        "SET pgferry.fenced = ''",
         "ALTER SYSTEM RESET pgferry.fenced",
     ] {
         conn.query(sql, STATEMENT_TIMEOUT)
