@@ -72,6 +72,8 @@ pub enum SwitchoverError {
     PromoteTimeout,
     #[error("promote_command failed: {0}")]
     PromoteCommand(String),
+    #[error("write transactions that bypass pgferry are still open on the old primary (server pids {0}); they could commit after the catch-up")]
+    Writers(String),
     /// `pg_promote()` was refused by the server: nothing was set in motion.
     #[error("the standby refused pg_promote(): {0}")]
     PromoteRefused(String),
@@ -357,6 +359,7 @@ pub async fn switchover(
     let prepared = async {
         if fenced {
             primary::fence(&mut from_conn, &from_b).await?;
+            primary::wait_for_writers(&mut from_conn, &from_b, Instant::now() + timeout).await?;
         }
         run.next(Phase::CatchUp);
         let end = primary::wal_end(&mut from_conn, &from_b).await?;

@@ -101,6 +101,36 @@ pub async fn unfence(conn: &mut AdminConn, backend: &Backend) -> Result<(), Swit
     Ok(())
 }
 
+/// After the fence: waits until no other connection to the old primary
+/// (pgferry's held sessions are idle; these bypass pgferry) holds a
+/// transaction that has written, or `deadline`. Such a transaction could
+/// commit after the catch-up's mark and be missing on the new primary.
+pub async fn wait_for_writers(
+    conn: &mut AdminConn,
+    backend: &Backend,
+    deadline: Instant,
+) -> Result<(), SwitchoverError> {
+    loop {
+        let v = conn
+            .value(
+                "SELECT string_agg(pid::text, ', ' ORDER BY pid) FROM pg_catalog.pg_stat_activity \
+                 WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()",
+                STATEMENT_TIMEOUT,
+            )
+            .await
+            .map_err(|e| {
+                server_error(backend, "look for open write transactions")(e.to_string())
+            })?;
+        let Some(pids) = v else {
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            return Err(SwitchoverError::Writers(pids));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Whether the server carries pgferry's fence (its marker).
 pub async fn fenced(conn: &mut AdminConn, backend: &Backend) -> Result<bool, SwitchoverError> {
     let v = conn
