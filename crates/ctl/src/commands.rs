@@ -283,6 +283,10 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
         (CtlCommand::Remove { force: false, .. }, _, Some(n)) if n > 0 => {
             line.push_str(" (--force closes them)")
         }
+        (CtlCommand::Switchover { from, .. }, Some("failed"), _) => line.push_str(&format!(
+            " (the promotion was asked for and did not finish: {from} stays fenced read-only, \
+             its sessions were released there; see docs/switchover.md)"
+        )),
         (CtlCommand::Switchover { .. }, Some("aborted"), _) => {
             line.push_str(" (nothing changed; every session was released)");
             if let Ok(r) = serde_json::from_str::<Switchover>(&reply.body) {
@@ -403,6 +407,55 @@ mod tests {
         );
         assert_eq!(plan(&CtlCommand::Backends).method, Method::Get);
         assert_eq!(plan(&CtlCommand::Connections).path, "/v1/connections");
+    }
+
+    fn switchover_cmd() -> CtlCommand {
+        CtlCommand::Switchover {
+            from: "pg1".into(),
+            to: "pg2".into(),
+            timeout: Some("5s".parse().expect("timeout")),
+        }
+    }
+
+    #[test]
+    fn switchovers() {
+        let r = plan(&switchover_cmd());
+        assert_eq!(
+            (r.method, r.path.as_str()),
+            (Method::Post, "/v1/switchover")
+        );
+        assert_eq!(
+            r.body,
+            Some(json!({"from": "pg1", "to": "pg2", "timeout_ms": 5_000}))
+        );
+        let done = r#"{"outcome":"success","from":"pg1","to":"pg2","phases":[{"phase":"hold","ms":2.0}],
+            "sessions_held":3,"sessions_moved":3,"sessions_failed":0,"failures":[],"blocked":[],
+            "longest_pause_ms":120.0,"duration_ms":130.0}"#;
+        let o = interpret(&switchover_cmd(), BASE, reply(200, done), false);
+        assert!(o.ok, "{o:?}");
+        let text = o.stdout.unwrap_or_default();
+        assert!(
+            text.contains("moved 3 of 3 held") && text.contains("hold 2.0 ms"),
+            "{text}"
+        );
+
+        let partial = done
+            .replace("\"success\"", "\"partial\"")
+            .replace("\"sessions_moved\":3", "\"sessions_moved\":2")
+            .replace("\"sessions_failed\":0", "\"sessions_failed\":1");
+        let o = interpret(&switchover_cmd(), BASE, reply(200, &partial), false);
+        assert!(!o.ok, "a partial switchover fails the command");
+
+        let aborted = r#"{"outcome":"aborted","from":"pg1","to":"pg2","reason":"1 session(s) not at a safe point",
+            "phases":[],"sessions_held":2,"sessions_moved":0,"sessions_failed":0,"failures":[],
+            "blocked":["4b0c6a8e"],"longest_pause_ms":0.0,"duration_ms":5000.0}"#;
+        let o = interpret(&switchover_cmd(), BASE, reply(409, aborted), false);
+        assert!(!o.ok);
+        let line = o.stderr.join("\n");
+        assert!(
+            line.contains("nothing changed") && line.contains("4b0c6a8e"),
+            "{line}"
+        );
     }
 
     #[test]

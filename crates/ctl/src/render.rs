@@ -286,20 +286,24 @@ mod tests {
     #[test]
     fn backends_table_is_aligned() {
         let list: Vec<Backend> = parse(
-            r#"[{"name":"pg1","address":"127.0.0.1:5432","state":"active","healthy":true,"sessions":12},
+            r#"[{"name":"pg1","address":"127.0.0.1:5432","state":"active","healthy":true,"sessions":12,
+                 "role":"primary","cluster":"main"},
                 {"name":"replica-two","address":"10.0.0.2:5432","state":"draining","healthy":false,"sessions":3}]"#,
         );
         assert_eq!(
             backends(&list),
-            "NAME         ADDRESS         STATE     HEALTHY  SESSIONS\n\
-             pg1          127.0.0.1:5432  active    yes      12\n\
-             replica-two  10.0.0.2:5432   draining  no       3\n"
+            "NAME         ADDRESS         STATE     HEALTHY  SESSIONS  ROLE     CLUSTER\n\
+             pg1          127.0.0.1:5432  active    yes      12        primary  main\n\
+             replica-two  10.0.0.2:5432   draining  no       3         -        -\n"
         );
     }
 
     #[test]
     fn empty_lists_still_show_headers() {
-        assert_eq!(backends(&[]), "NAME  ADDRESS  STATE  HEALTHY  SESSIONS\n");
+        assert_eq!(
+            backends(&[]),
+            "NAME  ADDRESS  STATE  HEALTHY  SESSIONS  ROLE  CLUSTER\n"
+        );
         assert!(connections(&[]).starts_with("ID  USER  DATABASE  APPLICATION"));
     }
 
@@ -405,9 +409,9 @@ mod tests {
              a1   pg1   pg2  success            -\n\
              b22  pg1   pg2  recoverable_error  in COPY\n\
              \n\
-             NAME  ADDRESS  STATE   HEALTHY  SESSIONS\n\
-             pg1   h:1      active  yes      5\n\
-             pg2   h:2      active  yes      4\n"
+             NAME  ADDRESS  STATE   HEALTHY  SESSIONS  ROLE  CLUSTER\n\
+             pg1   h:1      active  yes      5         -     -\n\
+             pg2   h:2      active  yes      4         -     -\n"
         );
         let idle: Rebalance = parse(r#"{"moves":[],"moved":0,"failed":0,"backends":[]}"#);
         assert_eq!(rebalance(&idle), "rebalance: nothing to move\n");

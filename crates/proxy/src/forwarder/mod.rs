@@ -736,6 +736,7 @@ mod tests {
                 to: None,
                 timeout: Duration::from_secs(30),
                 reply: ttx,
+                hold: None,
             })
             .await
             .unwrap();
@@ -795,6 +796,7 @@ mod tests {
                 to: None,
                 timeout: Duration::from_millis(50),
                 reply: ttx,
+                hold: None,
             })
             .await
             .unwrap();
