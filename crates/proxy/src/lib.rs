@@ -5,7 +5,9 @@
 //! dialing backends (`backend`), the per-session forwarder (`forwarder`),
 //! cancel keys (`cancel`), the live-session registry (`registry`), moving
 //! a session (`transfer`), draining, rebalancing and health checks
-//! (`balancer`), config reload (`reload`) and the one place that decides
+//! (`balancer`), switching a cluster's primary over to a standby
+//! (`switchover`), what becomes of sessions whose primary died
+//! (`failover`), config reload (`reload`) and the one place that decides
 //! what a client sees on failure (`errors`).
 //! It must not block the forwarding path on anything shared: one task per
 //! session owns both of its sockets, and the only locks are taken at
