@@ -222,6 +222,37 @@ fn a_switchover_keeps_state_and_a_long_transaction_makes_it_abort_with_nothing_c
     );
     ok(a.recv_until(b'Z'));
 
+    // A session whose state cannot move makes it abort at once, before
+    // anything is fenced.
+    let mut temp = RawClient::connect(proxy.addr, USER, PASSWORD, DB, "temp");
+    ok(temp.simple("CREATE TEMP TABLE scratch (x int)"));
+    let temp_id = id_of(&proxy, "temp");
+    let (status, r) = switchover(&proxy, "pg1", "pg2", 30_000);
+    assert_eq!(status, 409, "{r}");
+    assert_eq!(r["blocked"], serde_json::json!([temp_id]), "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("temporary tables"),
+        "{r}"
+    );
+    assert!(
+        r["duration_ms"].as_f64().unwrap_or(1e9) < 10_000.0,
+        "at once: {r}"
+    );
+    assert!(pg2.is_in_recovery().expect("pg2"), "pg2 still a standby");
+    assert_eq!(
+        psql_value(&pg1, "SHOW default_transaction_read_only"),
+        "off"
+    );
+    assert_eq!(temp.value("SELECT count(*) FROM scratch"), "0");
+    temp.send(&raw::terminate());
+    drop(temp);
+    wait_until(Duration::from_secs(10), "the temp session gone", || {
+        sessions(&proxy, "temp").is_empty()
+    });
+
     // A transaction that outlasts the deadline: the switchover must abort.
     let mut long = RawClient::connect(proxy.addr, USER, PASSWORD, DB, "long");
     ok(long.simple("BEGIN"));
