@@ -291,10 +291,7 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
             line.push_str(" (nothing changed; every session was released)");
             if let Ok(r) = serde_json::from_str::<Switchover>(&reply.body) {
                 if !r.blocked.is_empty() {
-                    line.push_str(&format!(
-                        "; not at a safe point in time: {}",
-                        r.blocked.join(", ")
-                    ));
+                    line.push_str(&format!("; blocked by: {}", r.blocked.join(", ")));
                 }
             }
         }

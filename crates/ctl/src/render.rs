@@ -140,7 +140,7 @@ pub fn switchover(s: &Switchover) -> String {
         out.push_str(&format!("  phases: {}\n", phases.join(", ")));
     }
     if !s.blocked.is_empty() {
-        out.push_str("\nnot at a safe point in time:\n");
+        out.push_str("\nblocked by:\n");
         for id in &s.blocked {
             out.push_str(&format!("  {}\n", cell(id)));
         }

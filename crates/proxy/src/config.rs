@@ -693,6 +693,13 @@ impl Config {
             if a.user.is_empty() {
                 return Err(("backend_admin.user".into(), "must not be empty".into()));
             }
+            if a.password.is_none() {
+                return Err((
+                    "backend_admin".into(),
+                    "give password or password_file (password = \"\" for a server that asks none)"
+                        .into(),
+                ));
+            }
         }
         let s = &self.switchover;
         if s.promote == PromoteMode::Command
@@ -1045,5 +1052,37 @@ address = "localhost:5433"
         assert_eq!(split_host_port("[::1]:5432").unwrap(), ("::1".into(), 5432));
         assert!(split_host_port("host").is_err());
         assert!(split_host_port(":5").is_err());
+    }
+
+    #[test]
+    fn clusters_admin_login_and_switchover() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("admin.pw"), "s3cret\nignored\n").unwrap();
+        let base = format!(
+            "{GOOD}cluster = \"main\"\n[backend_admin]\nuser = \"pgferry\"\npassword_file = \"admin.pw\"\n"
+        );
+        let c = Config::parse(&base, "t.toml", dir.path()).unwrap();
+        assert_eq!(c.backends[1].cluster.as_deref(), Some("main"));
+        assert_eq!(c.backends[0].cluster, None);
+        let admin = c.backend_admin.as_ref().unwrap();
+        assert_eq!(admin.password.as_deref(), Some("s3cret"));
+        assert_eq!(admin.database, "postgres");
+        assert_eq!(c.switchover.promote, PromoteMode::Sql);
+        assert_eq!(c.switchover.fence, FenceMode::ReadOnly);
+        assert_eq!(c.failover.remember_state_after, Duration::from_secs(2));
+        assert!(
+            !format!("{admin:?}").contains("s3cret"),
+            "no password in Debug"
+        );
+
+        let bad = |extra: &str| {
+            Config::parse(&format!("{GOOD}{extra}"), "t.toml", dir.path())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("[backend_admin]\nuser = \"x\"\n").contains("password"));
+        assert!(bad("[switchover]\npromote = \"command\"\n").contains("promote_command"));
+        assert!(bad("[switchover]\npromote = \"maybe\"\n").contains("switchover.promote"));
+        assert!(bad("[failover]\nrehome_timeout = \"0s\"\n").contains("rehome_timeout"));
     }
 }

@@ -65,6 +65,11 @@ pub async fn apply(ctx: &Arc<ProxyContext>, new: &Config) -> Result<ReloadSummar
                 Ok(_) => summary.added.push(b.name.clone()),
                 Err(e) => warn!(backend = %b.name, error = %e, "config reload: cannot add backend"),
             },
+            Some(c) if c.cluster != b.cluster => warn!(
+                backend = %b.name,
+                "config reload: a backend's cluster cannot change in place; \
+                 remove it and add it under another name"
+            ),
             Some(c) if c.address != b.address => warn!(
                 backend = %b.name,
                 old = %c.address,

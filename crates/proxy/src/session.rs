@@ -310,9 +310,17 @@ async fn connect_backend(
     attrs: TargetSessionAttrs,
     peer: SocketAddr,
 ) -> Result<(Stream, (ServerConnection, BytesMut)), &'static str> {
-    // A switchover holding its cluster's sessions: a new read-write login
-    // waits for the new primary rather than land on the fenced old one.
-    if attrs == TargetSessionAttrs::ReadWrite {
+    // A switchover holding its cluster's sessions, and no other backend
+    // for a read-write login: it waits for the new primary rather than
+    // fail for want of one.
+    if attrs == TargetSessionAttrs::ReadWrite
+        && ctx.switchover.is_holding()
+        && !ctx
+            .backends
+            .candidates(attrs)
+            .first()
+            .is_some_and(|b| b.accepts_sessions())
+    {
         ctx.switchover.wait_for_new_primary().await;
     }
     let mut first_failure: Option<SessionError> = None;
@@ -586,12 +594,10 @@ async fn migrate(
         let known = match known {
             Ok(Remembered::Captured | Remembered::AlreadyKnown) => Ok(()),
             Ok(Remembered::Unknown(why)) => Err(why),
-            Err(TransferError::BackendEnded { .. }) => {
-                let _ = hold.held.send(Err(transfer::BACKEND_ENDED.into()));
-                return Some(ForwardEnd::ServerClosed);
-            }
+            // The session ends (no answer on `held`): gone, it blocks no
+            // switchover.
+            Err(TransferError::BackendEnded { .. }) => return Some(ForwardEnd::ServerClosed),
             Err(TransferError::Fatal(why) | TransferError::Recoverable(why)) => {
-                let _ = hold.held.send(Err(why.clone()));
                 return Some(ForwardEnd::Terminated(SessionError::MigrationFailed(why)));
             }
         };

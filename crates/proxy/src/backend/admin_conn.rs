@@ -74,6 +74,9 @@ pub type Rows = Vec<Vec<Option<String>>>;
 pub struct AdminConn {
     conn: ServerConnection,
     max_len: u32,
+    /// A query timed out or the socket failed: what comes next on it may
+    /// be the late answer to the earlier query, so it takes no more.
+    broken: bool,
 }
 
 impl AdminConn {
@@ -95,16 +98,35 @@ impl AdminConn {
         Ok(Self {
             conn,
             max_len: dial_settings.max_message_len,
+            broken: false,
         })
     }
 
     /// Runs `sql` (one simple Query, possibly several statements) within
     /// `timeout`; the rows of its last result.
+    /// After a timeout or a failed socket the connection is broken and
+    /// every further query fails (`is_broken`): open a new one.
     pub async fn query(&mut self, sql: &str, timeout: Duration) -> Result<Rows, AdminSqlError> {
-        match tokio::time::timeout(timeout, simple_query(&mut self.conn, sql, self.max_len)).await {
+        if self.broken {
+            return Err(AdminSqlError::Dial(DialError::Unreachable(
+                "connection broken by an earlier failure".into(),
+            )));
+        }
+        let r = match tokio::time::timeout(timeout, simple_query(&mut self.conn, sql, self.max_len))
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(AdminSqlError::Timeout(timeout)),
+        };
+        // A server error leaves the connection in step (ReadyForQuery came).
+        if matches!(r, Err(AdminSqlError::Timeout(_) | AdminSqlError::Dial(_))) {
+            self.broken = true;
         }
+        r
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// The first column of the first row (`None` for no row or NULL).

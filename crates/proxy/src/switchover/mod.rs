@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::backend::admin_conn::AdminConn;
 use crate::backend::role::Role;
 use crate::backend::{Backend, BackendMode};
 use crate::balancer::mover::request_transfer;
@@ -205,6 +206,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Switchovers {
+    /// Whether a switchover is between its hold and its promotion.
+    pub fn is_holding(&self) -> bool {
+        *self.gate.borrow()
+    }
+
     /// Waits while a switchover holds its sessions (bounded): a login now
     /// would land on the fenced old primary or find no primary at all.
     pub async fn wait_for_new_primary(&self) {
@@ -367,9 +373,7 @@ pub async fn switchover(
     };
     if let Err(e) = prepared.await {
         if fenced {
-            if let Err(e) = primary::unfence(&mut from_conn, &from_b).await {
-                warn!(backend = %from, error = %e, "could not undo the fence: reset default_transaction_read_only by hand");
-            }
+            undo_fence(ctx, &mut from_conn, &from_b).await;
         }
         release(held);
         from_b.change_mode(BackendMode::Draining, was_mode);
@@ -380,25 +384,18 @@ pub async fn switchover(
     //    that did not finish in time may still finish, and undoing the
     //    fence then would make two writable primaries.
     run.next(Phase::Promote);
-    let promoted = primary::promote(
-        ctx,
-        &mut to_conn,
-        &from_b,
-        &to_b,
-        Instant::now() + cfg.promote_timeout,
-    )
-    .await;
+    // pgferry's connection to `to` from before may not outlive the
+    // promotion (CloudNativePG ends them all): new ones from here on.
+    to_conn.close().await;
+    let promoted =
+        primary::promote(ctx, &from_b, &to_b, Instant::now() + cfg.promote_timeout).await;
     if let Err(e) = promoted {
-        let done = !primary::in_recovery(&mut to_conn, &to_b)
-            .await
-            .unwrap_or(true);
+        let done = primary::promoted_now(ctx, &to_b).await == Some(true);
         if done {
             warn!(%to, error = %e, "the standby was promoted although the promotion reported an error; moving on");
         } else if matches!(e, SwitchoverError::PromoteRefused(_)) {
             if fenced {
-                if let Err(e) = primary::unfence(&mut from_conn, &from_b).await {
-                    warn!(backend = %from, error = %e, "could not undo the fence: reset default_transaction_read_only by hand");
-                }
+                undo_fence(ctx, &mut from_conn, &from_b).await;
             }
             release(held);
             from_b.change_mode(BackendMode::Draining, was_mode);
@@ -418,18 +415,26 @@ pub async fn switchover(
     to_b.set_role(Role::Primary);
     to_b.mark_healthy();
     to_b.set_mode(BackendMode::Active);
-    if fenced {
-        // A fence from an earlier switchover may have come with its copied
-        // configuration (a former primary rebuilt with pg_rewind).
-        match primary::fenced(&mut to_conn, &to_b).await {
-            Ok(true) => {
-                if let Err(e) = primary::unfence(&mut to_conn, &to_b).await {
-                    warn!(backend = %to, error = %e, "the new primary is fenced read-only and could not be unfenced");
+    // A fence of an earlier switchover may have come with its copied
+    // configuration (a former primary re-attached without a new base
+    // backup); its marker says it is pgferry's to lift, whatever `fence`
+    // says now.
+    match primary::connect(ctx, &to_b).await {
+        Ok(mut conn) => {
+            match primary::fenced(&mut conn, &to_b).await {
+                Ok(true) => {
+                    if let Err(e) = primary::unfence(&mut conn, &to_b).await {
+                        warn!(backend = %to, error = %e, "the new primary is fenced read-only and could not be unfenced");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(backend = %to, error = %e, "could not check the new primary's fence")
                 }
             }
-            Ok(false) => {}
-            Err(e) => warn!(backend = %to, error = %e, "could not check the new primary's fence"),
+            conn.close().await;
         }
+        Err(e) => warn!(backend = %to, error = %e, "could not check the new primary's fence"),
     }
     ctx.switchover.gate.send_replace(false);
     run.next(Phase::Move);
@@ -438,7 +443,6 @@ pub async fn switchover(
     let (moved, failures, longest_pause) = run.move_all(held).await;
     from_b.change_mode(BackendMode::Draining, BackendMode::Drained);
     from_conn.close().await;
-    to_conn.close().await;
     run.end_phase();
     let outcome = if failures.is_empty() {
         "success"
@@ -494,6 +498,32 @@ fn validate(
         return Err(SwitchoverError::NoAdminLogin);
     }
     Ok((f, t))
+}
+
+/// Lifts the fence of an aborted switchover, on a new connection if the
+/// old one broke (a timed-out statement).
+async fn undo_fence(ctx: &ProxyContext, conn: &mut AdminConn, backend: &Arc<Backend>) {
+    let fresh = if conn.is_broken() {
+        match primary::connect(ctx, backend).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(backend = %backend.name, error = %e,
+                    "could not undo the fence: reset default_transaction_read_only and pgferry.fenced by hand");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let mut fresh = fresh;
+    let conn = fresh.as_mut().unwrap_or(conn);
+    if let Err(e) = primary::unfence(conn, backend).await {
+        warn!(backend = %backend.name, error = %e,
+            "could not fully undo the fence: check default_transaction_read_only and pgferry.fenced on it");
+    }
+    if let Some(c) = fresh {
+        c.close().await;
+    }
 }
 
 /// Tells every held session to go on where it is.

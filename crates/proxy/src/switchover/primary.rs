@@ -86,19 +86,22 @@ pub async fn fence(conn: &mut AdminConn, backend: &Backend) -> Result<(), Switch
 /// Undoes `fence` (an aborted switchover; a promoted standby that still
 /// carries the fence of an earlier switchover in its copied config).
 pub async fn unfence(conn: &mut AdminConn, backend: &Backend) -> Result<(), SwitchoverError> {
+    // Each step on its own: a fence that failed half-way (the marker not
+    // allowed) is undone as far as it got.
+    let mut first_error = None;
     for sql in [
         "ALTER SYSTEM RESET default_transaction_read_only",
         "SET pgferry.fenced = ''",
         "ALTER SYSTEM RESET pgferry.fenced",
     ] {
-        conn.query(sql, STATEMENT_TIMEOUT)
-            .await
-            .map_err(|e| server_error(backend, "unfence")(e.to_string()))?;
+        if let Err(e) = conn.query(sql, STATEMENT_TIMEOUT).await {
+            first_error.get_or_insert(server_error(backend, "unfence")(e.to_string()));
+        }
     }
     conn.query("SELECT pg_catalog.pg_reload_conf()", STATEMENT_TIMEOUT)
         .await
         .map_err(|e| server_error(backend, "unfence")(e.to_string()))?;
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// After the fence: waits until no other connection to the old primary
@@ -114,7 +117,8 @@ pub async fn wait_for_writers(
         let v = conn
             .value(
                 "SELECT string_agg(pid::text, ', ' ORDER BY pid) FROM pg_catalog.pg_stat_activity \
-                 WHERE backend_xid IS NOT NULL AND pid <> pg_catalog.pg_backend_pid()",
+                 WHERE backend_xid IS NOT NULL AND backend_type = 'client backend' \
+                   AND pid <> pg_catalog.pg_backend_pid()",
                 STATEMENT_TIMEOUT,
             )
             .await
@@ -198,26 +202,28 @@ pub async fn catch_up(
 }
 
 /// Promotes `to` as `[switchover] promote` says and waits until it has
-/// left recovery, by `deadline`.
+/// left recovery, by `deadline`. Its own connections: an orchestrator may
+/// end every connection to `to` as it promotes it (CloudNativePG does).
 pub async fn promote(
     ctx: &ProxyContext,
-    conn: &mut AdminConn,
-    from: &Backend,
-    to: &Backend,
+    from: &Arc<Backend>,
+    to: &Arc<Backend>,
     deadline: Instant,
 ) -> Result<(), SwitchoverError> {
     let cfg = &ctx.config.switchover;
     let left = deadline.saturating_duration_since(Instant::now());
     match cfg.promote {
         PromoteMode::Sql => {
+            let mut conn = connect(ctx, to).await?;
             let wait = left.as_secs().clamp(1, 3600);
-            match conn
+            let asked = conn
                 .query(
                     &format!("SELECT pg_catalog.pg_promote(true, {wait})"),
                     left + STATEMENT_TIMEOUT,
                 )
-                .await
-            {
+                .await;
+            conn.close().await;
+            match asked {
                 // `false`: not done within the wait, but under way.
                 Ok(_) => {}
                 // The server refused to run it (no privilege, not a
@@ -239,7 +245,7 @@ pub async fn promote(
         PromoteMode::External => {}
     }
     loop {
-        if !in_recovery(conn, to).await? {
+        if promoted_now(ctx, to).await == Some(true) {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -247,6 +253,15 @@ pub async fn promote(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Whether `to` has left recovery, asked on a connection of its own;
+/// `None` when it cannot be asked now.
+pub async fn promoted_now(ctx: &ProxyContext, to: &Arc<Backend>) -> Option<bool> {
+    let mut conn = connect(ctx, to).await.ok()?;
+    let r = in_recovery(&mut conn, to).await.ok().map(|r| !r);
+    conn.close().await;
+    r
 }
 
 /// Runs the operator's promote command (`sh -c`), killed at `limit`.
