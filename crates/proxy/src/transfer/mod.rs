@@ -649,13 +649,7 @@ async fn ask_old_backend(
                     break;
                 }
             }
-            tag::PARAMETER_STATUS => {
-                fwd.tracker.note_parameter(&m.body);
-                put_raw(&mut for_client, m.tag, &m.body)
-            }
-            tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE => {
-                put_raw(&mut for_client, m.tag, &m.body)
-            }
+            t if meant_for_client(t) => keep_for_client(fwd, &mut for_client, t, &m.body),
             _ => {}
         }
     }
@@ -763,13 +757,7 @@ async fn last_words(fwd: &mut Forwarder<'_>, max_len: u32) -> Result<(), Transfe
                         ended = Some(true);
                     }
                 }
-                tag::PARAMETER_STATUS => {
-                    fwd.tracker.note_parameter(&m.body);
-                    put_raw(&mut for_client, m.tag, &m.body)
-                }
-                tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE => {
-                    put_raw(&mut for_client, m.tag, &m.body)
-                }
+                t if meant_for_client(t) => keep_for_client(fwd, &mut for_client, t, &m.body),
                 _ => {}
             },
         }
@@ -806,6 +794,25 @@ async fn farewell_unheard(fwd: &mut Forwarder<'_>, current: &str, max_len: u32) 
             );
         }
     }
+}
+
+/// Messages of the old backend's that the client must get even though
+/// pgferry's own exchange is running: notices, notifications, parameter
+/// changes.
+fn meant_for_client(t: u8) -> bool {
+    matches!(
+        t,
+        tag::PARAMETER_STATUS | tag::NOTICE_RESPONSE | tag::NOTIFICATION_RESPONSE
+    )
+}
+
+/// Keeps such a message for the client; a parameter change is noted as
+/// the client's, so the swap tells it the target's value if that differs.
+fn keep_for_client(fwd: &mut Forwarder<'_>, for_client: &mut BytesMut, t: u8, body: &[u8]) {
+    if t == tag::PARAMETER_STATUS {
+        fwd.tracker.note_parameter(body);
+    }
+    put_raw(for_client, t, body);
 }
 
 /// Sends whole messages to the client (both directions are at a message
