@@ -339,7 +339,11 @@ impl FrameVisitor for ResponseSide<'_> {
             }
             _ => {}
         }
-        s.extended.response_end(t, s.outstanding == 0);
+        // Rows and COPY data are most of what a server sends and answer no
+        // extended-protocol message: the matching never looks at them.
+        if !matches!(t, tag::DATA_ROW | tag::COPY_DATA) {
+            s.extended.response_end(t, s.outstanding == 0);
+        }
         Flow::Continue
     }
 }
