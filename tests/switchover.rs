@@ -208,6 +208,44 @@ fn id_of(proxy: &ProxyProcess, app: &str) -> String {
 fn a_switchover_keeps_state_and_a_long_transaction_makes_it_abort_with_nothing_changed() {
     let (pg1, pg2) = pair("sw-state");
     let proxy = proxy(&pg1, &pg2, "");
+    // Routing by role: a read-only session goes to the standby, the others
+    // to the primary; a bad value is the client's error.
+    let startup = |app: &str, attrs: &str| {
+        raw::startup_packet(
+            raw::PROTOCOL_3_0,
+            &[
+                ("user", USER),
+                ("database", DB),
+                ("application_name", app),
+                (
+                    "options",
+                    &format!("-c pgferry.target_session_attrs={attrs}"),
+                ),
+            ],
+        )
+    };
+    let (mut ro, _) = RawClient::connect_with(proxy.addr, &startup("ro", "read-only"), PASSWORD);
+    assert_eq!(ro.value("SELECT pg_is_in_recovery()"), "t");
+    assert_eq!(proxy.connection_by_app("ro")["backend"], "pg2");
+    let (mut rw, _) = RawClient::connect_with(proxy.addr, &startup("rw", "read-write"), PASSWORD);
+    assert_eq!(rw.value("SELECT pg_is_in_recovery()"), "f");
+    let out = std::process::Command::new(pg1.bins().path("psql"))
+        .arg(format!(
+            "host=127.0.0.1 port={} user={USER} dbname={DB} sslmode=disable \
+             options='-c pgferry.target_session_attrs=sometimes'",
+            proxy.port()
+        ))
+        .args(["-X", "-Atc", "SELECT 1"])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("psql");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("invalid value for pgferry.target_session_attrs"),
+        "{said}"
+    );
+    drop((ro, rw));
+
     let mut a = RawClient::connect(proxy.addr, USER, PASSWORD, DB, "stateful");
     ok(a.simple("SET work_mem = '7MB'"));
     ok(a.simple("SET TIME ZONE 'Asia/Tokyo'"));

@@ -232,6 +232,24 @@ mod tests {
             client_sees(SessionError::NoBackendAvailable).sqlstate(),
             Some("57P03")
         );
+        for (e, code) in [
+            (SessionError::InvalidStartupOption("bad".into()), "22023"),
+            (
+                SessionError::FailoverOutcomeUnknown {
+                    cluster: "main".into(),
+                },
+                "08007",
+            ),
+            (
+                SessionError::FailoverInTransaction {
+                    cluster: "main".into(),
+                },
+                "08006",
+            ),
+            (SessionError::SwitchoverNotMoved("x".into()), "57P01"),
+        ] {
+            assert_eq!(client_sees(e).sqlstate(), Some(code));
+        }
         let f = client_sees(SessionError::BackendUnreachable {
             backend: "pg1".into(),
             address: "127.0.0.1:1".into(),
