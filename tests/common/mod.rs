@@ -206,23 +206,15 @@ impl ProxyOptions {
 }
 
 impl Default for ProxyOptions {
+    /// The shared clusters, and the default userlist (app and ptuser).
     fn default() -> Self {
         let e = env();
         Self {
-            backends: vec![
+            userlist: None,
+            ..Self::bare(vec![
                 ("pg1".into(), e.pg1.addr().to_string()),
                 ("pg2".into(), e.pg2.addr().to_string()),
-            ],
-            tls: true,
-            require_tls: false,
-            proxy_extra: String::new(),
-            migration_extra: String::new(),
-            auth_extra: String::new(),
-            extra_sections: String::new(),
-            userlist: None,
-            soft_nofile: None,
-            nofile: None,
-            backend_cluster: None,
+            ])
         }
     }
 }
