@@ -539,17 +539,10 @@ impl Cluster {
         })?;
         drop(pwfile);
         if !out.status.success() {
-            return Err(ClusterError::CommandFailed {
-                program: format!("initdb -D {}", self.data_dir.display()),
-                status: out.status.to_string(),
-                output: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .trim()
-                .to_owned(),
-            });
+            return Err(ClusterError::command_failed(
+                format!("initdb -D {}", self.data_dir.display()),
+                &out,
+            ));
         }
 
         let conf = self.data_dir.join("postgresql.conf");

@@ -115,6 +115,22 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
+    /// `program` ran and exited with a failure: its status and its output
+    /// (stdout then stderr, trimmed).
+    pub(crate) fn command_failed(program: impl Into<String>, out: &std::process::Output) -> Self {
+        ClusterError::CommandFailed {
+            program: program.into(),
+            status: out.status.to_string(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .trim()
+            .to_owned(),
+        }
+    }
+
     pub(crate) fn io(what: impl Into<String>, path: impl Into<PathBuf>, source: io::Error) -> Self {
         ClusterError::Io {
             what: what.into(),

@@ -308,17 +308,7 @@ impl Cluster {
         };
         if !out.status.success() {
             let _ = fs::remove_dir_all(&staging);
-            return Err(ClusterError::CommandFailed {
-                program: what,
-                status: out.status.to_string(),
-                output: format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .trim()
-                .to_owned(),
-            });
+            return Err(ClusterError::command_failed(what, &out));
         }
         if !staging.join("standby.signal").is_file() {
             let _ = fs::remove_dir_all(&staging);
