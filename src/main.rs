@@ -44,6 +44,11 @@ struct RunArgs {
     /// [[backend]]; see docs/configuration.md).
     #[arg(short, long, default_value = "pgferry.toml", env = "PGFERRY_CONFIG")]
     config: PathBuf,
+    /// Take over the pgferry running with this config (its
+    /// proxy.handoff_socket): its listeners, then each of its sessions at
+    /// a safe point, TLS included; it exits when it has nothing left.
+    #[arg(long)]
+    takeover: bool,
 }
 
 fn main() -> ExitCode {
@@ -74,7 +79,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match command {
-            Command::Run(args) => serve::run_from_file(&args.config).await,
+            Command::Run(args) => serve::run_from_file(&args.config, args.takeover).await,
             Command::Sandbox(args) => sandbox::run(args).await,
             Command::Ctl(_) => unreachable!("ctl returned above"),
         }

@@ -349,6 +349,7 @@ async fn serve(args: &SandboxArgs, dir: &Path, started: &Started) -> anyhow::Res
         config,
         Some(config_path.clone()),
         rx,
+        crate::serve::Start::Fresh,
         move |addr: SocketAddr| {
             let url = format!(
                 "postgresql://{user}:{password}@127.0.0.1:{}/{user}?sslmode=require",

@@ -5,20 +5,38 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use pgferry_admin::AdminState;
+use std::os::fd::AsFd;
+
+use pgferry_proxy::handoff;
 use pgferry_proxy::listener::{self, Backlog};
 use pgferry_proxy::{Config, Proxy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
+pub async fn run_from_file(path: &Path, takeover: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = tx.send(true);
     });
-    run(config, Some(path.to_owned()), rx, |_| {}).await
+    let start = if takeover {
+        Start::Takeover
+    } else {
+        Start::Fresh
+    };
+    run(config, Some(path.to_owned()), rx, start, |_| {}).await
+}
+
+/// How `run` gets its listening sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Binds `listen` and `admin_listen`.
+    Fresh,
+    /// Takes them, and then the sessions, over from the pgferry running on
+    /// `handoff_socket` (`pgferry run --takeover`).
+    Takeover,
 }
 
 /// Serves until `stop` turns true. `ready` is called once both listeners
@@ -28,12 +46,51 @@ pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
+    start: Start,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
     raise_fd_limit(config.proxy.max_client_connections);
     let proxy = Arc::new(Proxy::new(config.clone())?);
+    let ctx = proxy.context().clone();
+    if let (Some(path), Ok(exe)) = (&config_path, std::env::current_exe()) {
+        ctx.handoff.set_successor(exe, path.clone());
+    }
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(proxy.clone(), path, stop.clone()));
+    }
+    let handoff_path = config.proxy.handoff_socket.clone();
+    let (mut taking_over, handoff_listener) = match start {
+        Start::Takeover => {
+            let path = handoff_path
+                .as_deref()
+                .context("--takeover needs proxy.handoff_socket (it is off in this config)")?;
+            let t = handoff::take::connect(&ctx, path)
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("takeover failed; the running pgferry goes on serving")?;
+            (Some(t), None)
+        }
+        Start::Fresh => {
+            // Before the TCP listeners: a running pgferry holds this
+            // socket, and a second one must not start beside it.
+            let l = match &handoff_path {
+                Some(p) => Some(handoff::channel::HandoffListener::bind(p).with_context(|| {
+                    format!(
+                        "cannot listen on {} (proxy.handoff_socket); is a pgferry already running? \
+                         `pgferry run --takeover` replaces it",
+                        p.display()
+                    )
+                })?),
+                None => None,
+            };
+            (None, l)
+        }
+    };
+    let (audit_gate, audit_gate_rx) = tokio::sync::oneshot::channel();
+    if taking_over.is_some() {
+        // The old process writes its last audit rows as it exits; ours
+        // (its sessions' rows among them) wait for that.
+        proxy.hold_audit_writes(audit_gate_rx);
     }
     let backlog = Backlog::new(
         config.proxy.listen_backlog,
@@ -52,13 +109,40 @@ pub async fn run(
             "proxy.listen_backlog is above net.core.somaxconn, which caps it; raise the sysctl to get more"
         );
     }
-    let listener = listener::bind(config.proxy.listen, backlog.effective())
-        .with_context(|| format!("cannot listen on {} (proxy.listen)", config.proxy.listen))?;
+    let (listener, admin) = match &mut taking_over {
+        Some(t) => {
+            let listener = t
+                .listener
+                .take()
+                .context("the takeover passed no listener")?;
+            (listener, t.admin.take())
+        }
+        None => {
+            let listener =
+                listener::bind(config.proxy.listen, backlog.effective()).with_context(|| {
+                    format!("cannot listen on {} (proxy.listen)", config.proxy.listen)
+                })?;
+            let admin = match config.proxy.admin_listen {
+                Some(admin_addr) => {
+                    Some(TcpListener::bind(admin_addr).await.with_context(|| {
+                        format!("cannot listen on {admin_addr} (proxy.admin_listen)")
+                    })?)
+                }
+                None => None,
+            };
+            (listener, admin)
+        }
+    };
     let addr = listener.local_addr()?;
-    if let Some(admin_addr) = config.proxy.admin_listen {
-        let admin = TcpListener::bind(admin_addr)
-            .await
-            .with_context(|| format!("cannot listen on {admin_addr} (proxy.admin_listen)"))?;
+    // Copies of the listening sockets, for a later hand-off.
+    ctx.handoff.set_listeners(handoff::Listeners {
+        proxy: listener.as_fd().try_clone_to_owned()?,
+        admin: admin
+            .as_ref()
+            .map(|a| a.as_fd().try_clone_to_owned())
+            .transpose()?,
+    });
+    if let Some(admin) = admin {
         let state = AdminState {
             metrics: proxy.metrics(),
             proxy: proxy.context().clone(),
@@ -79,8 +163,25 @@ pub async fn run(
         backlog = backlog.effective(),
         backends = config.backends.len(),
         tls = config.tls.is_some(),
+        takeover = taking_over.is_some(),
         "pgferry listening"
     );
+    match taking_over {
+        Some(t) => {
+            // systemd (Type=notify, NotifyAccess=all): this process is the
+            // service's main process from now on.
+            sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            tokio::spawn(t.run(ctx.clone(), Some(audit_gate), handoff_path));
+        }
+        None => {
+            drop(audit_gate);
+            sd_notify("READY=1");
+            if let Some(l) = handoff_listener {
+                tokio::spawn(handoff::give::serve_takeovers(ctx.clone(), l));
+            }
+        }
+    }
+    tokio::spawn(takeover_on_sigusr2(ctx.clone(), stop.clone()));
     ready(addr);
     proxy
         .serve(listener, async move {
@@ -89,6 +190,56 @@ pub async fn run(
         .await;
     info!("pgferry stopped");
     Ok(())
+}
+
+/// SIGUSR2 starts a successor that takes this process over
+/// (`handoff::start_successor`, as `POST /v1/handoff` does).
+async fn takeover_on_sigusr2(
+    ctx: Arc<pgferry_proxy::ProxyContext>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        warn!("cannot listen for SIGUSR2; start a takeover with `pgferry run --takeover`");
+        return;
+    };
+    loop {
+        tokio::select! {
+            r = usr2.recv() => if r.is_none() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        info!("SIGUSR2 received: starting a new pgferry to take this one over");
+        match handoff::start_successor(&ctx).await {
+            Ok(status) => info!(phase = %status.phase, "takeover requested by SIGUSR2 ended"),
+            Err(e) => error!(error = %e, "takeover requested by SIGUSR2 failed"),
+        }
+    }
+}
+
+/// Tells systemd (`NOTIFY_SOCKET`) about this process; nothing without it.
+fn sd_notify(message: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "sd_notify: no socket");
+            return;
+        }
+    };
+    // An abstract socket name starts with '@'.
+    let sent = match path.to_str().and_then(|p| p.strip_prefix('@')) {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|a| sock.send_to_addr(message.as_bytes(), &a))
+        }
+        None => sock.send_to(message.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        warn!(error = %e, "sd_notify failed");
+    }
 }
 
 /// Raises the soft limit on open files to the hard one: every session holds

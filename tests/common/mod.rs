@@ -302,6 +302,18 @@ impl ProxyProcess {
         self.log = log;
     }
 
+    /// Starts a new pgferry on this one's config with `--takeover` and
+    /// `envs`; once it accepts, `self` is the new process. Returns the old
+    /// one's process (it exits when it has handed everything over).
+    pub fn take_over(&mut self, envs: &[(&str, &str)]) -> Child {
+        let (child, addr, admin, log) = spawn_with(&self.config_path(), self.limits, true, envs);
+        assert_eq!(addr, self.addr, "the new process serves the same listener");
+        self.addr = addr;
+        self.admin = admin;
+        self.log = log;
+        std::mem::replace(&mut self.child, child)
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -414,10 +426,22 @@ fn spawn(
     config: &std::path::Path,
     limits: (Option<u64>, Option<u64>),
 ) -> (Child, SocketAddr, SocketAddr, Arc<Mutex<String>>) {
+    spawn_with(config, limits, false, &[])
+}
+
+/// `spawn`, with `--takeover` or not, and extra environment variables.
+pub fn spawn_with(
+    config: &std::path::Path,
+    limits: (Option<u64>, Option<u64>),
+    takeover: bool,
+    envs: &[(&str, &str)],
+) -> (Child, SocketAddr, SocketAddr, Arc<Mutex<String>>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
-    cmd.arg("run")
-        .arg("--config")
-        .arg(config)
+    cmd.arg("run").arg("--config").arg(config);
+    if takeover {
+        cmd.arg("--takeover");
+    }
+    cmd.envs(envs.iter().copied())
         .env("RUST_LOG", "info,pgferry_proxy=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -8,13 +8,19 @@
 //! failed, timed-out or abandoned write keeps everything; newer events keep
 //! merging meanwhile. Its first step closes the rows an earlier run of the
 //! same `proxy_id` left open (see `PgSink::close_stale`).
+//!
+//! In a hand-off of live sessions a row moves with its session: the old
+//! process gives it up (`hand_over`), the new one takes it (`adopt`), and
+//! the new process's batcher writes nothing until the old one has made its
+//! final flush (`Batcher::hold_writes`), so the two never write one row.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{watch, Notify};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch, Notify};
 use uuid::Uuid;
 
 use crate::metrics::AuditMetrics;
@@ -70,6 +76,63 @@ pub(crate) struct ConnRow {
     pub migrations: i32,
     pub bytes_from_client: i64,
     pub bytes_to_client: i64,
+}
+
+/// A connection's audit row on its way from the old process to the new one
+/// in a hand-off (it travels in the session's state). The old process no
+/// longer writes it; the new one writes it as its own from then on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandedRow {
+    pub id: Uuid,
+    pub client_addr: Option<IpAddr>,
+    pub user: String,
+    pub database: String,
+    pub application_name: Option<String>,
+    pub backend: Option<String>,
+    pub connect_time: SystemTime,
+    pub disconnect_time: Option<SystemTime>,
+    pub disconnect_reason: Option<String>,
+    pub migrations: i32,
+    pub bytes_from_client: i64,
+    pub bytes_to_client: i64,
+}
+
+impl From<ConnRow> for HandedRow {
+    fn from(r: ConnRow) -> Self {
+        Self {
+            id: r.id,
+            client_addr: r.client_addr,
+            user: r.user,
+            database: r.database,
+            application_name: r.application_name,
+            backend: r.backend,
+            connect_time: r.connect_time,
+            disconnect_time: r.disconnect_time,
+            disconnect_reason: r.disconnect_reason,
+            migrations: r.migrations,
+            bytes_from_client: r.bytes_from_client,
+            bytes_to_client: r.bytes_to_client,
+        }
+    }
+}
+
+impl From<HandedRow> for ConnRow {
+    fn from(r: HandedRow) -> Self {
+        Self {
+            id: r.id,
+            client_addr: r.client_addr,
+            user: r.user,
+            database: r.database,
+            application_name: r.application_name,
+            backend: r.backend,
+            connect_time: r.connect_time,
+            disconnect_time: r.disconnect_time,
+            disconnect_reason: r.disconnect_reason,
+            migrations: r.migrations,
+            bytes_from_client: r.bytes_from_client,
+            bytes_to_client: r.bytes_to_client,
+        }
+    }
 }
 
 /// Rows taken for one write.
@@ -267,6 +330,32 @@ impl AuditHandle {
         self.disconnect(id, at, "auth_failed", 0, 0);
     }
 
+    /// Gives up the row of `id` for a hand-off: this process will not write
+    /// it again (a write already in flight may still land; the sink never
+    /// lets an open row overwrite a closed one). `None` if there is no row
+    /// (its connect was dropped at the bound). Pending migration rows of
+    /// the connection stay here and are written by this process. If the
+    /// hand-off of the session fails, `adopt` the row back.
+    pub fn hand_over(&self, id: Uuid) -> Option<HandedRow> {
+        let mut st = self.lock();
+        let row = st.live.remove(&id)?;
+        st.dirty.remove(&id);
+        self.shared.metrics.pending_rows.set(st.pending() as i64);
+        Some(row.into())
+    }
+
+    /// Takes over a row handed over by another process: live and dirty, as
+    /// if this process had seen the connect; later events update it as
+    /// usual. It counts against `max_pending_rows` but is never dropped for
+    /// it: the session exists already and must keep its row.
+    pub fn adopt(&self, row: HandedRow) {
+        let mut st = self.lock();
+        let id = row.id;
+        st.live.insert(id, row.into());
+        st.dirty.insert(id);
+        self.after_change(&st);
+    }
+
     fn update(&self, id: Uuid, what: &str, f: impl FnOnce(&mut ConnRow)) {
         let mut st = self.lock();
         match st.live.get_mut(&id) {
@@ -318,11 +407,14 @@ impl AuditHandle {
     }
 
     /// After a failed write: everything is pending again (rows may have
-    /// newer values merged meanwhile, which is what will be written).
+    /// newer values merged meanwhile, which is what will be written),
+    /// except rows handed over meanwhile: no longer ours to write.
     pub(crate) fn failed(&self, batch: Batch) {
         let mut st = self.lock();
         for row in &batch.connections {
-            st.dirty.insert(row.id);
+            if st.live.contains_key(&row.id) {
+                st.dirty.insert(row.id);
+            }
         }
         let newer = std::mem::replace(&mut st.migrations, batch.migrations);
         st.migrations.extend(newer);
@@ -356,8 +448,11 @@ pub struct Batcher {
     /// When this process began auditing: the disconnect time given to rows
     /// an earlier run left open.
     started: SystemTime,
-    /// Whether those rows have been closed (retried each round until so).
+    /// Whether those rows have been closed (retried each round until so),
+    /// or must not be (see `pass_gate`).
     stale_closed: bool,
+    /// Set by `hold_writes`: nothing is written until it resolves.
+    gate: Option<oneshot::Receiver<()>>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -404,7 +499,17 @@ impl Batcher {
             metrics,
             started: SystemTime::now(),
             stale_closed: false,
+            gate: None,
         }
+    }
+
+    /// The new process of a hand-off: `run` writes nothing and closes no
+    /// stale rows until `until` resolves, sent or dropped (both mean the
+    /// old process has made its final flush or is gone). Until then the
+    /// old process may still write rows of this `proxy_id`, among them
+    /// sessions it has not handed over, which `close_stale` would close.
+    pub fn hold_writes(&mut self, until: oneshot::Receiver<()>) {
+        self.gate = Some(until);
     }
 
     /// Closes stale rows at once, then flushes every `flush_interval` or
@@ -412,7 +517,51 @@ impl Batcher {
     /// flush with a deadline. A write in progress when `stop` turns true
     /// is abandoned (its rows stay pending), so shutdown never waits on a
     /// database that does not answer longer than `shutdown_flush_timeout`.
+    /// With `hold_writes`, all of this starts only once the gate opens.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        if self.pass_gate(&mut stop).await {
+            self.serve(&mut stop).await;
+        }
+        self.final_flush().await;
+    }
+
+    /// Waits for the gate of `hold_writes`, if any. True if it opened (or
+    /// there was none) before `stop`. If `stop` came first, the gate gets
+    /// up to `shutdown_flush_timeout` more; if it stays shut, the final
+    /// flush writes this process's rows anyway (else they are lost; the
+    /// sink never lets them reopen a closed row) but closes no stale rows,
+    /// which may be the old process's open sessions.
+    async fn pass_gate(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let Some(mut gate) = self.gate.take() else {
+            return true;
+        };
+        tracing::info!("audit writes held until the previous process has flushed");
+        let stopped = tokio::select! {
+            _ = &mut gate => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        if stopped
+            && tokio::time::timeout(self.shutdown_flush_timeout, &mut gate)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                timeout = ?self.shutdown_flush_timeout,
+                "shutting down before the previous process finished its audit flush: \
+                 not closing stale audit rows"
+            );
+            self.stale_closed = true;
+            return false;
+        }
+        // The previous process was alive until now: rows it left open
+        // (it died) were closed no earlier than this.
+        self.started = SystemTime::now();
+        tracing::info!("audit writes released");
+        !stopped
+    }
+
+    /// The main loop of `run`, until `stop`.
+    async fn serve(&mut self, stop: &mut watch::Receiver<bool>) {
         let mut backoff = Duration::ZERO;
         let mut next_expiry = tokio::time::Instant::now();
         let mut first = true;
@@ -461,6 +610,10 @@ impl Batcher {
                 }
             }
         }
+    }
+
+    /// The last flush, bounded by `shutdown_flush_timeout`.
+    async fn final_flush(&mut self) {
         let deadline = tokio::time::Instant::now() + self.shutdown_flush_timeout;
         let done = tokio::time::timeout_at(deadline, async {
             while self.handle.pending() > 0 {
@@ -752,5 +905,268 @@ mod tests {
         let b = h.take_batch();
         h.written(&b);
         assert_eq!(h.live_ids(), vec![open]);
+    }
+
+    #[test]
+    fn hand_over_gives_the_row_up() {
+        let h = handle(10, Overflow::Drop);
+        let (moved, stays) = (Uuid::new_v4(), Uuid::new_v4());
+        let t0 = SystemTime::now();
+        h.connect(info(moved, t0));
+        h.connect(info(stays, t0));
+        h.backend(moved, "pg1");
+        let row = h.hand_over(moved).unwrap();
+        assert_eq!((row.id, row.connect_time), (moved, t0));
+        assert_eq!(row.backend.as_deref(), Some("pg1"));
+        assert!(h.hand_over(moved).is_none(), "given up once");
+        assert_eq!(h.live_ids(), vec![stays]);
+        assert_eq!(h.pending(), 1);
+        let b = h.take_batch();
+        assert_eq!(
+            b.connections.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![stays],
+            "the handed-over row is not written here"
+        );
+        // Later events of the moved session are not ours either.
+        h.disconnect(moved, SystemTime::now(), "client_closed", 1, 1);
+        assert_eq!(h.pending(), 0);
+    }
+
+    #[test]
+    fn a_failed_write_does_not_take_back_a_handed_over_row() {
+        let h = handle(10, Overflow::Drop);
+        let id = Uuid::new_v4();
+        h.connect(info(id, SystemTime::now()));
+        let in_flight = h.take_batch();
+        assert!(h.hand_over(id).is_some());
+        h.failed(in_flight);
+        assert_eq!(h.pending(), 0);
+        assert!(h.take_batch().connections.is_empty());
+    }
+
+    #[test]
+    fn adopt_then_disconnect_is_one_row_with_the_adopted_connect_time() {
+        let old = handle(10, Overflow::Drop);
+        let new = handle(10, Overflow::Drop);
+        let id = Uuid::new_v4();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        old.connect(info(id, t0));
+        old.backend(id, "pg1");
+        old.migrated(MigrationRecord {
+            id: Uuid::new_v4(),
+            connection_id: id,
+            from_backend: "pg1".into(),
+            to_backend: Some("pg2".into()),
+            started_at: t0,
+            duration_ms: 1.0,
+            outcome: "success".into(),
+            reason: None,
+        });
+        let written = old.take_batch();
+        old.written(&written);
+        let handed = old.hand_over(id).unwrap();
+        assert_eq!(old.held(), 0);
+
+        // It travels as JSON in the session's state.
+        let json = serde_json::to_string(&handed).unwrap();
+        let handed: HandedRow = serde_json::from_str(&json).unwrap();
+
+        new.adopt(handed);
+        assert_eq!(new.live_ids(), vec![id]);
+        let t1 = t0 + Duration::from_secs(60);
+        new.disconnect(id, t1, "client_closed", 123, 456);
+        let b = new.take_batch();
+        assert_eq!(b.connections.len(), 1);
+        let row = &b.connections[0];
+        assert_eq!(row.connect_time, t0, "the session's own connect time");
+        assert_eq!(row.disconnect_time, Some(t1));
+        assert_eq!((row.bytes_from_client, row.bytes_to_client), (123, 456));
+        assert_eq!((row.backend.as_deref(), row.migrations), (Some("pg2"), 1));
+        assert_eq!(row.user, "u");
+        assert!(
+            b.migrations.is_empty(),
+            "migration rows stay with the old process"
+        );
+        new.written(&b);
+        assert_eq!(new.held(), 0, "closed and written: forgotten");
+    }
+
+    #[test]
+    fn adopt_counts_against_the_bound_but_is_never_dropped() {
+        let h = handle(2, Overflow::RejectConnections);
+        let rows: Vec<HandedRow> = (0..3)
+            .map(|_| {
+                let src = handle(10, Overflow::Drop);
+                let id = Uuid::new_v4();
+                src.connect(info(id, SystemTime::now()));
+                src.hand_over(id).unwrap()
+            })
+            .collect();
+        for row in rows {
+            h.adopt(row);
+        }
+        assert_eq!(h.held(), 3, "over the bound, all adopted");
+        assert_eq!(h.shared.metrics.rows_dropped.get(), 0);
+        assert!(!h.admits_new_connection(), "they count against it");
+    }
+
+    /// A stand-in for the audit database that only counts connection
+    /// attempts: the batcher cannot write a row or close stale ones
+    /// without connecting first.
+    struct FakeDb {
+        listener: tokio::net::TcpListener,
+        url: String,
+    }
+
+    impl FakeDb {
+        async fn start() -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let url = format!("host=127.0.0.1 port={port} user=u dbname=d");
+            Self { listener, url }
+        }
+
+        /// Whether the batcher connects within `within` (the connection is
+        /// dropped at once: the write fails and stays pending).
+        async fn contacted_within(&self, within: Duration) -> bool {
+            tokio::time::timeout(within, self.listener.accept())
+                .await
+                .is_ok()
+        }
+    }
+
+    fn batcher(h: &AuditHandle, db: &FakeDb, shutdown_flush_timeout: Duration) -> Batcher {
+        let settings = AuditSettings {
+            url: db.url.clone(),
+            schema: None,
+            proxy_id: "t".into(),
+            flush_interval: Duration::from_millis(10),
+            batch_size: 1000,
+            max_pending_rows: 100,
+            on_overflow: Overflow::Drop,
+            shutdown_flush_timeout,
+            write_timeout: Duration::from_millis(200),
+            retention: None,
+            retention_interval: Duration::from_secs(60),
+        };
+        let sink = PgSink::new(&db.url, None, "t", settings.write_timeout).unwrap();
+        Batcher::new(
+            h.clone(),
+            sink,
+            &settings,
+            AuditMetrics::register(&prometheus::Registry::new()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn without_a_gate_the_batcher_goes_to_the_database_at_once() {
+        let db = FakeDb::start().await;
+        let h = handle(10, Overflow::Drop);
+        let b = batcher(&h, &db, Duration::from_secs(1));
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(b.run(stop));
+        assert!(db.contacted_within(Duration::from_secs(5)).await);
+        stop_tx.send_replace(true);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_gate_holds_every_write_until_it_opens() {
+        for send in [true, false] {
+            let db = FakeDb::start().await;
+            let h = handle(10, Overflow::Drop);
+            let src = handle(10, Overflow::Drop);
+            let id = Uuid::new_v4();
+            src.connect(info(id, SystemTime::now()));
+            h.adopt(src.hand_over(id).unwrap());
+            h.connect(info(Uuid::new_v4(), SystemTime::now()));
+
+            let mut b = batcher(&h, &db, Duration::from_secs(1));
+            let (gate_tx, gate) = oneshot::channel();
+            b.hold_writes(gate);
+            let (stop_tx, stop) = watch::channel(false);
+            let task = tokio::spawn(b.run(stop));
+            assert!(
+                !db.contacted_within(Duration::from_millis(400)).await,
+                "no write and no close_stale while the gate is shut"
+            );
+            assert_eq!(h.pending(), 2, "rows wait in memory");
+            if send {
+                gate_tx.send(()).unwrap();
+            } else {
+                drop(gate_tx); // the old process died without a word
+            }
+            assert!(
+                db.contacted_within(Duration::from_secs(5)).await,
+                "writes once the gate opened (sent: {send})"
+            );
+            stop_tx.send_replace(true);
+            task.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn stop_before_the_gate_opens_waits_for_it_then_flushes() {
+        let db = FakeDb::start().await;
+        let h = handle(10, Overflow::Drop);
+        h.connect(info(Uuid::new_v4(), SystemTime::now()));
+        let timeout = Duration::from_millis(600);
+        let mut b = batcher(&h, &db, timeout);
+        let (_gate_tx, gate) = oneshot::channel();
+        b.hold_writes(gate);
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(b.run(stop));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stopped = Instant::now();
+        stop_tx.send_replace(true);
+        assert!(
+            !db.contacted_within(Duration::from_millis(400)).await,
+            "still waiting for the gate"
+        );
+        assert!(
+            db.contacted_within(Duration::from_secs(5)).await,
+            "the final flush runs once the gate's wait timed out"
+        );
+        assert!(stopped.elapsed() >= timeout);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("run ends: the final flush has its own deadline")
+            .unwrap();
+        assert_eq!(h.pending(), 1, "nothing could be written: still pending");
+    }
+
+    #[tokio::test]
+    async fn pass_gate_decides_what_the_final_flush_may_do() {
+        let db = FakeDb::start().await;
+        let h = handle(10, Overflow::Drop);
+        let (stop_tx, mut stop) = watch::channel(false);
+        stop_tx.send_replace(true);
+
+        // Stop, and the gate stays shut: no stale rows closed.
+        let mut b = batcher(&h, &db, Duration::from_millis(100));
+        let (_gate_tx, gate) = oneshot::channel();
+        b.hold_writes(gate);
+        assert!(!b.pass_gate(&mut stop).await);
+        assert!(b.stale_closed, "close_stale is skipped");
+
+        // Stop, and the gate opens within the timeout: the final flush
+        // may close stale rows, from the time the gate opened.
+        let mut b = batcher(&h, &db, Duration::from_secs(5));
+        let before = b.started;
+        let (gate_tx, gate) = oneshot::channel();
+        b.hold_writes(gate);
+        let opener = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gate_tx.send(()).unwrap();
+        });
+        assert!(!b.pass_gate(&mut stop).await, "stopped: no main loop");
+        opener.await.unwrap();
+        assert!(!b.stale_closed);
+        assert!(b.started > before);
+
+        // No gate: straight on.
+        let mut b = batcher(&h, &db, Duration::from_secs(5));
+        let (_tx, mut running) = watch::channel(false);
+        assert!(b.pass_gate(&mut running).await);
     }
 }

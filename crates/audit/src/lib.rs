@@ -13,7 +13,7 @@ mod batch;
 mod metrics;
 mod sink;
 
-pub use batch::{AuditHandle, Batcher, ConnectInfo, MigrationRecord, Overflow};
+pub use batch::{AuditHandle, Batcher, ConnectInfo, HandedRow, MigrationRecord, Overflow};
 pub use metrics::AuditMetrics;
 pub use sink::{PgSink, SinkError, PROXY_RESTARTED};
 

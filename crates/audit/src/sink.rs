@@ -169,6 +169,8 @@ impl PgSink {
             let migrations: Vec<i32> = c.iter().map(|r| r.migrations).collect();
             let from_client: Vec<i64> = c.iter().map(|r| r.bytes_from_client).collect();
             let to_client: Vec<i64> = c.iter().map(|r| r.bytes_to_client).collect();
+            // The WHERE: a closed row is never reopened by a late write of
+            // it still open (after a hand-off, from the old process).
             let sql = format!(
                 "INSERT INTO {schema}.pgferry_connection_log AS t \
                  (connection_id, proxy_id, client_addr, user_name, database_name, application_name, \
@@ -185,7 +187,8 @@ impl PgSink {
                    application_name = EXCLUDED.application_name, backend = EXCLUDED.backend, \
                    disconnect_time = EXCLUDED.disconnect_time, disconnect_reason = EXCLUDED.disconnect_reason, \
                    migrations = EXCLUDED.migrations, bytes_from_client = EXCLUDED.bytes_from_client, \
-                   bytes_to_client = EXCLUDED.bytes_to_client, updated_at = EXCLUDED.updated_at"
+                   bytes_to_client = EXCLUDED.bytes_to_client, updated_at = EXCLUDED.updated_at \
+                 WHERE t.disconnect_time IS NULL OR EXCLUDED.disconnect_time IS NOT NULL"
             );
             bounded(
                 limit,
@@ -252,9 +255,9 @@ impl PgSink {
     /// began, a bound on when the old one was gone), never before their
     /// connect time. Returns the rows closed.
     ///
-    /// A future hand-off of live sessions from an old process to a new one
-    /// with the same `proxy_id` must skip this (or pass the handed-over
-    /// ids in `live`), or it would close sessions that are still open.
+    /// In a hand-off the new process runs this only once the old one has
+    /// flushed or is gone (`Batcher::hold_writes`); adopted sessions are
+    /// in its `live`.
     pub async fn close_stale(
         &mut self,
         live: &[Uuid],

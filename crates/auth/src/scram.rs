@@ -277,6 +277,17 @@ impl fmt::Debug for ClientKey {
 }
 
 impl ClientKey {
+    /// The key's bytes, for handing a session to another pgferry process (never logged).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0[..]
+    }
+
+    /// A key from `as_bytes`; `None` for a wrong length.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let arr: [u8; KEY_LEN] = bytes.try_into().ok()?;
+        Some(Self(Zeroizing::new(arr)))
+    }
+
     /// Derives the ClientKey from a plaintext password and a verifier's salt and iterations.
     pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> Self {
         let salted = salted_password(password, salt, iterations);

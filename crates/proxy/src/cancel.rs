@@ -101,6 +101,23 @@ impl CancelMap {
         }
     }
 
+    /// Registers a key a session already holds (one handed over from
+    /// another pgferry process). False if a live session has it already.
+    pub fn register_existing(&self, key: CancelKey, target: CancelTarget) -> bool {
+        match self.lock().entry(key) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Entry {
+                    target,
+                    moving: false,
+                    moves_ended: 0,
+                    last_move_held_requests: true,
+                });
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(_) => false,
+        }
+    }
+
     /// Cancels for `key` wait (see `route`) until the guard is dropped.
     pub fn moving<'a>(&'a self, key: &'a CancelKey) -> MovingGuard<'a> {
         if let Some(e) = self.lock().get_mut(key) {

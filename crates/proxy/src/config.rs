@@ -367,6 +367,19 @@ pub struct ProxySection {
     /// backends. "3.2" only when every backend speaks it (PostgreSQL 18+).
     #[serde(default)]
     pub max_protocol: MaxProtocol,
+    /// Unix socket on which a running pgferry waits for a new process to
+    /// take it over (`pgferry run --takeover`). `Config::load` defaults it
+    /// to `<config file stem>.handoff.sock` beside the config; "" turns
+    /// it off.
+    #[serde(default)]
+    pub handoff_socket: Option<PathBuf>,
+    /// Sessions being handed over to a new process at once.
+    #[serde(default = "defaults::handoff_window")]
+    pub handoff_window: usize,
+    /// How long one ask waits for a session's safe point during a
+    /// hand-off; sessions not there yet are asked again in the next round.
+    #[serde(default = "defaults::handoff_timeout", deserialize_with = "duration")]
+    pub handoff_timeout: Duration,
 }
 
 /// `[proxy] max_protocol`.
@@ -501,6 +514,12 @@ mod defaults {
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn handoff_window() -> usize {
+        4
+    }
+    pub fn handoff_timeout() -> Duration {
+        Duration::from_millis(250)
+    }
     pub fn admin_header_timeout() -> Duration {
         Duration::from_secs(5)
     }
@@ -589,7 +608,16 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, &path.display().to_string(), base)
+        let mut config = Self::parse(&text, &path.display().to_string(), base)?;
+        config.proxy.handoff_socket = match config.proxy.handoff_socket.take() {
+            // Beside the config: each config file its own socket.
+            None => path
+                .file_stem()
+                .map(|stem| base.join(format!("{}.handoff.sock", stem.to_string_lossy()))),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p),
+        };
+        Ok(config)
     }
 
     /// Parses and validates; `origin` names the file in errors, `base` is
@@ -627,6 +655,14 @@ impl Config {
         };
         fix(&mut self.auth.userlist);
         fix(&mut self.auth.secret_file);
+        if let Some(p) = self
+            .proxy
+            .handoff_socket
+            .as_mut()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            fix(p);
+        }
         if let Some(tls) = &mut self.tls {
             fix(&mut tls.cert);
             fix(&mut tls.key);

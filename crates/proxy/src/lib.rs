@@ -21,6 +21,7 @@ pub mod config;
 pub mod errors;
 pub mod failover;
 pub mod forwarder;
+pub mod handoff;
 pub mod listener;
 pub mod metrics;
 pub mod parameters;
@@ -96,6 +97,11 @@ pub struct ProxyContext {
     /// `[backend_admin]`: pgferry's own login (its SCRAM keys are derived
     /// once and kept).
     pub admin_login: Option<backend::admin_conn::AdminLogin>,
+    /// Places under `max_client_connections`: taken by every accepted
+    /// connection and by every session adopted from another process.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Hand-off of this process to a new one, or from an old one.
+    pub handoff: handoff::HandoffState,
 }
 
 impl ProxyContext {
@@ -260,9 +266,26 @@ impl Proxy {
                 cancel_map: CancelMap::new(),
                 metrics,
                 registry: Registry::new(),
+                slots: Arc::new(tokio::sync::Semaphore::new(
+                    config.proxy.max_client_connections,
+                )),
+                handoff: handoff::HandoffState::default(),
                 config,
             }),
         })
+    }
+
+    /// The audit log writes nothing until `until` resolves (a new process
+    /// waits for the old one's last writes: `handoff::take`).
+    pub fn hold_audit_writes(&self, until: tokio::sync::oneshot::Receiver<()>) {
+        if let Some(b) = self
+            .batcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            b.hold_writes(until);
+        }
     }
 
     pub fn context(&self) -> &Arc<ProxyContext> {
@@ -301,6 +324,13 @@ impl Proxy {
         let (stop_balancer, balancer_stopped) = tokio::sync::watch::channel(false);
         let balancer_task =
             tokio::spawn(balancer::run_background(self.ctx.clone(), balancer_stopped));
+        // A hand-off that gave everything away ends this process too.
+        let shutdown = async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = self.ctx.handoff.finished() => {}
+            }
+        };
         listener::accept_loop(self.ctx.clone(), listener, shutdown).await;
         let _ = stop_balancer.send(true);
         let _ = balancer_task.await;

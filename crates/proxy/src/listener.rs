@@ -107,11 +107,24 @@ pub async fn accept_loop(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(ctx.config.proxy.max_client_connections));
+    let slots = ctx.slots.clone();
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
+    let mut accepting = ctx.handoff.accepting();
     tokio::pin!(shutdown);
-    while let Some((tcp, peer)) = accept_until(&listener, shutdown.as_mut(), "accept failed").await
-    {
+    loop {
+        // Paused while a new process holds the listener (`handoff`):
+        // connections wait in the accept queue the two processes share.
+        if !*accepting.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.as_mut() => break,
+                _ = accepting.changed() => continue,
+            }
+        }
+        let accepted = tokio::select! {
+            a = accept_until(&listener, shutdown.as_mut(), "accept failed") => a,
+            _ = accepting.changed() => continue,
+        };
+        let Some((tcp, peer)) = accepted else { break };
         ctx.metrics.client_connections_accepted.inc();
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {

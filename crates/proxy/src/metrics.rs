@@ -37,6 +37,14 @@ pub struct Metrics {
     pub migrations: Arc<MigrationOutcomes>,
     pub migration_duration: Histogram,
     pub migration_pause: Histogram,
+    /// Sessions by what became of them in a hand-off of this process to a
+    /// new one (`handed_over`, `kept`, `resumed`) or from an old one
+    /// (`adopted`, `refused`).
+    pub handoff_sessions: IntCounterVec,
+    /// Safe point to ACK for each session handed over (old process).
+    pub handoff_pause: Histogram,
+    /// 1 while this process hands itself over or takes another one over.
+    pub handoff_in_progress: IntGauge,
     pub migration_state_bytes: Histogram,
     /// Where a pause goes: `capture` (old backend), `connect` (target
     /// connection: a spare or a dial, concurrent with capture), `replay`.
@@ -267,6 +275,29 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets")),
             )
             .expect("static metric definition"),
+            handoff_sessions: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_handoff_sessions_total",
+                    "Sessions in a hand-off between pgferry processes, by outcome: handed_over, \
+                     kept (could not be handed over now), resumed (the new process refused or \
+                     died; served on here), adopted, refused",
+                ),
+                &["outcome"],
+            )
+            .expect("static metric definition"),
+            handoff_pause: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pgferry_handoff_pause_seconds",
+                    "Time a session's traffic was held while it was handed to a new process",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets")),
+            )
+            .expect("static metric definition"),
+            handoff_in_progress: IntGauge::new(
+                "pgferry_handoff_in_progress",
+                "1 while this process hands itself over to a new one or takes an old one over",
+            )
+            .expect("static metric definition"),
             migration_state_bytes: Histogram::with_opts(
                 HistogramOpts::new(
                     "pgferry_conn_migration_state_bytes",
@@ -361,6 +392,9 @@ impl Metrics {
             Box::new(m.migration_phase.clone()),
             Box::new(m.migration_state_reused.clone()),
             Box::new(m.migration_state_bytes.clone()),
+            Box::new(m.handoff_sessions.clone()),
+            Box::new(m.handoff_pause.clone()),
+            Box::new(m.handoff_in_progress.clone()),
             Box::new(m.backend_role.clone()),
             Box::new(m.switchover_total.clone()),
             Box::new(m.switchover_phase.clone()),
@@ -385,6 +419,9 @@ impl Metrics {
         }
         for outcome in ["success", "partial", "aborted", "failed"] {
             m.switchover_total.with_label_values(&[outcome]);
+        }
+        for outcome in ["handed_over", "kept", "resumed", "adopted", "refused"] {
+            m.handoff_sessions.with_label_values(&[outcome]);
         }
         for outcome in ["rehomed", "closed"] {
             m.failover_sessions.with_label_values(&[outcome]);

@@ -25,10 +25,11 @@ use crate::errors::SessionError;
 use crate::failover;
 use crate::forwarder::tracker::SessionTracker;
 use crate::forwarder::{
-    control_channel, ForwardEnd, Forwarder, HoldWord, Interrupt, TransferOutcome, TransferRequest,
+    control_channel, ForwardEnd, Forwarder, ForwarderParts, HoldWord, Interrupt, TransferOutcome,
+    TransferRequest,
 };
 use crate::metrics::MigrationResult;
-use crate::registry::SessionInfo;
+use crate::registry::{Registration, SessionInfo};
 use crate::stream::{tune_socket, Stream};
 use crate::transfer::{self, Remembered, ServerSide, SessionIdentity, TransferError};
 use crate::ProxyContext;
@@ -39,7 +40,15 @@ use tracing::Instrument;
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Keeps `pgferry_client_connections` right on every exit path.
-struct ClientGauge(prometheus::IntGauge);
+pub(crate) struct ClientGauge(prometheus::IntGauge);
+
+impl ClientGauge {
+    /// Counts one more client connection until dropped.
+    pub(crate) fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
 impl Drop for ClientGauge {
     fn drop(&mut self) {
         self.0.dec();
@@ -54,8 +63,7 @@ pub async fn serve(
     peer: SocketAddr,
     slot: OwnedSemaphorePermit,
 ) {
-    ctx.metrics.client_connections.inc();
-    let gauge = ClientGauge(ctx.metrics.client_connections.clone());
+    let gauge = ClientGauge::new(&ctx.metrics.client_connections);
     tune_socket(&tcp, ctx.config.proxy.tcp_keepalive);
     let trail = AuditTrail {
         audit: ctx.audit.as_ref(),
@@ -126,13 +134,13 @@ pub async fn serve(
 }
 
 /// Who a session is, handed from its setup to its own task.
-struct SessionBasics {
-    startup: StartupMessage,
-    credentials: BackendCredentials,
-    attrs: TargetSessionAttrs,
-    id: Uuid,
-    accepted_at: SystemTime,
-    peer: SocketAddr,
+pub(crate) struct SessionBasics {
+    pub startup: StartupMessage,
+    pub credentials: BackendCredentials,
+    pub attrs: TargetSessionAttrs,
+    pub id: Uuid,
+    pub accepted_at: SystemTime,
+    pub peer: SocketAddr,
 }
 
 /// This connection's audit row; does nothing without `[audit]`.
@@ -173,12 +181,6 @@ impl AuditTrail<'_> {
         self.ended(reason, 0, 0);
     }
 
-    fn backend(&self, name: &str) {
-        if let Some(a) = self.audit {
-            a.backend(self.id, name);
-        }
-    }
-
     fn migrated(&self, record: pgferry_audit::MigrationRecord) {
         if let Some(a) = self.audit {
             a.migrated(record);
@@ -203,7 +205,9 @@ impl AuditTrail<'_> {
 pub async fn serve_over_limit(ctx: Arc<ProxyContext>, tcp: TcpStream) {
     let fut = async {
         match negotiate(tcp, &ctx.tls, ctx.config.proxy.max_protocol).await {
-            Ok(Negotiated::Cancel(key)) => forward_cancel(&ctx, &key).await,
+            Ok(Negotiated::Cancel(key)) => {
+                forward_cancel(&ctx, &key).await;
+            }
             Ok(Negotiated::Session { stream, .. }) | Err(NegotiationFailure::Reply(stream, _)) => {
                 goodbye(stream, &SessionError::TooManyConnections).await
             }
@@ -276,28 +280,43 @@ async fn login(
     }
 }
 
-async fn forward_cancel(ctx: &ProxyContext, key: &CancelKey) {
+/// Routes a cancel request to the backend of the session holding `key`.
+/// True when a session held it (PostgreSQL ignores unknown keys; so do we).
+pub(crate) async fn forward_cancel(ctx: &ProxyContext, key: &CancelKey) -> bool {
     // A move's capture, dial and replay are each bounded by connect_timeout.
     let wait = ctx.config.proxy.connect_timeout * 3;
-    let target = match ctx.cancel_map.route(key, wait).await {
+    let mut route = ctx.cancel_map.route(key, wait).await;
+    if route == CancelRoute::Unknown {
+        // While an old pgferry process hands its sessions over, it may
+        // still serve this one: it routes the cancel itself. It may also
+        // have handed it over meanwhile: then it is here now.
+        if let Some(previous) = ctx.handoff.previous() {
+            if previous.cancel(key).await == Some(true) {
+                return true;
+            }
+            route = ctx.cancel_map.route(key, wait).await;
+        }
+    }
+    let target = match route {
         CancelRoute::Send(target) => target,
         // Unknown keys are ignored silently, as PostgreSQL does.
         CancelRoute::Unknown => {
             debug!("cancel request with unknown key");
-            return;
+            return false;
         }
         CancelRoute::StillMoving => {
             warn!("cancel request dropped: its session was still moving");
-            return;
+            return true;
         }
         CancelRoute::NothingToCancel => {
             debug!("cancel request dropped: its session was idle through a move");
-            return;
+            return true;
         }
     };
     if let Err(e) = send_cancel(&target, ctx.config.proxy.connect_timeout).await {
         warn!(backend = %target.backend, error = %e, "could not forward cancel request");
     }
+    true
 }
 
 /// Tries backends in least-connections order until one accepts the login.
@@ -389,47 +408,32 @@ async fn run_session(
     mut client: Stream,
     (server, relay): (ServerConnection, BytesMut),
     basics: SessionBasics,
-    _held: (ClientGauge, OwnedSemaphorePermit),
+    (gauge, slot): (ClientGauge, OwnedSemaphorePermit),
 ) {
-    let SessionBasics {
-        startup,
-        credentials,
-        attrs,
-        id,
-        accepted_at,
-        peer,
-    } = basics;
     let ctx = &ctx;
-    let trail = &AuditTrail {
-        audit: ctx.audit.as_ref(),
-        id,
-        accepted_at,
-        peer,
-    };
-    trail.backend(&server.backend().name);
-    let cancel_guard = CancelGuard(
-        ctx,
-        ctx.cancel_map.register(
-            CancelTarget {
-                backend: server.backend().name.clone(),
-                address: server.peer,
-                key: server.key.clone(),
-            },
-            SecretLen::for_minor_version(startup.minor_version),
-        ),
+    if let Some(a) = &ctx.audit {
+        a.backend(basics.id, &server.backend().name);
+    }
+    let cancel_key = ctx.cancel_map.register(
+        CancelTarget {
+            backend: server.backend().name.clone(),
+            address: server.peer,
+            key: server.key.clone(),
+        },
+        SecretLen::for_minor_version(basics.startup.minor_version),
     );
-    let cancel_key = &cancel_guard.1;
+    let cancel_guard = CancelGuard(ctx, cancel_key);
 
     // Listed before the client hears ReadyForQuery: a client that asks the
     // admin API about itself right after connecting must find itself.
     let (control_tx, control_rx) = control_channel();
-    let _registration = ctx.registry.register(
+    let registration = ctx.registry.register(
         SessionInfo {
-            id,
-            client_addr: peer,
-            user: startup.user().to_owned(),
-            database: startup.database().to_owned(),
-            application_name: startup.param("application_name").map(str::to_owned),
+            id: basics.id,
+            client_addr: basics.peer,
+            user: basics.startup.user().to_owned(),
+            database: basics.startup.database().to_owned(),
+            application_name: basics.startup.param("application_name").map(str::to_owned),
             backend: server.backend().name.clone(),
             connected_at: SystemTime::now(),
             migrations: 0,
@@ -439,7 +443,7 @@ async fn run_session(
         control_tx,
     );
     let mut hello = relay;
-    if encode_backend_key_data(&mut hello, cancel_key).is_err()
+    if encode_backend_key_data(&mut hello, &cancel_guard.1).is_err()
         || encode_ready_for_query(&mut hello, server.ready_status).is_err()
     {
         return;
@@ -449,7 +453,7 @@ async fn run_session(
         return;
     }
 
-    debug!(%id, %peer, user = startup.user(), backend = %server.backend().name, "session started");
+    debug!(id = %basics.id, peer = %basics.peer, user = basics.startup.user(), backend = %server.backend().name, "session started");
 
     let ServerConnection {
         stream: server_stream,
@@ -459,53 +463,168 @@ async fn run_session(
         peer: server_peer,
         key: server_key,
     } = server;
-    let mut server = ServerSide {
+    let server = ServerSide {
         lease,
         peer: server_peer,
         key: server_key,
         known: None,
     };
+    let parts = ForwarderParts {
+        client,
+        server: server_stream,
+        tracker: SessionTracker::new(ready_status, parameters),
+        control: control_rx,
+        held_from_client: Vec::new(),
+        deferred: Vec::new(),
+        bytes_from_client: 0,
+        bytes_to_client: 0,
+    };
+    live(
+        ctx,
+        Established {
+            basics,
+            server,
+            cancel_guard,
+            registration,
+            _held: (gauge, slot),
+        },
+        parts,
+    )
+    .await;
+}
+
+/// A session with its own backend and its place in the registry and the
+/// cancel map: one that logged in here, or one handed over from another
+/// pgferry process (`handoff::take`).
+pub(crate) struct Established<'c> {
+    pub basics: SessionBasics,
+    pub server: ServerSide,
+    pub cancel_guard: CancelGuard<'c>,
+    pub registration: Registration,
+    pub _held: (ClientGauge, OwnedSemaphorePermit),
+}
+
+/// Forwards until the session ends (then says goodbye properly) or is
+/// handed over to a new pgferry process (then says nothing: its sockets
+/// live on there).
+pub(crate) async fn live(ctx: &Arc<ProxyContext>, est: Established<'_>, parts: ForwarderParts) {
+    let Established {
+        basics,
+        mut server,
+        cancel_guard,
+        registration,
+        _held,
+    } = est;
+    let SessionBasics {
+        startup,
+        credentials,
+        attrs,
+        id,
+        accepted_at,
+        peer,
+    } = &basics;
+    let id = *id;
+    let trail = &AuditTrail {
+        audit: ctx.audit.as_ref(),
+        id,
+        accepted_at: *accepted_at,
+        peer: *peer,
+    };
     // Spares for this session's parameters, on every backend, from now on.
     let spare_demand = ctx
         .spares
         .enabled()
-        .then(|| ctx.spares.register(&startup, &credentials));
+        .then(|| ctx.spares.register(startup, credentials));
     if let Some(demand) = &spare_demand {
         transfer::spares::refill(ctx, demand.params());
     }
     let identity = SessionIdentity {
         id,
-        startup: &startup,
-        credentials: &credentials,
-        cancel_key,
+        startup,
+        credentials,
+        cancel_key: &cancel_guard.1,
         spare_params: spare_demand.as_ref().map(|d| d.params()),
-        attrs,
+        attrs: *attrs,
     };
-    let tracker = SessionTracker::new(ready_status, parameters);
-    let mut fwd = Forwarder::new(
-        client,
-        server_stream,
-        tracker,
-        control_rx,
-        ctx.config.proxy.max_message_length,
-        &ctx.metrics,
-    );
+    let max_len = ctx.config.proxy.max_message_length;
+    let mut fwd = match Forwarder::from_parts(parts, max_len, &ctx.metrics) {
+        Ok(f) => f,
+        Err(_) => return,
+    };
     let end = loop {
+        match forward(ctx, &mut fwd, &mut server, &identity, trail).await {
+            Stop::Ended(end) => break end,
+            Stop::HandOff(request) => {
+                let given = Box::pin(crate::handoff::give::offer(
+                    ctx,
+                    &basics,
+                    &server,
+                    &identity,
+                    fwd.into_parts(),
+                    request,
+                ))
+                .await;
+                match given {
+                    crate::handoff::give::Offered::Given => {
+                        // Its sockets, cancel key, audit row and slot in the
+                        // registry are the new process's now: no goodbye.
+                        drop(registration);
+                        return;
+                    }
+                    crate::handoff::give::Offered::Kept(parts) => {
+                        fwd = match Forwarder::from_parts(*parts, max_len, &ctx.metrics) {
+                            Ok(f) => f,
+                            Err(_) => return,
+                        };
+                        fwd.resume_after_transfer();
+                    }
+                    crate::handoff::give::Offered::Lost(why) => {
+                        // Frozen and then not resumable here (cannot happen
+                        // short of a broken runtime): the client hears why.
+                        warn!(%id, %why, "session lost in a failed hand-off");
+                        if let Some(a) = &ctx.audit {
+                            a.disconnect(id, SystemTime::now(), "handoff_failed", 0, 0);
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let reason = Box::pin(finish(&mut fwd, end, &server.backend().name, id)).await;
+    trail.ended(reason, fwd.bytes_from_client, fwd.bytes_to_client);
+    drop(registration);
+}
+
+/// Why `forward` returned.
+enum Stop {
+    Ended(ForwardEnd),
+    /// At a safe point, asked to go to a new pgferry process.
+    HandOff(TransferRequest),
+}
+
+/// The forwarding loop: migrations, failover and state sweeps happen here,
+/// inside the session's own task.
+async fn forward(
+    ctx: &Arc<ProxyContext>,
+    fwd: &mut Forwarder<'_>,
+    server: &mut ServerSide,
+    identity: &SessionIdentity<'_>,
+    trail: &AuditTrail<'_>,
+) -> Stop {
+    let id = identity.id;
+    loop {
         match fwd.run().await {
             Interrupt::Ended(end @ (ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_))) => {
                 let from = server.backend().name.clone();
                 let lost_at = SystemTime::now();
                 let started = Instant::now();
-                let after = Box::pin(failover::after_server_loss(
-                    ctx,
-                    &mut fwd,
-                    &mut server,
-                    &identity,
-                ))
-                .await;
+                let after = Box::pin(failover::after_server_loss(ctx, fwd, server, identity)).await;
                 match after {
-                    None => break end,
-                    Some(failover::AfterLoss::Close(err)) => break ForwardEnd::Terminated(err),
+                    None => return Stop::Ended(end),
+                    Some(failover::AfterLoss::Close(err)) => {
+                        return Stop::Ended(ForwardEnd::Terminated(err))
+                    }
                     Some(failover::AfterLoss::Rehomed(to)) => {
                         ctx.registry.record_migration(id, &to);
                         trail.migrated(pgferry_audit::MigrationRecord {
@@ -521,50 +640,38 @@ async fn run_session(
                     }
                 }
             }
-            Interrupt::Ended(end) => break end,
+            Interrupt::Ended(end) => return Stop::Ended(end),
             Interrupt::Remember => {
                 // Cancels wait, as during a move: they must not hit the capture.
                 let moving = ctx.cancel_map.moving(identity.cancel_key);
-                let r = Box::pin(transfer::remember(
-                    ctx,
-                    &mut fwd,
-                    &mut server,
-                    &identity,
-                    false,
-                ))
-                .await;
+                let r = Box::pin(transfer::remember(ctx, fwd, server, identity, false)).await;
                 moving.end(fwd.client_sent_during_hold());
                 match r {
                     Ok(transfer::Remembered::Captured) => ctx.metrics.state_remembered.inc(),
                     Ok(_) => {}
-                    Err(TransferError::BackendEnded { .. }) => break ForwardEnd::ServerClosed,
+                    Err(TransferError::BackendEnded { .. }) => {
+                        return Stop::Ended(ForwardEnd::ServerClosed)
+                    }
                     Err(TransferError::Fatal(reason) | TransferError::Recoverable(reason)) => {
-                        break ForwardEnd::Terminated(SessionError::MigrationFailed(reason))
+                        return Stop::Ended(ForwardEnd::Terminated(SessionError::MigrationFailed(
+                            reason,
+                        )))
                     }
                 }
                 fwd.resume_after_transfer();
             }
+            Interrupt::SafePoint(request) if request.hand_off => return Stop::HandOff(request),
             Interrupt::SafePoint(request) => {
                 // Boxed: its state is big, and an idle session's task should
                 // not carry room for it.
-                let fatal = Box::pin(migrate(
-                    ctx,
-                    &mut fwd,
-                    &mut server,
-                    &identity,
-                    request,
-                    trail,
-                ))
-                .await;
+                let fatal = Box::pin(migrate(ctx, fwd, server, identity, request, trail)).await;
                 if let Some(end) = fatal {
-                    break end;
+                    return Stop::Ended(end);
                 }
                 fwd.settle_queued_commands();
             }
         }
-    };
-    let reason = Box::pin(finish(&mut fwd, end, &server.backend().name, id)).await;
-    trail.ended(reason, fwd.bytes_from_client, fwd.bytes_to_client);
+    }
 }
 
 /// Writes `bytes` and flushes; the buffer is dropped after.
@@ -780,7 +887,8 @@ async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uui
     reason
 }
 
-struct CancelGuard<'a>(&'a ProxyContext, CancelKey);
+/// Removes the session's cancel key from the map when the session ends.
+pub(crate) struct CancelGuard<'a>(pub &'a ProxyContext, pub CancelKey);
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         self.0.cancel_map.remove(&self.1);

@@ -7,11 +7,16 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::tls::continued::ContinuedTls;
+use crate::tls::handover::Tracked;
+
 /// Boxed TLS variants keep the enum (and so every idle session) small.
 pub enum Stream {
     Plain(TcpStream),
-    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    ServerTls(Box<tokio_rustls::server::TlsStream<Tracked<TcpStream>>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<Tracked<TcpStream>>>),
+    /// A TLS session continued after a hand-off, either side.
+    Continued(Box<ContinuedTls>),
 }
 
 impl Stream {
@@ -20,8 +25,9 @@ impl Stream {
     }
 
     /// Nothing has arrived that is not read yet (a peek; consumes nothing
-    /// and registers no waker). A TLS stream may hold decrypted bytes the
-    /// socket cannot show, so it never counts as silent.
+    /// and registers no waker). A rustls stream may hold decrypted bytes the
+    /// socket cannot show, so it never counts as silent; a continued one
+    /// knows what it holds.
     pub fn is_silent(&self) -> bool {
         match self {
             Stream::Plain(s) => {
@@ -33,14 +39,16 @@ impl Stream {
                 )
             }
             Stream::ServerTls(_) | Stream::ClientTls(_) => false,
+            Stream::Continued(s) => s.is_silent(),
         }
     }
 
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::ServerTls(s) => s.get_ref().0,
-            Stream::ClientTls(s) => s.get_ref().0,
+            Stream::ServerTls(s) => s.get_ref().0.get_ref(),
+            Stream::ClientTls(s) => s.get_ref().0.get_ref(),
+            Stream::Continued(s) => s.tcp(),
         }
     }
 }
@@ -57,6 +65,10 @@ macro_rules! each {
                 $e
             }
             Stream::ClientTls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Stream::Continued($s) => {
                 let $s = Pin::new($s.as_mut());
                 $e
             }
@@ -104,6 +116,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::ServerTls(s) => s.is_write_vectored(),
             Stream::ClientTls(s) => s.is_write_vectored(),
+            Stream::Continued(s) => s.is_write_vectored(),
         }
     }
 }

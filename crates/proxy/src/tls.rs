@@ -12,7 +12,9 @@ use thiserror::Error;
 
 use crate::config::{BackendTlsMode, BackendTlsSection, TlsSection};
 
+pub mod continued;
 pub mod end_point;
+pub mod handover;
 
 #[derive(Debug, Error)]
 pub enum TlsConfigError {
@@ -68,10 +70,12 @@ pub fn server_tls(tls: &TlsSection) -> Result<ServerTls, TlsConfigError> {
         );
     }
     let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_err(&tls.key, e))?;
-    let cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
+    // A session's TLS keys can be handed to another process (tls::handover).
+    cfg.enable_secret_extraction = true;
     Ok(ServerTls {
         config: Arc::new(cfg),
         end_point,
@@ -84,7 +88,7 @@ pub fn backend_client_config(
 ) -> Result<Option<Arc<ClientConfig>>, TlsConfigError> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let cfg = match section.mode {
+    let mut cfg = match section.mode {
         BackendTlsMode::Disable => return Ok(None),
         BackendTlsMode::Require => builder
             .dangerous()
@@ -101,6 +105,8 @@ pub fn backend_client_config(
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
+    // A session's TLS keys can be handed to another process (tls::handover).
+    cfg.enable_secret_extraction = true;
     Ok(Some(Arc::new(cfg)))
 }
 

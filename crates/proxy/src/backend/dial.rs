@@ -264,6 +264,9 @@ async fn start_tls(
         b'S' => {
             let name = ServerName::try_from(host.to_owned())
                 .map_err(|e| DialError::Login(format!("invalid TLS server name {host:?}: {e}")))?;
+            // A config of this dial's own, whose key log a hand-off reads.
+            let (cfg, secrets) = crate::tls::handover::client_config(&cfg);
+            let tcp = crate::tls::handover::Tracked::new(tcp, secrets);
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await

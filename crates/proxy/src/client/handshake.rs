@@ -41,7 +41,9 @@ pub enum NegotiationFailure {
 }
 
 pub struct TlsPolicy {
-    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// The shared server config; each connection gets a clone with its own
+    /// key log (`tls::handover::server_config`).
+    pub acceptor: Option<Arc<rustls::ServerConfig>>,
     pub require: bool,
     /// `tls-server-end-point` data of the acceptor's certificate, built with it so the two
     /// cannot disagree; `None` without TLS or when the certificate gives no hash.
@@ -114,13 +116,15 @@ pub async fn negotiate(
                         ),
                     ));
                 }
-                let Some(acceptor) = &tls.acceptor else {
+                let Some(shared) = &tls.acceptor else {
                     write_byte(&mut tcp, b'N').await?;
                     stream = Stream::Plain(tcp);
                     continue;
                 };
                 write_byte(&mut tcp, b'S').await?;
-                match acceptor.accept(tcp).await {
+                let (cfg, secrets) = crate::tls::handover::server_config(shared);
+                let tcp = crate::tls::handover::Tracked::new(tcp, secrets);
+                match tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
                     Ok(t) => stream = Stream::ServerTls(Box::new(t)),
                     Err(e) => {
                         return Err(NegotiationFailure::Silent(format!(
@@ -203,7 +207,8 @@ async fn read_startup_packet<S: AsyncRead + Unpin>(
     parse_startup_body(&body).map_err(ReadFailure::Invalid)
 }
 
-/// The rustls acceptor for the configured certificate.
-pub fn acceptor(cfg: Arc<rustls::ServerConfig>) -> tokio_rustls::TlsAcceptor {
-    tokio_rustls::TlsAcceptor::from(cfg)
+/// What `TlsPolicy::acceptor` holds for the configured certificate: the
+/// shared config, from which each connection's acceptor is built.
+pub fn acceptor(cfg: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    cfg
 }

@@ -90,6 +90,11 @@ impl Extended {
         self.unsynced
     }
 
+    /// Restores the unnamed statement in a quiet session (`handoff`).
+    pub fn set_unnamed(&mut self, unnamed: Unnamed) {
+        self.unnamed = unnamed;
+    }
+
     pub fn unnamed(&self) -> &Unnamed {
         &self.unnamed
     }

@@ -76,6 +76,13 @@ pub enum ControlCommand {
         /// word before moving (or not).
         hold: Option<Hold>,
     },
+    /// Hand the session over to a new pgferry process (`handoff`) at its
+    /// next safe point, waiting at most `timeout` for one. The answer is
+    /// `Success` (handed over), `RecoverableError` (it stays here).
+    HandOff {
+        timeout: Duration,
+        reply: oneshot::Sender<TransferOutcome>,
+    },
     /// Close the session at the next message boundary with this error.
     Terminate(SessionError),
     /// The idle-state sweep (`[failover] remember_state_after`): if the
@@ -116,6 +123,9 @@ pub struct TransferRequest {
     pub requested_at: Instant,
     pub reply: oneshot::Sender<TransferOutcome>,
     pub hold: Option<Hold>,
+    /// Not a move but a hand-off to a new pgferry process: the same safe
+    /// point, another destination (`handoff::give`).
+    pub hand_off: bool,
 }
 
 /// A switchover's hold on one session: at its safe point the session
@@ -197,6 +207,18 @@ pub enum ForwardEnd {
     Terminated(SessionError),
 }
 
+/// A forwarder taken apart at a safe point (`Forwarder::into_parts`).
+pub struct ForwarderParts {
+    pub client: Stream,
+    pub server: Stream,
+    pub tracker: SessionTracker,
+    pub control: ControlReceiver,
+    pub held_from_client: Vec<u8>,
+    pub deferred: Vec<Deferred>,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+}
+
 pub struct Forwarder<'m> {
     pub client: Stream,
     pub server: Stream,
@@ -249,6 +271,65 @@ impl<'m> Forwarder<'m> {
         }
     }
 
+    /// Takes the forwarder apart at a safe point (a hand-off): the sockets,
+    /// what the tracker knows, the bytes the client sent during the hold
+    /// (read, not forwarded) and the statements being re-created.
+    pub fn into_parts(mut self) -> ForwarderParts {
+        let held = match &mut self.careful {
+            Some(c) => c.take_held(),
+            None => self.request.take_held(),
+        };
+        self.tracker.set_hold_at_sync(false);
+        ForwarderParts {
+            deferred: self.deferred_statements(),
+            client: self.client,
+            server: self.server,
+            tracker: self.tracker,
+            control: self.control,
+            held_from_client: held,
+            bytes_from_client: self.bytes_from_client,
+            bytes_to_client: self.bytes_to_client,
+        }
+    }
+
+    /// A forwarder again from `into_parts` (in this process or, after a
+    /// hand-off, another): the held bytes go first, then the sockets.
+    pub fn from_parts(
+        parts: ForwarderParts,
+        max_message_len: u32,
+        metrics: &'m Metrics,
+    ) -> Result<Self, ForwarderParts> {
+        let mut fwd = Self::new(
+            parts.client,
+            parts.server,
+            parts.tracker,
+            parts.control,
+            max_message_len,
+            metrics,
+        );
+        fwd.bytes_from_client = parts.bytes_from_client;
+        fwd.bytes_to_client = parts.bytes_to_client;
+        if !fwd.request.preload(&parts.held_from_client) {
+            // Cannot happen for bytes `into_parts` took (one buffer's worth).
+            return Err(fwd.into_parts_with(parts.held_from_client, parts.deferred));
+        }
+        fwd.defer_statements(parts.deferred);
+        Ok(fwd)
+    }
+
+    fn into_parts_with(self, held: Vec<u8>, deferred: Vec<Deferred>) -> ForwarderParts {
+        ForwarderParts {
+            deferred,
+            client: self.client,
+            server: self.server,
+            tracker: self.tracker,
+            control: self.control,
+            held_from_client: held,
+            bytes_from_client: self.bytes_from_client,
+            bytes_to_client: self.bytes_to_client,
+        }
+    }
+
     /// Forwards until one side ends or a transfer reaches its safe point;
     /// the sockets stay in `self` so the caller can transfer or say goodbye.
     pub async fn run(&mut self) -> Interrupt {
@@ -262,7 +343,7 @@ impl<'m> Forwarder<'m> {
             match self.run().await {
                 Interrupt::Ended(end) => return end,
                 Interrupt::SafePoint(req) => {
-                    self.refuse(req.reply, "transfers are not available");
+                    self.refuse_request(req, "transfers are not available");
                     self.resume_after_transfer();
                 }
                 Interrupt::Remember => {}
@@ -286,6 +367,11 @@ impl<'m> Forwarder<'m> {
         while let Ok(cmd) = self.control.0.try_recv() {
             match *cmd {
                 ControlCommand::Transfer { reply, .. } => self.refuse(reply, TRANSFER_IN_PROGRESS),
+                ControlCommand::HandOff { reply, .. } => {
+                    let _ = reply.send(TransferOutcome::RecoverableError(
+                        TRANSFER_IN_PROGRESS.into(),
+                    ));
+                }
                 other => self.handle(other),
             }
         }
@@ -399,6 +485,26 @@ impl<'m> Forwarder<'m> {
         }
     }
 
+    fn wait_for_safe_point(&mut self, request: TransferRequest, timeout: Duration) {
+        self.tracker.set_hold_at_sync(true);
+        self.transfer = TransferWait::Waiting {
+            request,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        };
+    }
+
+    /// `refuse` for a request that was waiting; a hand-off's refusal is not
+    /// a migration and is not counted as one.
+    fn refuse_request(&self, request: TransferRequest, reason: &str) {
+        if request.hand_off {
+            let _ = request
+                .reply
+                .send(TransferOutcome::RecoverableError(reason.into()));
+        } else {
+            self.refuse(request.reply, reason);
+        }
+    }
+
     fn handle(&mut self, cmd: ControlCommand) {
         match cmd {
             ControlCommand::Inspect(reply) => {
@@ -418,16 +524,32 @@ impl<'m> Forwarder<'m> {
                     self.refuse(reply, SESSION_CLOSING);
                     return;
                 }
-                self.tracker.set_hold_at_sync(true);
-                self.transfer = TransferWait::Waiting {
-                    request: TransferRequest {
+                self.wait_for_safe_point(
+                    TransferRequest {
                         to,
                         requested_at: Instant::now(),
                         reply,
                         hold,
+                        hand_off: false,
                     },
-                    deadline: Box::pin(tokio::time::sleep(timeout)),
+                    timeout,
+                );
+            }
+            ControlCommand::HandOff { timeout, reply } => {
+                let request = TransferRequest {
+                    to: None,
+                    requested_at: Instant::now(),
+                    reply,
+                    hold: None,
+                    hand_off: true,
                 };
+                if matches!(self.transfer, TransferWait::Waiting { .. }) {
+                    self.refuse_request(request, TRANSFER_IN_PROGRESS);
+                } else if self.tracker.client_terminated() {
+                    self.refuse_request(request, SESSION_CLOSING);
+                } else {
+                    self.wait_for_safe_point(request, timeout);
+                }
             }
             ControlCommand::Terminate(err) => self.pending_terminate = Some(err),
             ControlCommand::Remember => {
@@ -457,7 +579,7 @@ impl<'m> Forwarder<'m> {
                 if let TransferWait::Waiting { request, .. } =
                     std::mem::replace(&mut self.transfer, TransferWait::None)
                 {
-                    self.refuse(request.reply, "session ended before a safe point");
+                    self.refuse_request(request, "session ended before a safe point");
                 }
                 return Poll::Ready(Interrupt::Ended(end));
             }
@@ -491,7 +613,7 @@ impl<'m> Forwarder<'m> {
             if let TransferWait::Waiting { request, .. } =
                 std::mem::replace(&mut self.transfer, TransferWait::None)
             {
-                self.refuse(request.reply, SESSION_CLOSING);
+                self.refuse_request(request, SESSION_CLOSING);
             }
             self.resume_after_transfer();
             return WaitStep::Resumed;
@@ -511,7 +633,7 @@ impl<'m> Forwarder<'m> {
             if let TransferWait::Waiting { request, .. } =
                 std::mem::replace(&mut self.transfer, TransferWait::None)
             {
-                self.refuse(request.reply, "no safe point before deadline");
+                self.refuse_request(request, "no safe point before deadline");
             }
             self.resume_after_transfer();
             return WaitStep::Resumed;

@@ -100,6 +100,26 @@ impl Pump {
         held
     }
 
+    /// Starts an empty pump with bytes another process read from this
+    /// pump's source and did not scan (`handoff`): they are scanned and
+    /// forwarded before anything is read. False (nothing taken) if they do
+    /// not fit one buffer, which `take_held` never gives.
+    pub fn preload(&mut self, held: &[u8]) -> bool {
+        if held.is_empty() {
+            return true;
+        }
+        if self.buf.is_some() || held.len() > buffer_pool::BUFFER_SIZE {
+            return false;
+        }
+        let mut buf = buffer_pool::take();
+        buf[..held.len()].copy_from_slice(held);
+        self.buf = Some(buf);
+        self.written = 0;
+        self.scanned = 0;
+        self.filled = held.len();
+        true
+    }
+
     /// Holds a read buffer right now (for memory accounting and tests).
     pub fn holds_buffer(&self) -> bool {
         self.buf.is_some()

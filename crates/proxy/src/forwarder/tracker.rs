@@ -52,6 +52,26 @@ const MAX_PARAMETER_STATUS: usize = 8 * 1024;
 /// How much of a Query or Parse text is scanned for setting names.
 const MAX_SCANNED_TEXT: usize = 4 * 1024;
 
+/// `SessionTracker::carry`: the tracker's knowledge at a safe point.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrackerCarry {
+    pub clock: u64,
+    pub last_request: Option<(u8, u64)>,
+    pub last_response: Option<(u8, u64)>,
+    pub parameters: Vec<(String, String)>,
+    pub custom_settings: Vec<String>,
+    pub unnamed: UnnamedCarry,
+}
+
+/// `Unnamed`, as it travels.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum UnnamedCarry {
+    None,
+    Known(Vec<u8>),
+    TooLarge,
+    Unknown,
+}
+
 #[derive(Debug, Clone)]
 pub struct SessionTracker {
     clock: u64,
@@ -98,6 +118,47 @@ impl SessionTracker {
             custom_settings: Vec::new(),
             extended: Extended::default(),
         }
+    }
+
+    /// What a session at a safe point knows that another process must
+    /// know too (`handoff`): everything else is empty or zero there.
+    pub fn carry(&self) -> TrackerCarry {
+        TrackerCarry {
+            clock: self.clock,
+            last_request: self.last_request.map(|s| (s.tag, s.tick)),
+            last_response: self.last_response.map(|s| (s.tag, s.tick)),
+            parameters: self
+                .parameters
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+            custom_settings: self.custom_settings.clone(),
+            unnamed: match self.extended.unnamed() {
+                Unnamed::None => UnnamedCarry::None,
+                Unnamed::Known(body) => UnnamedCarry::Known(body.to_vec()),
+                Unnamed::TooLarge => UnnamedCarry::TooLarge,
+                Unnamed::Unknown => UnnamedCarry::Unknown,
+            },
+        }
+    }
+
+    /// A tracker at a safe point, as `carry` described it.
+    pub fn from_carry(c: TrackerCarry) -> Self {
+        let mut t = Self::new(
+            b'I',
+            ParameterList::from_pairs(c.parameters.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
+        );
+        t.clock = c.clock;
+        t.last_request = c.last_request.map(|(tag, tick)| Stamp { tag, tick });
+        t.last_response = c.last_response.map(|(tag, tick)| Stamp { tag, tick });
+        t.custom_settings = c.custom_settings;
+        t.extended.set_unnamed(match c.unnamed {
+            UnnamedCarry::None => Unnamed::None,
+            UnnamedCarry::Known(body) => Unnamed::Known(body.into_boxed_slice()),
+            UnnamedCarry::TooLarge => Unnamed::TooLarge,
+            UnnamedCarry::Unknown => Unnamed::Unknown,
+        });
+        t
     }
 
     pub fn outstanding(&self) -> u32 {
