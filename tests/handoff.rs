@@ -108,3 +108,181 @@ async fn idle_plaintext_sessions_keep_their_backend_through_a_takeover() {
     let (fresh, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
     fresh.simple_query("SELECT 1").await.expect("query");
 }
+
+/// psql (libpq, OpenSSL) in one long session over TLS, fed line by line.
+struct PsqlSession {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    name: String,
+}
+
+impl PsqlSession {
+    fn open(url: &str, name: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(psql_bin())
+            .arg(url)
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let stdin = child.stdin.take().expect("stdin");
+        let (tx, lines) = std::sync::mpsc::channel();
+        for out in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Self {
+            child,
+            stdin,
+            lines,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Sends statements that print nothing.
+    fn send(&mut self, sql: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{sql}").expect("write to psql");
+        self.stdin.flush().expect("flush psql");
+    }
+
+    /// Sends one statement; returns the next line psql prints.
+    fn query(&mut self, sql: &str) -> String {
+        self.send(sql);
+        self.lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{}: no answer to {sql}", self.name))
+    }
+}
+
+impl Drop for PsqlSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const PSQL_SETUP: &str = "SET work_mem = '3MB'; PREPARE who(int) AS SELECT $1 + 1, \
+    current_setting('work_mem'), pid, backend_start::text FROM pg_stat_activity \
+    WHERE pid = pg_backend_pid();";
+
+#[test]
+fn pgbench_and_idle_tls_and_plaintext_sessions_through_a_takeover() {
+    let e = env();
+    for c in [&e.pg1, &e.pg2] {
+        pgbench(c.port(), &["-i", "-s", "1", "-q"]);
+    }
+    let mut proxy = ProxyProcess::start(ProxyOptions {
+        proxy_extra: "max_client_connections = 200".into(),
+        ..ProxyOptions::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // 20 plaintext sessions (tokio-postgres: protocol-level prepared
+    // statements) and 20 TLS ones (psql: SQL-level PREPARE).
+    let plain: Vec<Idle> = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..20 {
+            let (client, conn) = tokio_config(&proxy, USER, PASSWORD)
+                .connect(tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            rt_spawn(conn);
+            v.push(Idle::open(client, &format!("plain{i}")).await);
+        }
+        v
+    });
+    let mut tls: Vec<(PsqlSession, String)> = (0..20)
+        .map(|i| {
+            let name = format!("tls{i}");
+            let mut s = PsqlSession::open(
+                &proxy.url(USER, PASSWORD, &format!("sslmode=require&application_name={name}")),
+                &name,
+            );
+            s.send(PSQL_SETUP);
+            let before = s.query("EXECUTE who(1);");
+            assert!(before.starts_with("2|3MB|"), "{name}: {before}");
+            (s, before)
+        })
+        .collect();
+
+    // Connection attempts all through the hand-off: none may be refused.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = proxy.port();
+    let connector = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = psql(
+                    &format!("postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/{DB}?sslmode=disable"),
+                    &["-X", "-A", "-t", "-c", "SELECT 1"],
+                    &[],
+                );
+                if out.status.success() && stdout(&out).trim() == "1" {
+                    ok += 1;
+                } else {
+                    failed.push(stderr(&out));
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let bench = std::thread::spawn(move || {
+        pgbench(
+            port,
+            &["-M", "prepared", "-c", "16", "-j", "2", "-T", "8", "-n"],
+        )
+    });
+    wait_until(Duration::from_secs(10), "pgbench sessions", || {
+        proxy.metric("pgferry_client_connections") >= 56.0
+    });
+    let old = proxy.take_over(&[]);
+    let code = exit_code(old, Duration::from_secs(40));
+    let out = bench.join().expect("pgbench");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (connects, refused) = connector.join().expect("connector");
+
+    assert_eq!(code, Some(0), "old process exit code; new log:\n{}", proxy.log());
+    let failed = number_after(&out, "number of failed transactions:");
+    let processed = number_after(&out, "number of transactions actually processed:");
+    assert_eq!(failed, 0.0, "{out}");
+    assert!(!out.contains("aborted"), "a pgbench client aborted:\n{out}");
+    assert!(processed > 0.0);
+    assert!(refused.is_empty(), "refused connection attempts: {refused:?}");
+    assert!(connects > 0);
+    rt.block_on(async {
+        for s in &plain {
+            s.check().await;
+        }
+    });
+    for (s, before) in &mut tls {
+        let after = s.query("EXECUTE who(1);");
+        assert_eq!(&after, before, "{}: settings, statement or server process changed", s.name);
+    }
+    // Every session of the old process was adopted: 16 pgbench, 40 idle.
+    let adopted = proxy.metric("pgferry_handoff_sessions_total{outcome=\"adopted\"}");
+    assert!(adopted >= 56.0, "adopted {adopted}");
+    eprintln!("takeover under pgbench: {processed} transactions, {connects} connection attempts, {adopted} sessions adopted");
+}
+
+fn rt_spawn<F>(f: F)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(f);
+}
