@@ -286,3 +286,47 @@ where
 {
     tokio::spawn(f);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_dies_midway_leaves_every_session_with_the_old_process() {
+    let mut proxy = ProxyProcess::start(ProxyOptions::default());
+    let mut sessions = Vec::new();
+    for i in 0..6 {
+        let (client, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+        sessions.push(Idle::open(client, &format!("stay{i}")).await);
+    }
+    let mut tls = PsqlSession::open(
+        &proxy.url(USER, PASSWORD, "sslmode=require&application_name=staytls"),
+        "staytls",
+    );
+    tls.send(PSQL_SETUP);
+    let tls_before = tls.query("EXECUTE who(1);");
+    // The new process takes the listeners, then dies as the first session
+    // arrives, before answering it.
+    let mut old = proxy.take_over(&[("PGFERRY_TEST_HANDOFF_DIE_AT_SESSION", "1")]);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(70));
+    assert!(old.try_wait().expect("wait").is_none(), "the old process must go on");
+    for s in &sessions {
+        s.check().await;
+    }
+    assert_eq!(tls.query("EXECUTE who(1);"), tls_before);
+    // The old process accepts again on the same listener.
+    let (fresh, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+    fresh.simple_query("SELECT 1").await.expect("query");
+    drop(fresh);
+    // Those in flight (up to handoff_window) came back; none was lost.
+    let resumed = proxy.metric("pgferry_handoff_sessions_total{outcome=\"resumed\"}");
+    assert!(resumed >= 1.0, "resumed {resumed}");
+    assert_eq!(
+        proxy.metric("pgferry_handoff_sessions_total{outcome=\"handed_over\"}"),
+        0.0
+    );
+    // And a later takeover goes through.
+    drop(proxy.replace_child(old));
+    let old = proxy.take_over(&[]);
+    assert_eq!(exit_code(old, Duration::from_secs(30)), Some(0));
+    for s in &sessions {
+        s.check().await;
+    }
+    assert_eq!(tls.query("EXECUTE who(1);"), tls_before);
+}

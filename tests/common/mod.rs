@@ -314,6 +314,24 @@ impl ProxyProcess {
         std::mem::replace(&mut self.child, child)
     }
 
+    /// Makes `child` this pgferry's process again (after a takeover that
+    /// died); returns the one it replaces.
+    pub fn replace_child(&mut self, child: Child) -> Child {
+        std::mem::replace(&mut self.child, child)
+    }
+
+    /// Waits for this pgferry to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "pgferry did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }

@@ -298,7 +298,7 @@ impl<'m> Forwarder<'m> {
         parts: ForwarderParts,
         max_message_len: u32,
         metrics: &'m Metrics,
-    ) -> Result<Self, ForwarderParts> {
+    ) -> Result<Self, Box<ForwarderParts>> {
         let mut fwd = Self::new(
             parts.client,
             parts.server,
@@ -311,7 +311,9 @@ impl<'m> Forwarder<'m> {
         fwd.bytes_to_client = parts.bytes_to_client;
         if !fwd.request.preload(&parts.held_from_client) {
             // Cannot happen for bytes `into_parts` took (one buffer's worth).
-            return Err(fwd.into_parts_with(parts.held_from_client, parts.deferred));
+            return Err(Box::new(
+                fwd.into_parts_with(parts.held_from_client, parts.deferred),
+            ));
         }
         fwd.defer_statements(parts.deferred);
         Ok(fwd)

@@ -222,6 +222,10 @@ impl TakingOver {
             match frame {
                 Frame::Session { state } => {
                     let id = state.id;
+                    if test_hook_die_at(adopted + refused + 1) {
+                        warn!("PGFERRY_TEST_HANDOFF_DIE_AT_SESSION: exiting before the ACK (test hook)");
+                        std::process::exit(70);
+                    }
                     match adopt(&ctx, *state, fds, self.state_version) {
                         Ok(session) => {
                             // The ACK first: the old process stops touching
@@ -254,10 +258,6 @@ impl TakingOver {
                         s.handed_over = adopted;
                         s.kept = refused;
                     });
-                    if test_hook_die_at(adopted) {
-                        warn!("PGFERRY_TEST_HANDOFF_DIE_AT_SESSION: exiting (test hook)");
-                        std::process::exit(70);
-                    }
                 }
                 Frame::Cancelled { req, found } => {
                     if let Some(tx) = lock(&previous.cancels).remove(&req) {
@@ -299,8 +299,9 @@ impl TakingOver {
     }
 }
 
-/// `PGFERRY_TEST_HANDOFF_DIE_AT_SESSION=N`: the new process exits right
-/// after adopting its Nth session (tests of an aborted hand-off only).
+/// `PGFERRY_TEST_HANDOFF_DIE_AT_SESSION=N`: the new process exits when
+/// its Nth session arrives, before answering it (tests of an aborted
+/// hand-off only): sessions 1..N-1 are its own and die with it.
 fn test_hook_die_at(adopted: u64) -> bool {
     std::env::var("PGFERRY_TEST_HANDOFF_DIE_AT_SESSION")
         .ok()
