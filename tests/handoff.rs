@@ -330,3 +330,111 @@ async fn a_takeover_that_dies_midway_leaves_every_session_with_the_old_process()
     }
     assert_eq!(tls.query("EXECUTE who(1);"), tls_before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_reach_queries_in_either_process_and_audit_rows_move_with_their_sessions() {
+    use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
+    let audit = Cluster::start_temp(
+        &ServerBinaries::find().expect("server binaries"),
+        ClusterOptions::named("handoff-audit"),
+    )
+    .expect("audit cluster");
+    let proxy_id = "handoff-audit";
+    let mut proxy = ProxyProcess::start(ProxyOptions {
+        proxy_extra: "handoff_timeout = \"100ms\"".into(),
+        extra_sections: format!(
+            "[audit]\nurl = \"host=127.0.0.1 port={} user={} password={} dbname=postgres\"\n\
+             proxy_id = \"{proxy_id}\"\nflush_interval = \"100ms\"\n",
+            audit.port(),
+            audit.superuser(),
+            audit.superuser_password()
+        ),
+        ..ProxyOptions::default()
+    });
+    let rows = |condition: &str| -> i64 {
+        audit
+            .psql(
+                "postgres",
+                &format!(
+                    "select count(*) from pgferry_connection_log \
+                     where proxy_id = '{proxy_id}' and ({condition})"
+                ),
+            )
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1)
+    };
+    let idle: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(connect(&proxy, USER, PASSWORD).await.expect("connect").0);
+        }
+        v
+    };
+    // One session is busy through the takeover: it stays with the old
+    // process until its query ends, and a cancel for it, arriving at the
+    // new process, is passed back to the old one.
+    let (busy, conn) = tokio_config(&proxy, USER, PASSWORD)
+        .application_name("sleeper")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let busy_cancel = busy.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let r = busy.simple_query("SELECT pg_sleep(60)").await;
+        (busy, r)
+    });
+    wait_until(Duration::from_secs(10), "the sleep to start", || {
+        has_session_in_state(proxy.admin, "sleeper", "active")
+    });
+    wait_until(Duration::from_secs(10), "audit rows of the open sessions", || {
+        rows("disconnect_time IS NULL") == 4
+    });
+    let old = proxy.take_over(&[]);
+    busy_cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel request");
+    let (busy, r) = sleeping.await.expect("task");
+    let err = r.expect_err("the sleep was cancelled");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert_eq!(exit_code(old, Duration::from_secs(30)), Some(0));
+    // Every session runs in the new process now, and cancels find it there.
+    let busy_cancel = busy.cancel_token();
+    let sleeping = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(60)").await });
+    wait_until(Duration::from_secs(10), "the second sleep to start", || {
+        has_session_in_state(proxy.admin, "sleeper", "active")
+    });
+    busy_cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel request");
+    let err = sleeping
+        .await
+        .expect("task")
+        .expect_err("the sleep was cancelled");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    for c in &idle {
+        c.simple_query("SELECT 1").await.expect("idle session");
+    }
+    drop(idle);
+    // One row per session (the sleeper's task ended with its client), none
+    // closed by a restart sweep, each closed once, by the new process,
+    // when its client left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    drop(busy_cancel);
+    while rows("disconnect_time IS NOT NULL") != 4 {
+        assert!(
+            Instant::now() < deadline,
+            "closed rows: {}, all rows: {}; log:\n{}",
+            rows("disconnect_time IS NOT NULL"),
+            rows("true"),
+            proxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rows("true"), 4, "one row per session");
+    assert_eq!(rows("disconnect_reason = 'proxy_restarted'"), 0);
+    assert_eq!(rows("disconnect_reason = 'client_closed'"), 4);
+}

@@ -2,13 +2,15 @@
 //!
 //! Owns the HTTP surface: `GET /healthz`, `GET /metrics` (Prometheus text),
 //! and the `/v1` API for orchestrators (list and move sessions; list, add,
-//! drain, activate and remove backends; rebalance; switch a primary over). It reads
+//! drain, activate and remove backends; rebalance; switch a primary over;
+//! hand this process over to a new one). It reads
 //! proxy state through the registry and must never touch a session's
 //! sockets itself: it talks to sessions only through their control
 //! channels. How connections are accepted and timed out is `server`'s.
 
 mod backends;
 mod connections;
+mod handoff;
 mod server;
 mod switchover;
 
@@ -47,6 +49,7 @@ pub fn router(state: AdminState) -> Router {
             "/v1/switchover",
             get(switchover::progress).post(switchover::start),
         )
+        .route("/v1/handoff", get(handoff::progress).post(handoff::start))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -115,8 +118,10 @@ pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-/// Serves the admin API until `shutdown` resolves, within `[proxy]`'s
-/// `admin_max_connections`, `admin_header_timeout` and `admin_idle_timeout`.
+/// Serves the admin API until `shutdown` resolves or this process has
+/// handed everything over to a new one (the listener is the new one's
+/// then), within `[proxy]`'s `admin_max_connections`,
+/// `admin_header_timeout` and `admin_idle_timeout`.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
@@ -129,7 +134,15 @@ pub async fn serve(
         max_connections: p.admin_max_connections,
     };
     let metrics = state.metrics.clone();
-    server::serve(listener, router(state), limits, metrics, shutdown).await
+    let proxy = state.proxy.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = proxy.handoff.finished() => {}
+        }
+    };
+    let accepting = state.proxy.handoff.accepting();
+    server::serve(listener, router(state), limits, metrics, accepting, shutdown).await
 }
 
 #[cfg(test)]

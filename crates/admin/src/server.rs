@@ -45,22 +45,37 @@ const REFUSAL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets open
 /// requests finish (idle connections close at once) and returns when every
-/// connection has ended.
+/// connection has ended. Accepts only while `accepting` is true: during a
+/// hand-off a new process holds a copy of the listener, and new admin
+/// connections are its (the client listener pauses the same way).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     metrics: Arc<Metrics>,
+    mut accepting: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut refusals = Refusals::default();
     tokio::pin!(shutdown);
-    while let Some((tcp, peer)) =
-        pgferry_proxy::listener::accept_until(&listener, shutdown.as_mut(), "admin accept failed")
-            .await
-    {
+    loop {
+        if !*accepting.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.as_mut() => break,
+                _ = changed(&mut accepting) => continue,
+            }
+        }
+        let accepted = tokio::select! {
+            a = pgferry_proxy::listener::accept_until(
+                &listener,
+                shutdown.as_mut(),
+                "admin accept failed",
+            ) => a,
+            _ = changed(&mut accepting) => continue,
+        };
+        let Some((tcp, peer)) = accepted else { break };
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(serve_connection(
@@ -89,6 +104,14 @@ pub async fn serve(
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
     Ok(())
+}
+
+/// Resolves when `accepting` changes; never once its sender is gone (the
+/// gate then stays as it was).
+async fn changed(accepting: &mut watch::Receiver<bool>) {
+    if accepting.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Rate limit of the "admin connection limit reached" warning.
