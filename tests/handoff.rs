@@ -438,3 +438,58 @@ async fn cancels_reach_queries_in_either_process_and_audit_rows_move_with_their_
     assert_eq!(rows("disconnect_reason = 'proxy_restarted'"), 0);
     assert_eq!(rows("disconnect_reason = 'client_closed'"), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_with_an_unknown_state_format_is_refused_and_the_old_one_goes_on() {
+    let proxy = ProxyProcess::start(ProxyOptions::default());
+    let (client, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+    let session = Idle::open(client, "skew").await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args(["run", "--takeover", "--config"])
+        .arg(proxy.config_path())
+        .env("PGFERRY_TEST_HANDOFF_STATE", "99-99")
+        .output()
+        .expect("run pgferry");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no common version"), "{err}");
+    session.check().await;
+    let (fresh, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+    fresh.simple_query("SELECT 1").await.expect("query");
+    // A plain second start beside a running pgferry is refused too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
+        .args(["run", "--config"])
+        .arg(proxy.config_path())
+        .output()
+        .expect("run pgferry");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--takeover"), "{}", stderr(&out));
+    session.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_reaches_a_safe_point_stays_with_the_old_process_until_shutdown_timeout(
+) {
+    let mut proxy = ProxyProcess::start(ProxyOptions::default());
+    let (moved, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+    let moved = Idle::open(moved, "moved").await;
+    let (stuck, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+    stuck.batch_execute("BEGIN").await.expect("begin");
+    let old = proxy.take_over(&[]);
+    // shutdown_timeout (1 s in these tests) of asking, then as much again
+    // to finish, then 57P01: the old process exits 0 all the same.
+    assert_eq!(exit_code(old, Duration::from_secs(30)), Some(0));
+    let err = stuck
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("its process has ended");
+    assert!(
+        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
+    moved.check().await;
+    assert_eq!(
+        proxy.metric("pgferry_handoff_sessions_total{outcome=\"adopted\"}"),
+        1.0
+    );
+}

@@ -9,10 +9,11 @@ use std::time::Duration;
 /// `ctl` subcommand, whose doc comment would otherwise replace it.
 pub const LONG_ABOUT: &str = "Inspect and steer a running pgferry through its HTTP admin API: \
 list backends and sessions, move a session, drain, activate, add or remove a backend, \
-rebalance, switch a primary over to its standby.\n\n\
+rebalance, switch a primary over to its standby, restart pgferry itself (handoff).\n\n\
 Exit status: 0 on success; 1 when the server answers an error or cannot be reached, a \
-transfer does not succeed, a drain leaves sessions behind or fails to move some, or a \
-switchover aborts or cannot move every session; 2 on a usage error.";
+transfer does not succeed, a drain leaves sessions behind or fails to move some, a \
+switchover aborts or cannot move every session, or a hand-off aborts, is not over within \
+--timeout or leaves sessions with the old process; 2 on a usage error.";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CtlArgs {
@@ -98,6 +99,19 @@ pub enum CtlCommand {
         /// (server default: [switchover] default_timeout).
         #[arg(long, value_name = "DURATION")]
         timeout: Option<Timeout>,
+    },
+    /// Restart pgferry without dropping a session: a new process started
+    /// from the binary on disk takes the listeners and every session over
+    /// (as SIGUSR2 does); answers when it is over.
+    Handoff {
+        /// How long to wait for the outcome, e.g. 2m; the hand-off goes on
+        /// after it (default: until it is over).
+        #[arg(long, value_name = "DURATION", conflicts_with = "status")]
+        timeout: Option<Timeout>,
+        /// Only show the last hand-off's status, as the process that
+        /// answers sees it.
+        #[arg(long)]
+        status: bool,
     },
     /// Remove a backend that has no sessions (drain it first).
     Remove {
@@ -254,6 +268,22 @@ mod tests {
                 force: true
             }
         );
+        let a = parse(&["handoff", "--timeout", "2m"]).expect("parse");
+        assert_eq!(
+            a.command,
+            CtlCommand::Handoff {
+                timeout: Some(Timeout(Duration::from_secs(120))),
+                status: false
+            }
+        );
+        let a = parse(&["handoff", "--status"]).expect("parse");
+        assert_eq!(
+            a.command,
+            CtlCommand::Handoff {
+                timeout: None,
+                status: true
+            }
+        );
         let a = parse(&["add", "pg3", "127.0.0.1:5434"]).expect("parse");
         assert_eq!(
             a.command,
@@ -272,5 +302,6 @@ mod tests {
         assert!(parse(&["transfer"]).is_err());
         assert!(parse(&["add", "pg3"]).is_err());
         assert!(parse(&["frobnicate"]).is_err());
+        assert!(parse(&["handoff", "--status", "--timeout", "5s"]).is_err());
     }
 }

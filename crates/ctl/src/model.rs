@@ -142,3 +142,25 @@ pub struct SwitchoverProgress {
     #[serde(default)]
     pub sessions: u64,
 }
+
+/// `GET /v1/handoff`, and the answers of `POST /v1/handoff` (200, 202, and
+/// 409 when it aborted).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Handoff {
+    pub phase: String,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub peer_pid: Option<i64>,
+    #[serde(default)]
+    pub handed_over: u64,
+    #[serde(default)]
+    pub kept: u64,
+    #[serde(default)]
+    pub resumed: u64,
+    #[serde(default)]
+    pub remaining: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub pid: i64,
+}

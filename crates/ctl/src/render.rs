@@ -2,7 +2,8 @@
 //! functions from answers to text, so they are tested without a server.
 
 use crate::model::{
-    Backend, Connection, Drain, Rebalance, Removed, Switchover, SwitchoverProgress, Transfer,
+    Backend, Connection, Drain, Handoff, Rebalance, Removed, Switchover, SwitchoverProgress,
+    Transfer,
 };
 
 /// Left-aligned columns, two spaces apart, no trailing blanks.
@@ -275,6 +276,54 @@ pub fn drain_progress(name: &str, sessions: u64) -> String {
     )
 }
 
+/// A hand-off's status in one line, from the side of the process that
+/// answered (`role`); also the progress lines.
+pub fn handoff(h: &Handoff) -> String {
+    let me = format!("pid {}", h.pid);
+    let peer = h
+        .peer_pid
+        .map(|p| format!("pid {p}"))
+        .unwrap_or_else(|| "the other process".to_owned());
+    let error = cell(h.error.as_deref().unwrap_or("no reason given"));
+    match (h.phase.as_str(), h.role.as_deref()) {
+        ("idle", _) => format!("hand-off: none yet ({me} answered)"),
+        ("taking_over", _) => format!(
+            "hand-off: {me} is taking over from {peer}: adopted {}, refused {}",
+            h.handed_over, h.kept
+        ),
+        ("done", Some("new")) => format!(
+            "hand-off done: {me} serves, it took over from {peer} (adopted {}, refused {})",
+            h.handed_over, h.kept
+        ),
+        ("done", _) => {
+            let mut line = format!(
+                "hand-off done: {peer} serves now, {me} handed over {}, resumed {}",
+                plural(h.handed_over, "session", "sessions"),
+                h.resumed
+            );
+            if h.kept > 0 {
+                line.push_str(&format!(
+                    "; {} stay with {me} until they end (57P01 after shutdown_timeout)",
+                    h.kept
+                ));
+            }
+            line
+        }
+        ("aborted", _) => format!(
+            "hand-off aborted: {me} serves on, every session it did not hand over included \
+             (handed over {}, resumed {}): {error}",
+            h.handed_over, h.resumed
+        ),
+        (phase, _) => format!(
+            "hand-off: {}, {me} -> {peer}: handed over {}, kept {}, {} left",
+            cell(phase),
+            h.handed_over,
+            h.kept,
+            h.remaining
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,5 +477,46 @@ mod tests {
         assert_eq!(millis(0.04), "0.0 ms");
         assert_eq!(millis(999.94), "999.9 ms");
         assert_eq!(millis(1500.0), "1.50 s");
+    }
+
+    #[test]
+    fn handoff_lines_say_who_serves() {
+        let h: Handoff = parse(
+            r#"{"phase":"done","role":"old","peer_pid":20,"handed_over":3,"kept":0,"resumed":1,
+                "remaining":0,"error":null,"pid":10}"#,
+        );
+        assert_eq!(
+            handoff(&h),
+            "hand-off done: pid 20 serves now, pid 10 handed over 3 sessions, resumed 1"
+        );
+        let kept = Handoff { kept: 2, ..h.clone() };
+        assert!(handoff(&kept).ends_with("; 2 stay with pid 10 until they end (57P01 after shutdown_timeout)"));
+        let aborted = Handoff {
+            phase: "aborted".into(),
+            error: Some("the new process ended the hand-off".into()),
+            ..h.clone()
+        };
+        assert!(
+            handoff(&aborted).starts_with("hand-off aborted: pid 10 serves on")
+                && handoff(&aborted).ends_with(": the new process ended the hand-off"),
+            "{}",
+            handoff(&aborted)
+        );
+        let running = Handoff {
+            phase: "handing_over".into(),
+            remaining: 4,
+            ..h.clone()
+        };
+        assert_eq!(
+            handoff(&running),
+            "hand-off: handing_over, pid 10 -> pid 20: handed over 3, kept 0, 4 left"
+        );
+        let new: Handoff = parse(r#"{"phase":"taking_over","role":"new","peer_pid":10,"pid":20}"#);
+        assert_eq!(
+            handoff(&new),
+            "hand-off: pid 20 is taking over from pid 10: adopted 0, refused 0"
+        );
+        let idle: Handoff = parse(r#"{"phase":"idle","pid":10}"#);
+        assert_eq!(handoff(&idle), "hand-off: none yet (pid 10 answered)");
     }
 }

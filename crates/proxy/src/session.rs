@@ -674,6 +674,9 @@ async fn forward(
     }
 }
 
+/// Why a move asked for during a hand-off of this process is refused.
+const HANDOFF_RUNNING: &str = "pgferry is handing its sessions over to a new process";
+
 /// Writes `bytes` and flushes; the buffer is dropped after.
 async fn send_all(stream: &mut Stream, bytes: BytesMut) -> std::io::Result<()> {
     stream.write_all(&bytes).await?;
@@ -693,6 +696,16 @@ async fn migrate(
     let paused_at = Instant::now();
     // A switchover's hold: held here, at the safe point, until its word.
     let switchover = request.hold.is_some();
+    // Sessions are on their way to a new pgferry process: a move now
+    // would only race it (the hand-off comes first; moves resume there).
+    if !switchover && ctx.handoff.in_progress() {
+        fwd.resume_after_transfer();
+        ctx.metrics.migrations.record(MigrationResult::Recoverable);
+        let _ = request.reply.send(TransferOutcome::RecoverableError(
+            HANDOFF_RUNNING.into(),
+        ));
+        return None;
+    }
     if let Some(hold) = request.hold.take() {
         // The state is captured now, while the old primary is surely up.
         let moving = ctx.cancel_map.moving(identity.cancel_key);

@@ -298,6 +298,11 @@ pub async fn switchover(
     timeout: Duration,
 ) -> Result<SwitchoverReport, SwitchoverError> {
     let (from_b, to_b) = validate(ctx, from, to)?;
+    if ctx.handoff.in_progress() {
+        return Err(SwitchoverError::Invalid(
+            "pgferry is handing its sessions over to a new process; try again after it".into(),
+        ));
+    }
     let _one = ctx
         .switchover
         .running
