@@ -209,7 +209,11 @@ fn pgbench_and_idle_tls_and_plaintext_sessions_through_a_takeover() {
         .map(|i| {
             let name = format!("tls{i}");
             let mut s = PsqlSession::open(
-                &proxy.url(USER, PASSWORD, &format!("sslmode=require&application_name={name}")),
+                &proxy.url(
+                    USER,
+                    PASSWORD,
+                    &format!("sslmode=require&application_name={name}"),
+                ),
                 &name,
             );
             s.send(PSQL_SETUP);
@@ -228,7 +232,9 @@ fn pgbench_and_idle_tls_and_plaintext_sessions_through_a_takeover() {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let out = psql(
-                    &format!("postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/{DB}?sslmode=disable"),
+                    &format!(
+                        "postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/{DB}?sslmode=disable"
+                    ),
                     &["-X", "-A", "-t", "-c", "SELECT 1"],
                     &[],
                 );
@@ -256,13 +262,21 @@ fn pgbench_and_idle_tls_and_plaintext_sessions_through_a_takeover() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (connects, refused) = connector.join().expect("connector");
 
-    assert_eq!(code, Some(0), "old process exit code; new log:\n{}", proxy.log());
+    assert_eq!(
+        code,
+        Some(0),
+        "old process exit code; new log:\n{}",
+        proxy.log()
+    );
     let failed = number_after(&out, "number of failed transactions:");
     let processed = number_after(&out, "number of transactions actually processed:");
     assert_eq!(failed, 0.0, "{out}");
     assert!(!out.contains("aborted"), "a pgbench client aborted:\n{out}");
     assert!(processed > 0.0);
-    assert!(refused.is_empty(), "refused connection attempts: {refused:?}");
+    assert!(
+        refused.is_empty(),
+        "refused connection attempts: {refused:?}"
+    );
     assert!(connects > 0);
     rt.block_on(async {
         for s in &plain {
@@ -271,7 +285,11 @@ fn pgbench_and_idle_tls_and_plaintext_sessions_through_a_takeover() {
     });
     for (s, before) in &mut tls {
         let after = s.query("EXECUTE who(1);");
-        assert_eq!(&after, before, "{}: settings, statement or server process changed", s.name);
+        assert_eq!(
+            &after, before,
+            "{}: settings, statement or server process changed",
+            s.name
+        );
     }
     // Every session of the old process was adopted: 16 pgbench, 40 idle.
     let adopted = proxy.metric("pgferry_handoff_sessions_total{outcome=\"adopted\"}");
@@ -305,7 +323,10 @@ async fn a_takeover_that_dies_midway_leaves_every_session_with_the_old_process()
     // arrives, before answering it.
     let mut old = proxy.take_over(&[("PGFERRY_TEST_HANDOFF_DIE_AT_SESSION", "1")]);
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(70));
-    assert!(old.try_wait().expect("wait").is_none(), "the old process must go on");
+    assert!(
+        old.try_wait().expect("wait").is_none(),
+        "the old process must go on"
+    );
     for s in &sessions {
         s.check().await;
     }
@@ -388,9 +409,11 @@ async fn cancels_reach_queries_in_either_process_and_audit_rows_move_with_their_
     wait_until(Duration::from_secs(10), "the sleep to start", || {
         has_session_in_state(proxy.admin, "sleeper", "active")
     });
-    wait_until(Duration::from_secs(10), "audit rows of the open sessions", || {
-        rows("disconnect_time IS NULL") == 4
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "audit rows of the open sessions",
+        || rows("disconnect_time IS NULL") == 4,
+    );
     let old = proxy.take_over(&[]);
     busy_cancel
         .cancel_query(tokio_postgres::NoTls)
@@ -492,4 +515,100 @@ async fn a_session_that_never_reaches_a_safe_point_stays_with_the_old_process_un
         proxy.metric("pgferry_handoff_sessions_total{outcome=\"adopted\"}"),
         1.0
     );
+}
+
+/// A cluster of its own with TLS on (a self-signed certificate).
+fn tls_cluster() -> pgferry_pgcluster::Cluster {
+    use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let cluster = Cluster::start_temp(
+        &ServerBinaries::find().expect("server binaries"),
+        ClusterOptions::named("handoff-tls"),
+    )
+    .expect("cluster");
+    cluster
+        .ensure_user_and_database(USER, PASSWORD, DB)
+        .expect("user");
+    let dir = cluster.data_dir();
+    let owner = std::fs::metadata(dir).expect("data dir");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("certificate");
+    for (file, body) in [
+        ("server.crt", ck.cert.pem()),
+        ("server.key", ck.signing_key.serialize_pem()),
+    ] {
+        let path = dir.join(file);
+        std::fs::write(&path, body).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        nix::unistd::chown(
+            &path,
+            Some(nix::unistd::Uid::from_raw(owner.uid())),
+            Some(nix::unistd::Gid::from_raw(owner.gid())),
+        )
+        .expect("chown");
+    }
+    cluster
+        .psql("postgres", "ALTER SYSTEM SET ssl = on")
+        .expect("ssl on");
+    cluster
+        .psql("postgres", "SELECT pg_reload_conf()")
+        .expect("reload");
+    wait_until(Duration::from_secs(10), "ssl on", || {
+        cluster.psql("postgres", "SHOW ssl").ok().as_deref() == Some("on")
+    });
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_sessions_go_on_through_two_takeovers_in_a_row() {
+    let cluster = tls_cluster();
+    let mut proxy = ProxyProcess::start(ProxyOptions {
+        extra_sections: "[backend_tls]\nmode = \"require\"\n".into(),
+        ..ProxyOptions::bare(vec![("pgtls".into(), cluster.addr().to_string())])
+    });
+    let mut sessions = Vec::new();
+    for i in 0..4 {
+        let (client, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+        let ssl: bool = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_ssl")
+            .get(0);
+        assert!(ssl, "pgferry's connection to the server is TLS");
+        sessions.push(Idle::open(client, &format!("btls{i}")).await);
+    }
+    let mut tls = PsqlSession::open(
+        &proxy.url(USER, PASSWORD, "sslmode=require&application_name=both"),
+        "both",
+    );
+    tls.send(PSQL_SETUP);
+    let before = tls.query("EXECUTE who(1);");
+    // A -> B -> C: the second hand-off exports streams the first one
+    // continued (pgferry's own record layer, both sides of the proxy).
+    for round in 0..2 {
+        let old = proxy.take_over(&[]);
+        assert_eq!(
+            exit_code(old, Duration::from_secs(30)),
+            Some(0),
+            "round {round}"
+        );
+        for s in &sessions {
+            s.check().await;
+        }
+        // Large answers: many TLS records each way.
+        let big: String = sessions[0]
+            .client
+            .query_one("SELECT repeat('x', 300000)", &[])
+            .await
+            .expect("big")
+            .get(0);
+        assert_eq!(big.len(), 300_000);
+        assert_eq!(tls.query("EXECUTE who(1);"), before, "round {round}");
+        assert_eq!(
+            tls.query("SELECT length(repeat('y', 200000) || $$z$$);"),
+            "200001"
+        );
+    }
 }

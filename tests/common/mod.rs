@@ -327,7 +327,10 @@ impl ProxyProcess {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "pgferry did not exit within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "pgferry did not exit within {within:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -815,5 +818,19 @@ pub fn backend_of(proxy: &ProxyProcess, app: &str) -> &'static pgferry_pgcluster
         Some("pg1") => &e.pg1,
         Some("pg2") => &e.pg2,
         other => panic!("unexpected backend {other:?}"),
+    }
+}
+
+impl ProxyProcess {
+    /// `restart` with extra environment variables (test hooks a process
+    /// started by this one inherits).
+    pub fn restart_with_env(&mut self, envs: &[(&str, &str)]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr, admin, log) = spawn_with(&self.config_path(), self.limits, false, envs);
+        self.child = child;
+        self.addr = addr;
+        self.admin = admin;
+        self.log = log;
     }
 }

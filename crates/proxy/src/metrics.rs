@@ -41,7 +41,8 @@ pub struct Metrics {
     /// new one (`handed_over`, `kept`, `resumed`) or from an old one
     /// (`adopted`, `refused`).
     pub handoff_sessions: IntCounterVec,
-    /// Safe point to ACK for each session handed over (old process).
+    /// Each adopted session's pause: its safe point in the old process to
+    /// forwarding in this one (new process).
     pub handoff_pause: Histogram,
     /// 1 while this process hands itself over or takes another one over.
     pub handoff_in_progress: IntGauge,
@@ -288,9 +289,10 @@ impl Metrics {
             handoff_pause: Histogram::with_opts(
                 HistogramOpts::new(
                     "pgferry_handoff_pause_seconds",
-                    "Time a session's traffic was held while it was handed to a new process",
+                    "Time a session's traffic was held while it was handed over to this process \
+                     (from its safe point in the old process to forwarding here)",
                 )
-                .buckets(prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets")),
+                .buckets(prometheus::exponential_buckets(0.0001, 1.5, 24).expect("static buckets")),
             )
             .expect("static metric definition"),
             handoff_in_progress: IntGauge::new(

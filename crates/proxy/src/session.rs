@@ -701,9 +701,9 @@ async fn migrate(
     if !switchover && ctx.handoff.in_progress() {
         fwd.resume_after_transfer();
         ctx.metrics.migrations.record(MigrationResult::Recoverable);
-        let _ = request.reply.send(TransferOutcome::RecoverableError(
-            HANDOFF_RUNNING.into(),
-        ));
+        let _ = request
+            .reply
+            .send(TransferOutcome::RecoverableError(HANDOFF_RUNNING.into()));
         return None;
     }
     if let Some(hold) = request.hold.take() {

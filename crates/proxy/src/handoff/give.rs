@@ -456,10 +456,11 @@ pub(crate) async fn offer(
         return Offered::Kept(Box::new(parts));
     };
     let paused_at = Instant::now();
+    let paused_at_ns = super::monotonic_ns();
     // Cancels wait while the session is in flight: they reach it here, or
     // (once it is gone) the new process.
     let moving = ctx.cancel_map.moving(identity.cancel_key);
-    let (offered, why) = hand(ctx, &port, basics, server, identity, parts).await;
+    let (offered, why) = hand(ctx, &port, basics, server, identity, parts, paused_at_ns).await;
     moving.end(true);
     let pause = paused_at.elapsed();
     match &offered {
@@ -469,7 +470,6 @@ pub(crate) async fn offer(
                 .handoff_sessions
                 .with_label_values(&["handed_over"])
                 .inc();
-            ctx.metrics.handoff_pause.observe(pause.as_secs_f64());
         }
         Offered::Kept(_) if why.starts_with(RESUMED) => {
             port.resumed.fetch_add(1, Ordering::Relaxed);
@@ -531,6 +531,7 @@ async fn hand(
     server: &ServerSide,
     identity: &SessionIdentity<'_>,
     parts: ForwarderParts,
+    paused_at_ns: u64,
 ) -> (Offered, String) {
     let ForwarderParts {
         client,
@@ -627,6 +628,7 @@ async fn hand(
         client_pending: client.pending,
         server_tls: server_t.tls,
         server_pending: server_t.pending,
+        paused_at_ns,
     };
     let frame = Frame::Session {
         state: Box::new(state),

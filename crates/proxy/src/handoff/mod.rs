@@ -86,6 +86,20 @@ impl Default for HandoffState {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the
+/// machine, so a pause that starts in the old process can be measured in
+/// the new one.
+pub(crate) fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Whole-value assignments only: a panic cannot leave a half-update.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -55,6 +55,9 @@ pub struct SessionState {
     pub server_tls: Option<TlsState>,
     #[serde(with = "b64")]
     pub server_pending: Vec<u8>,
+    /// When the session stopped at its safe point in the old process
+    /// (`monotonic_ns`): the new one measures the whole pause from it.
+    pub paused_at_ns: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

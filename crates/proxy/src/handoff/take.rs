@@ -318,10 +318,15 @@ pub(crate) struct Adopted {
     registration: crate::registry::Registration,
     slot: OwnedSemaphorePermit,
     gauge: ClientGauge,
+    paused_at_ns: u64,
 }
 
 impl Adopted {
     fn start(self, ctx: Arc<ProxyContext>) {
+        // The session's whole pause: from its safe point in the old
+        // process to forwarding here.
+        let paused = super::monotonic_ns().saturating_sub(self.paused_at_ns);
+        ctx.metrics.handoff_pause.observe(paused as f64 / 1e9);
         tokio::spawn(async move {
             let ctx = &ctx;
             let est = Established {
@@ -480,5 +485,6 @@ fn adopt(
         registration,
         slot,
         gauge,
+        paused_at_ns: state.paused_at_ns,
     })
 }
