@@ -183,7 +183,7 @@ fn pgbench_and_idle_tls_and_plaintext_sessions_through_a_takeover() {
         pgbench(c.port(), &["-i", "-s", "1", "-q"]);
     }
     let mut proxy = ProxyProcess::start(ProxyOptions {
-        proxy_extra: "max_client_connections = 200".into(),
+        proxy_extra: "max_client_connections = 200\nshutdown_timeout = \"20s\"".into(),
         ..ProxyOptions::default()
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -611,4 +611,106 @@ async fn backend_tls_sessions_go_on_through_two_takeovers_in_a_row() {
             "200001"
         );
     }
+}
+
+/// `connect` as `user` (to its own database) with an application_name.
+async fn connect_as(
+    proxy: &ProxyProcess,
+    user: &str,
+    password: &str,
+    db: &str,
+    app: &str,
+) -> tokio_postgres::Client {
+    let (c, conn) = tokio_config(proxy, user, password)
+        .dbname(db)
+        .application_name(app)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_over_sessions_can_still_move_and_a_user_gone_from_the_userlist_stays_behind() {
+    let e = env();
+    for c in [&e.pg1, &e.pg2] {
+        c.ensure_user_and_database("leaver", "leaver-secret", "leaver")
+            .expect("user");
+    }
+    let userlist = |with_leaver: bool| {
+        format!(
+            "\"{USER}\" \"{PASSWORD}\"\n\"{PT_USER}\" \"{}\"\n{}",
+            e.pt_verifier,
+            if with_leaver {
+                "\"leaver\" \"leaver-secret\"\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let mut proxy = ProxyProcess::start(ProxyOptions {
+        proxy_extra: "shutdown_timeout = \"3s\"".into(),
+        userlist: Some(userlist(true)),
+        ..ProxyOptions::default()
+    });
+    // SCRAM pass-through (ptuser has a verifier in the userlist: the
+    // ClientKey from its login travels) and a userlist password (app):
+    // both must log in to another backend after the hand-off, as a move
+    // does.
+    let pt = connect_as(&proxy, PT_USER, PT_PASSWORD, DB, "pt").await;
+    let app = connect_as(&proxy, USER, PASSWORD, DB, "app").await;
+    let leaver = connect_as(&proxy, "leaver", "leaver-secret", "leaver", "leaver").await;
+    // The successor reads a userlist without "leaver": it cannot take that
+    // session (it could never log it in anywhere), which stays behind.
+    std::fs::write(proxy.dir.path().join("users.txt"), userlist(false)).expect("userlist");
+    let mut old = proxy.take_over(&[]);
+    wait_until(Duration::from_secs(10), "the refusal", || {
+        proxy.metric("pgferry_handoff_sessions_total{outcome=\"refused\"}") == 1.0
+    });
+    assert!(old.try_wait().expect("wait").is_none());
+    leaver
+        .simple_query("SELECT 1")
+        .await
+        .expect("the old process still serves it");
+    for (client, app_name) in [(&pt, "pt"), (&app, "app")] {
+        let before: i32 = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .expect("port")
+            .get(0);
+        let id = proxy.connection_by_app(app_name)["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let admin = proxy.admin;
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            admin_json(
+                admin,
+                "POST",
+                &format!("/v1/connections/{id}/transfer"),
+                "{}",
+            )
+        })
+        .await
+        .expect("join");
+        assert_eq!(status, 200, "{app_name}: {body}");
+        let after: i32 = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .expect("port")
+            .get(0);
+        assert_ne!(before, after, "{app_name} moved to the other backend");
+    }
+    // shutdown_timeout of asking, as much again to finish, then 57P01.
+    assert_eq!(exit_code(old, Duration::from_secs(30)), Some(0));
+    let err = leaver
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("its process is gone");
+    assert!(
+        sqlstate(&err).as_deref() == Some("57P01") || err.is_closed(),
+        "{err}"
+    );
+    let _ = &mut proxy;
 }

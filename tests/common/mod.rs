@@ -242,8 +242,14 @@ impl ProxyProcess {
             )
         });
         std::fs::write(dir.path().join("users.txt"), userlist).expect("write userlist");
+        // Short unless a test asks for its own.
+        let shutdown = if opts.proxy_extra.contains("shutdown_timeout") {
+            ""
+        } else {
+            "shutdown_timeout = \"1s\"\n"
+        };
         let mut toml = format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_timeout = \"1s\"\n{}\n\
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shutdown}{}\n\
              [auth]\nuserlist = \"users.txt\"\n{}\n",
             opts.proxy_extra, opts.auth_extra
         );

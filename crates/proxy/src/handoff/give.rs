@@ -47,6 +47,9 @@ pub(crate) struct Port {
     waiting: Mutex<Waiting>,
     handed_over: AtomicU64,
     resumed: AtomicU64,
+    /// Sessions the new process refused: not offered again (it would
+    /// refuse again), they stay here.
+    refused: Mutex<std::collections::HashSet<Uuid>>,
 }
 
 #[derive(Default)]
@@ -163,6 +166,7 @@ async fn give_to(ctx: &Arc<ProxyContext>, channel: Arc<Channel>, pid: i32) -> bo
         waiting: Mutex::new(Waiting::default()),
         handed_over: AtomicU64::new(0),
         resumed: AtomicU64::new(0),
+        refused: Mutex::new(Default::default()),
     });
     *lock(&h.port) = Some(port.clone());
     let closed = Arc::new(AtomicBool::new(false));
@@ -171,6 +175,10 @@ async fn give_to(ctx: &Arc<ProxyContext>, channel: Arc<Channel>, pid: i32) -> bo
     let kept = hand_over_sessions(ctx, &port, &closed).await;
     let new_lives = !closed.load(Ordering::Acquire);
     if new_lives {
+        ctx.metrics
+            .handoff_sessions
+            .with_label_values(&["kept"])
+            .inc_by(kept as u64);
         let _ = send_frame(&channel, &Frame::Done { kept }, &[]).await;
     }
     *lock(&h.port) = None;
@@ -316,7 +324,10 @@ async fn read_answers(ctx: Arc<ProxyContext>, port: Arc<Port>, closed: Arc<Atomi
         };
         match frame {
             Ok(Frame::Ack { id }) => port.verdict(id, Verdict::Ack),
-            Ok(Frame::Nack { id, reason }) => port.verdict(id, Verdict::Nack(reason)),
+            Ok(Frame::Nack { id, reason }) => {
+                lock(&port.refused).insert(id);
+                port.verdict(id, Verdict::Nack(reason))
+            }
             Ok(Frame::Cancel { req, key }) => {
                 let ctx = ctx.clone();
                 let port = port.clone();
@@ -370,17 +381,28 @@ async fn hand_over_sessions(ctx: &Arc<ProxyContext>, port: &Port, closed: &Atomi
     let window = Arc::new(Semaphore::new(ctx.config.proxy.handoff_window.max(1)));
     let ask_for = ctx.config.proxy.handoff_timeout;
     loop {
-        let sessions = ctx.registry.list();
+        let all = ctx.registry.list();
         // Sessions still logging in are not listed yet, but counted.
-        let remaining = sessions
-            .len()
-            .max(usize::try_from(ctx.metrics.client_connections.get()).unwrap_or(0));
+        let in_login = usize::try_from(ctx.metrics.client_connections.get())
+            .unwrap_or(0)
+            .saturating_sub(all.len());
+        let remaining = all.len() + in_login;
+        let sessions: Vec<_> = {
+            let refused = lock(&port.refused);
+            all.into_iter()
+                .filter(|s| !refused.contains(&s.id))
+                .collect()
+        };
         ctx.handoff.update(|s| {
             s.remaining = remaining;
             s.handed_over = port.handed_over.load(Ordering::Relaxed);
             s.resumed = port.resumed.load(Ordering::Relaxed);
         });
         if remaining == 0 || closed.load(Ordering::Acquire) {
+            return remaining;
+        }
+        if sessions.is_empty() && in_login == 0 {
+            // Only sessions the new process refused are left.
             return remaining;
         }
         if Instant::now() >= deadline {
@@ -417,18 +439,9 @@ async fn hand_over_sessions(ctx: &Arc<ProxyContext>, port: &Port, closed: &Atomi
                 outcome
             });
         }
-        let mut kept = 0u64;
-        while let Some(r) = asks.join_next().await {
-            if let Ok(Some(TransferOutcome::RecoverableError(_))) = r {
-                kept += 1;
-            }
-        }
-        if kept > 0 {
-            ctx.metrics
-                .handoff_sessions
-                .with_label_values(&["kept"])
-                .inc_by(kept);
-        }
+        // Each ask ends handed over, or not yet (no safe point in time,
+        // or refused): the next round tells.
+        while asks.join_next().await.is_some() {}
         // Pacing between rounds: sessions in a transaction, or still
         // logging in, get time to reach their next safe point.
         tokio::time::sleep(ROUND_INTERVAL).await;

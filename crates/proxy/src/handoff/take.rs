@@ -287,7 +287,7 @@ impl TakingOver {
             refused, "the old process has exited; hand-off complete"
         );
         if let Some(path) = handoff_socket {
-            match HandoffListener::bind(&path) {
+            match bind_after(&path, self.old_pid).await {
                 Ok(l) => {
                     tokio::spawn(super::give::serve_takeovers(ctx, l));
                 }
@@ -295,6 +295,25 @@ impl TakingOver {
                     warn!(path = %path.display(), error = %e, "cannot listen on the hand-off socket; a later takeover of this process is not possible")
                 }
             }
+        }
+    }
+}
+
+/// Binds the hand-off socket the old process leaves behind. The channel
+/// ends as the old process exits, a moment before its own listening
+/// socket closes: until then the path still answers, so a few tries.
+async fn bind_after(path: &Path, old_pid: i32) -> std::io::Result<HandoffListener> {
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        match HandoffListener::bind(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(old_pid, "the old process's hand-off socket is still open");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
         }
     }
 }
