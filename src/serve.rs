@@ -142,6 +142,7 @@ pub async fn run(
             .map(|a| a.as_fd().try_clone_to_owned())
             .transpose()?,
     });
+    let mut admin_task = None;
     if let Some(admin) = admin {
         let state = AdminState {
             metrics: proxy.metrics(),
@@ -149,14 +150,14 @@ pub async fn run(
         };
         let mut admin_stop = stop.clone();
         info!(address = %admin.local_addr()?, "admin API listening");
-        tokio::spawn(async move {
+        admin_task = Some(tokio::spawn(async move {
             let stopped = async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
             };
             if let Err(e) = pgferry_admin::serve(admin, state, stopped).await {
                 tracing::error!(error = %e, "admin server failed");
             }
-        });
+        }));
     }
     info!(
         address = %addr,
@@ -168,14 +169,13 @@ pub async fn run(
     );
     match taking_over {
         Some(t) => {
-            // systemd (Type=notify, NotifyAccess=all): this process is the
-            // service's main process from now on.
-            sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            // systemd hears of this process (MAINPID=) once the old one has
+            // handed over what it could (`TakingOver::run`).
             tokio::spawn(t.run(ctx.clone(), Some(audit_gate), handoff_path));
         }
         None => {
             drop(audit_gate);
-            sd_notify("READY=1");
+            pgferry_proxy::systemd::notify("READY=1");
             if let Some(l) = handoff_listener {
                 tokio::spawn(handoff::give::serve_takeovers(ctx.clone(), l));
             }
@@ -188,6 +188,12 @@ pub async fn run(
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
+    // The admin API answers what it was asked before the end (a
+    // `POST /v1/handoff` that made this process hand everything over gets
+    // its 200); it stops with the proxy.
+    if let Some(task) = admin_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
     info!("pgferry stopped");
     Ok(())
 }
@@ -213,32 +219,6 @@ async fn takeover_on_sigusr2(
             Ok(status) => info!(phase = %status.phase, "takeover requested by SIGUSR2 ended"),
             Err(e) => error!(error = %e, "takeover requested by SIGUSR2 failed"),
         }
-    }
-}
-
-/// Tells systemd (`NOTIFY_SOCKET`) about this process; nothing without it.
-fn sd_notify(message: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "sd_notify: no socket");
-            return;
-        }
-    };
-    // An abstract socket name starts with '@'.
-    let sent = match path.to_str().and_then(|p| p.strip_prefix('@')) {
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(name)
-                .and_then(|a| sock.send_to_addr(message.as_bytes(), &a))
-        }
-        None => sock.send_to(message.as_bytes(), &path),
-    };
-    if let Err(e) = sent {
-        warn!(error = %e, "sd_notify failed");
     }
 }
 

@@ -1,6 +1,9 @@
 //! `pgferry ctl` against a real pgferry (the sandbox): every command's JSON
 //! says what happened, tables have their headers, a live session survives
 //! a transfer and a drain, and an unreachable server fails with its URL.
+//! `pgferry ctl handoff` against pgferry started from a config file: a
+//! live session goes on in the new process, an aborted hand-off and a
+//! refused one fail with the server's reason.
 
 use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -81,6 +84,15 @@ impl Session {
             .expect("spawn psql");
         let stdin = child.stdin.take();
         Session { child, stdin }
+    }
+
+    /// Runs `sql` (its output comes with `finish`'s).
+    fn send(&mut self, sql: &str) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            stdin.write_all(sql.as_bytes()).expect("write to psql");
+            stdin.write_all(b"\n").expect("write to psql");
+            stdin.flush().expect("flush psql");
+        }
     }
 
     /// Runs the last statements and waits for psql to exit.
@@ -262,4 +274,132 @@ fn ctl_lists_moves_drains_and_activates_against_a_real_pgferry() {
 
     let status = sandbox.stop().expect("sandbox did not exit on SIGINT");
     assert!(status.success(), "{status:?}");
+}
+
+/// Kills a process the test did not start itself (the new pgferry is the
+/// old one's child) when the test ends, however it ends.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// A psql session through `proxy` that has logged in and run
+/// `select pg_backend_pid()`.
+fn logged_in_session(proxy: &common::ProxyProcess, app: &str) -> Session {
+    let url = proxy.url(
+        common::USER,
+        common::PASSWORD,
+        &format!("sslmode=disable&application_name={app}"),
+    );
+    let mut session = Session::open(&url);
+    session.send("select pg_backend_pid();");
+    common::wait_until(Duration::from_secs(30), "the psql session", || {
+        let (status, body) = proxy.http_get("/v1/connections");
+        status == 200 && body.contains(app)
+    });
+    session
+}
+
+fn handoff_status(admin: &str) -> Value {
+    ctl(admin, &["--json", "handoff", "--status"]).ok_json("handoff --status")
+}
+
+#[test]
+fn ctl_handoff_restarts_pgferry_under_a_live_session() {
+    let mut proxy = common::ProxyProcess::start(common::ProxyOptions::default());
+    let admin = format!("http://{}", proxy.admin);
+    let old_pid = i64::from(proxy.pid());
+    let session = logged_in_session(&proxy, "ctl-handoff");
+
+    let before = handoff_status(&admin);
+    assert_eq!(before["phase"], "idle", "{before}");
+    assert_eq!(before["pid"], old_pid, "{before}");
+
+    let run = ctl(&admin, &["--json", "handoff", "--timeout", "60s"]);
+    let outcome = run.ok_json("handoff");
+    // The old process answers before it exits (it waits for its admin
+    // API's last answers).
+    assert_eq!(outcome["role"], "old", "{outcome}");
+    assert_eq!(outcome["phase"], "done", "{outcome}");
+    assert_eq!(outcome["pid"], old_pid, "{outcome}");
+    assert_eq!(outcome["kept"], 0, "{outcome}");
+    let new_pid = outcome["peer_pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no new pid in {outcome}"));
+    let _new = KillOnDrop(i32::try_from(new_pid).expect("pid"));
+    assert_ne!(new_pid, old_pid);
+
+    // The old process had nothing left: it exits 0.
+    assert_eq!(proxy.wait_exit(Duration::from_secs(30)), Some(0));
+
+    // The same admin address is the new process's now.
+    let after = handoff_status(&admin);
+    assert_eq!(after["pid"], new_pid, "{after}");
+    assert_eq!(after["role"], "new", "{after}");
+    assert_eq!(after["peer_pid"], old_pid, "{after}");
+    assert_eq!(after["handed_over"], 1, "{after}");
+    let table = ctl(&admin, &["handoff", "--status"]);
+    assert_eq!(table.code, Some(0), "{}", table.stderr);
+    assert!(
+        table.stdout.contains(&format!(
+            "pid {new_pid} serves, it took over from pid {old_pid}"
+        )) || table
+            .stdout
+            .contains(&format!("pid {new_pid} is taking over from pid {old_pid}")),
+        "{}",
+        table.stdout
+    );
+
+    // The session went on, on the same server process.
+    let (ok, out, err) = session.finish("select pg_backend_pid();");
+    assert!(ok, "psql: {err}");
+    let pids: Vec<&str> = out.lines().collect();
+    assert_eq!(pids.len(), 2, "{out}");
+    assert_eq!(pids[0], pids[1], "the session changed server process");
+}
+
+#[test]
+fn ctl_handoff_fails_with_the_reason_when_it_aborts_or_is_refused() {
+    // The new process dies as the first session reaches it: the old one
+    // gets the session back and serves on.
+    let mut proxy = common::ProxyProcess::start(common::ProxyOptions::default());
+    proxy.restart_with_env(&[("PGFERRY_TEST_HANDOFF_DIE_AT_SESSION", "1")]);
+    let admin = format!("http://{}", proxy.admin);
+    let old_pid = i64::from(proxy.pid());
+    let session = logged_in_session(&proxy, "ctl-handoff-abort");
+
+    let run = ctl(&admin, &["handoff", "--timeout", "60s"]);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("hand-off refused (HTTP 409)"),
+        "{}",
+        run.stderr
+    );
+    let status = handoff_status(&admin);
+    assert_eq!(status["pid"], old_pid, "{status}");
+    assert_eq!(status["phase"], "aborted", "{status}");
+    let (ok, out, err) = session.finish("select pg_backend_pid();");
+    assert!(ok, "psql: {err}");
+    let pids: Vec<&str> = out.lines().collect();
+    assert_eq!(pids.len(), 2, "{out}");
+    assert_eq!(pids[0], pids[1], "the session changed server process");
+
+    // Hand-offs off: refused before any process is started.
+    let off = common::ProxyProcess::start(common::ProxyOptions {
+        proxy_extra: "handoff_socket = \"\"".into(),
+        ..common::ProxyOptions::default()
+    });
+    let run = ctl(&format!("http://{}", off.admin), &["--json", "handoff"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("handoff_socket")));
+    assert!(run.stderr.contains("HTTP 409"), "{}", run.stderr);
 }

@@ -3,7 +3,6 @@
 //! one over), and what the last hand-off did (`GET`). The work is
 //! `pgferry_proxy::handoff::start_successor`'s, shared with SIGUSR2.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -25,29 +24,6 @@ struct HandoffBody {
     timeout_ms: Option<u64>,
 }
 
-/// One `POST /v1/handoff` at a time. `start_successor` only refuses once
-/// the new process has connected, so two requests in quick succession
-/// would otherwise both start one.
-static STARTING: AtomicBool = AtomicBool::new(false);
-
-/// Releases `STARTING` when the hand-off task ends, however it ends.
-struct Claim;
-
-impl Claim {
-    fn take() -> Option<Self> {
-        STARTING
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-            .then_some(Claim)
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        STARTING.store(false, Ordering::Release);
-    }
-}
-
 pub async fn start(State(state): State<AdminState>, body: Bytes) -> Response {
     let body: HandoffBody = match parse_body(&body) {
         Ok(b) => b,
@@ -66,18 +42,12 @@ pub async fn start(State(state): State<AdminState>, body: Bytes) -> Response {
             "hand-offs are off: [proxy] handoff_socket is \"\" (or this pgferry was not started from a config file)",
         );
     }
-    let Some(claim) = Claim::take() else {
-        return error(StatusCode::CONFLICT, "a hand-off is already running");
-    };
     // In a task of its own: the hand-off must be followed to its end (the
     // status says "aborted" if the new process dies) even when the client
     // gives up or its connection drops, which cancels this handler.
     let ctx = state.proxy.clone();
-    let mut task = tokio::spawn(async move {
-        let result = start_successor(&ctx).await;
-        drop(claim);
-        result
-    });
+    // (start_successor refuses a second one while this one runs.)
+    let mut task = tokio::spawn(async move { start_successor(&ctx).await });
     let joined = match body.timeout_ms {
         None => (&mut task).await,
         Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), &mut task).await {
@@ -115,15 +85,6 @@ pub async fn progress(State(state): State<AdminState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn one_claim_at_a_time() {
-        let first = Claim::take().expect("free");
-        assert!(Claim::take().is_none());
-        drop(first);
-        let again = Claim::take();
-        assert!(again.is_some());
-    }
 
     #[test]
     fn failed_statuses_carry_an_error() {

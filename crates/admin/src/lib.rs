@@ -142,7 +142,15 @@ pub async fn serve(
         }
     };
     let accepting = state.proxy.handoff.accepting();
-    server::serve(listener, router(state), limits, metrics, accepting, shutdown).await
+    server::serve(
+        listener,
+        router(state),
+        limits,
+        metrics,
+        accepting,
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]

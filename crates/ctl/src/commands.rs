@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use crate::args::{CtlCommand, Timeout};
 use crate::client::{segment, ClientError, Method, Reply, Request, Wait};
 use crate::model::{
-    Backend, Connection, Drain, ErrorBody, Rebalance, Removed, Switchover, Transfer,
+    Backend, Connection, Drain, ErrorBody, Handoff, Rebalance, Removed, Switchover, Transfer,
 };
 use crate::render;
 
@@ -88,6 +88,21 @@ pub fn plan(cmd: &CtlCommand) -> Request {
                 "/v1/switchover".into(),
                 Some(Value::Object(body)),
                 Wait::ServerDeadline,
+            )
+        }
+        CtlCommand::Handoff { status: true, .. } => {
+            req(Method::Get, "/v1/handoff".into(), None, Wait::Short)
+        }
+        CtlCommand::Handoff { timeout, .. } => {
+            let mut body = Map::new();
+            add_timeout(&mut body, *timeout);
+            // Without a timeout the server answers when it is over: the new
+            // process's start plus up to its shutdown_timeout.
+            req(
+                Method::Post,
+                "/v1/handoff".into(),
+                Some(Value::Object(body)),
+                long_wait(*timeout),
             )
         }
         CtlCommand::Remove { name, force } => req(
@@ -221,6 +236,29 @@ fn success(
             });
             (render::switchover(&r), problem)
         }
+        CtlCommand::Handoff { status, timeout } => {
+            let h: Handoff = parse(&reply.body).map_err(parse_err)?;
+            let problem = if *status {
+                None
+            } else if reply.status == 202 {
+                Some(format!(
+                    "the hand-off is not over after {}; it goes on: follow it with \
+                     `pgferry ctl handoff --status`",
+                    timeout.map_or_else(|| "the time allowed".to_owned(), |t| t.to_string())
+                ))
+            } else if h.phase != "done" {
+                Some(format!("the hand-off ended {}", h.phase))
+            } else if h.kept > 0 && h.role.as_deref() != Some("new") {
+                Some(format!(
+                    "{} session(s) were not at a safe point in time and stay with pid {} \
+                     until they end (closed with 57P01 after shutdown_timeout)",
+                    h.kept, h.pid
+                ))
+            } else {
+                None
+            };
+            (render::handoff(&h), problem)
+        }
         CtlCommand::Drain { name, .. } => {
             let d: Drain = parse(&reply.body).map_err(parse_err)?;
             let problem = (d.remaining > 0 || d.failed > 0).then(|| {
@@ -233,6 +271,50 @@ fn success(
             (render::drain(&d), problem)
         }
     })
+}
+
+/// `POST /v1/handoff` got no answer: the old process may have handed
+/// everything over and exited before writing it. `followup` is a later
+/// `GET /v1/handoff`; when a new process answers it, having taken over
+/// from `old_pid`, the hand-off went through.
+pub fn handoff_answer_lost(
+    old_pid: i64,
+    error: &ClientError,
+    followup: Option<&Reply>,
+    json_out: bool,
+) -> Outcome {
+    let taken_over = followup
+        .filter(|r| r.is_success())
+        .and_then(|r| Some((r, serde_json::from_str::<Handoff>(&r.body).ok()?)))
+        .filter(|(_, h)| {
+            h.pid != old_pid && h.role.as_deref() == Some("new") && h.peer_pid == Some(old_pid)
+        });
+    match taken_over {
+        Some((reply, h)) => Outcome {
+            stdout: Some(if json_out {
+                reply.body.clone()
+            } else {
+                format!(
+                    "hand-off done: pid {} serves now; pid {old_pid} ended before it could \
+                     answer\n  {}\n",
+                    h.pid,
+                    render::handoff(&h)
+                )
+            }),
+            stderr: Vec::new(),
+            ok: true,
+        },
+        None => Outcome {
+            stdout: None,
+            stderr: vec![
+                error.to_string(),
+                "the hand-off may still be running or be over: `pgferry ctl handoff --status` \
+                 says where it stands"
+                    .to_owned(),
+            ],
+            ok: false,
+        },
+    }
 }
 
 /// One line saying what the server refused and why.
@@ -260,6 +342,8 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
         CtlCommand::Add { name, .. } => format!("adding {name}"),
         CtlCommand::Remove { name, .. } => format!("removing {name}"),
         CtlCommand::Switchover { from, to, .. } => format!("switchover {from} -> {to}"),
+        CtlCommand::Handoff { status: true, .. } => "hand-off status".to_owned(),
+        CtlCommand::Handoff { .. } => "hand-off".to_owned(),
     };
     // 4xx: the server would not; 5xx: it tried and could not.
     let verb = if reply.status < 500 {
@@ -287,6 +371,14 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
             " (the promotion was asked for and did not finish: {from} stays fenced read-only, \
              its sessions were released there; see docs/switchover.md)"
         )),
+        (CtlCommand::Handoff { .. }, _, _)
+            if serde_json::from_str::<Handoff>(&reply.body).is_ok_and(|h| h.phase == "aborted") =>
+        {
+            line.push_str(
+                " (this pgferry serves on, every session it did not hand over included; \
+                 it accepts connections again)",
+            )
+        }
         (CtlCommand::Switchover { .. }, Some("aborted"), _) => {
             line.push_str(" (nothing changed; every session was released)");
             if let Ok(r) = serde_json::from_str::<Switchover>(&reply.body) {
@@ -453,6 +545,138 @@ mod tests {
             line.contains("nothing changed") && line.contains("4b0c6a8e"),
             "{line}"
         );
+    }
+
+    fn handoff_cmd() -> CtlCommand {
+        CtlCommand::Handoff {
+            timeout: None,
+            status: false,
+        }
+    }
+
+    #[test]
+    fn handoffs() {
+        let r = plan(&handoff_cmd());
+        assert_eq!((r.method, r.path.as_str()), (Method::Post, "/v1/handoff"));
+        assert_eq!(r.body, Some(json!({})));
+        assert_eq!(r.wait, Wait::ServerDeadline);
+        let r = plan(&CtlCommand::Handoff {
+            timeout: Some("2m".parse().expect("timeout")),
+            status: false,
+        });
+        assert_eq!(r.body, Some(json!({"timeout_ms": 120_000})));
+        assert_eq!(r.wait, Wait::Deadline(Duration::from_secs(120)));
+        let r = plan(&CtlCommand::Handoff {
+            timeout: None,
+            status: true,
+        });
+        assert_eq!(
+            (r.method, r.path.as_str(), r.body),
+            (Method::Get, "/v1/handoff", None)
+        );
+
+        let done = r#"{"phase":"done","role":"old","peer_pid":20,"handed_over":3,"kept":0,
+            "resumed":0,"remaining":0,"error":null,"pid":10}"#;
+        let o = interpret(&handoff_cmd(), BASE, reply(200, done), false);
+        assert!(o.ok, "{o:?}");
+        assert!(
+            o.stdout
+                .as_deref()
+                .is_some_and(|t| t.starts_with("hand-off done: pid 20 serves now")),
+            "{o:?}"
+        );
+        let o = interpret(&handoff_cmd(), BASE, reply(200, done), true);
+        assert_eq!((o.ok, o.stdout.as_deref()), (true, Some(done)));
+
+        // Done, but some sessions stay behind: the command fails.
+        let kept = done.replace("\"kept\":0", "\"kept\":2");
+        let o = interpret(&handoff_cmd(), BASE, reply(200, &kept), false);
+        assert!(!o.ok);
+        assert!(o.stderr[0].contains("2 session(s)"), "{o:?}");
+
+        let aborted = r#"{"phase":"aborted","role":"old","peer_pid":20,"handed_over":1,"kept":0,
+            "resumed":2,"remaining":5,"error":"the new process ended the hand-off","pid":10}"#;
+        let o = interpret(&handoff_cmd(), BASE, reply(409, aborted), false);
+        assert!(!o.ok);
+        assert_eq!(o.stdout, None);
+        assert!(
+            o.stderr[0].starts_with(
+                "hand-off refused (HTTP 409): the new process ended the hand-off (this pgferry serves on"
+            ),
+            "{o:?}"
+        );
+        let busy = r#"{"error":"a hand-off is already running"}"#;
+        let o = interpret(&handoff_cmd(), BASE, reply(409, busy), true);
+        assert!(!o.ok);
+        assert_eq!(o.stdout.as_deref(), Some(busy));
+        assert_eq!(
+            o.stderr,
+            vec!["hand-off refused (HTTP 409): a hand-off is already running"]
+        );
+
+        // Not over within --timeout: the server says where it is.
+        let running = r#"{"phase":"handing_over","role":"old","peer_pid":20,"handed_over":1,
+            "kept":0,"resumed":0,"remaining":4,"error":null,"pid":10}"#;
+        let cmd = CtlCommand::Handoff {
+            timeout: Some("5s".parse().expect("timeout")),
+            status: false,
+        };
+        let o = interpret(&cmd, BASE, reply(202, running), false);
+        assert!(!o.ok);
+        assert!(
+            o.stderr[0].contains("not over after 5s") && o.stderr[0].contains("--status"),
+            "{o:?}"
+        );
+
+        // --status: any phase is an answer.
+        let status = CtlCommand::Handoff {
+            timeout: None,
+            status: true,
+        };
+        let o = interpret(&status, BASE, reply(200, running), false);
+        assert!(o.ok, "{o:?}");
+        assert!(o.stdout.as_deref().is_some_and(|t| t.contains("4 left")));
+    }
+
+    #[test]
+    fn a_handoff_whose_answer_was_lost_is_judged_by_who_serves_now() {
+        let lost = ClientError::Unreachable {
+            url: BASE.into(),
+            reason: "connection reset".into(),
+        };
+        let new = Reply {
+            status: 200,
+            body: r#"{"phase":"taking_over","role":"new","peer_pid":10,"handed_over":3,"kept":0,
+                "resumed":0,"remaining":0,"error":null,"pid":20}"#
+                .into(),
+        };
+        let o = handoff_answer_lost(10, &lost, Some(&new), false);
+        assert!(o.ok, "{o:?}");
+        assert!(
+            o.stdout
+                .as_deref()
+                .is_some_and(|t| t.starts_with("hand-off done: pid 20 serves now")),
+            "{o:?}"
+        );
+        let o = handoff_answer_lost(10, &lost, Some(&new), true);
+        assert_eq!(o.stdout.as_deref(), Some(new.body.as_str()));
+
+        // The old process itself, or a new one that took over from someone
+        // else, or nobody: not known to be done.
+        let old = Reply {
+            status: 200,
+            body: r#"{"phase":"handing_over","role":"old","peer_pid":20,"pid":10}"#.into(),
+        };
+        let stranger = Reply {
+            status: 200,
+            body: r#"{"phase":"taking_over","role":"new","peer_pid":7,"pid":20}"#.into(),
+        };
+        for followup in [Some(&old), Some(&stranger), None] {
+            let o = handoff_answer_lost(10, &lost, followup, false);
+            assert!(!o.ok, "{followup:?}");
+            assert!(o.stderr[0].contains("connection reset"), "{o:?}");
+            assert!(o.stderr[1].contains("--status"), "{o:?}");
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Progress of long commands (drain, switchover): while the request waits
+//! Progress of long commands (drain, switchover, hand-off): while the request waits
 //! for its answer, a thread polls the admin API and says on stderr what
 //! changed. stderr only, so `--json` output on stdout stays parseable.
 
@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::client::{AdminClient, Method, Request, Wait};
-use crate::model::{Backend, SwitchoverProgress};
+use crate::model::{Backend, Handoff, SwitchoverProgress};
 use crate::render;
 
 const INTERVAL: Duration = Duration::from_millis(500);
@@ -46,6 +46,24 @@ impl Progress {
             Box::new(|body| {
                 let p: SwitchoverProgress = serde_json::from_str(body).ok()?;
                 p.running.then(|| render::switchover_progress(&p))
+            }),
+        )
+    }
+
+    /// The running hand-off, as whichever process answers sees it: the
+    /// old one until the new one accepts, then (new connections) the new
+    /// one. Each line names the pid that answered.
+    pub fn handoff(client: AdminClient) -> Self {
+        Self::start(
+            client,
+            "/v1/handoff",
+            Box::new(|body| {
+                let h: Handoff = serde_json::from_str(body).ok()?;
+                matches!(
+                    h.phase.as_str(),
+                    "starting" | "handing_over" | "taking_over"
+                )
+                .then(|| render::handoff(&h))
             }),
         )
     }

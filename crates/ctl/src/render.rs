@@ -489,8 +489,12 @@ mod tests {
             handoff(&h),
             "hand-off done: pid 20 serves now, pid 10 handed over 3 sessions, resumed 1"
         );
-        let kept = Handoff { kept: 2, ..h.clone() };
-        assert!(handoff(&kept).ends_with("; 2 stay with pid 10 until they end (57P01 after shutdown_timeout)"));
+        let kept = Handoff {
+            kept: 2,
+            ..h.clone()
+        };
+        assert!(handoff(&kept)
+            .ends_with("; 2 stay with pid 10 until they end (57P01 after shutdown_timeout)"));
         let aborted = Handoff {
             phase: "aborted".into(),
             error: Some("the new process ended the hand-off".into()),

@@ -8,7 +8,8 @@
 //! (`balancer`), switching a cluster's primary over to a standby
 //! (`switchover`), what becomes of sessions whose primary died
 //! (`failover`), config reload (`reload`) and the one place that decides
-//! what a client sees on failure (`errors`).
+//! what a client sees on failure (`errors`), and handing the whole
+//! process over to a new one (`handoff`).
 //! It must not block the forwarding path on anything shared: one task per
 //! session owns both of its sockets, and the only locks are taken at
 //! connect, disconnect and cancel time.
@@ -31,6 +32,7 @@ pub mod secret_file;
 pub mod session;
 pub mod stream;
 pub mod switchover;
+pub mod systemd;
 pub mod tls;
 pub mod transfer;
 

@@ -44,6 +44,8 @@ pub struct HandoffState {
     /// How to start a successor (`POST /v1/handoff`, SIGUSR2): this
     /// process's executable and config file.
     successor: Mutex<Option<(PathBuf, PathBuf)>>,
+    /// `start_successor` is running.
+    starting: std::sync::atomic::AtomicBool,
 }
 
 /// The listening sockets a new process takes over.
@@ -82,6 +84,7 @@ impl Default for HandoffState {
                 ..Status::default()
             }),
             successor: Mutex::new(None),
+            starting: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -162,27 +165,56 @@ pub async fn start_successor(ctx: &crate::ProxyContext) -> Result<Status, String
     let Some((exe, config)) = lock(&ctx.handoff.successor).clone() else {
         return Err("this process was not started from a config file".into());
     };
-    if ctx.handoff.in_progress() || ctx.handoff.previous().is_some() {
+    // One successor at a time, whoever asks (API, ctl, SIGUSR2).
+    if ctx
+        .handoff
+        .starting
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+        || ctx.handoff.in_progress()
+        || ctx.handoff.previous().is_some()
+    {
         return Err("a hand-off is already running".into());
     }
+    let result = run_successor(ctx, &exe, &config).await;
+    ctx.handoff
+        .starting
+        .store(false, std::sync::atomic::Ordering::Release);
+    if let Err(why) = &result {
+        ctx.handoff.update(|s| {
+            if s.phase != "done" {
+                s.phase = "aborted".into();
+                s.error = Some(why.clone());
+            }
+        });
+    }
+    result
+}
+
+async fn run_successor(
+    ctx: &crate::ProxyContext,
+    exe: &std::path::Path,
+    config: &std::path::Path,
+) -> Result<Status, String> {
     ctx.handoff.update(|s| {
         s.phase = "starting".into();
         s.role = Some("old");
         s.error = None;
     });
-    let mut child = tokio::process::Command::new(&exe)
+    let mut child = tokio::process::Command::new(exe)
         .arg("run")
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .arg("--takeover")
         .kill_on_drop(false)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let pid = child.id();
     tracing::info!(?pid, exe = %exe.display(), "started a new pgferry to take over");
+    let mut finished = ctx.handoff.finished.subscribe();
     // Over when the status says so (for this child), or when the child
-    // exits before that. Status changes are not signalled: checked at a
-    // short interval, as a person watching would.
+    // exits before that. "done" also sets `finished`, which wakes this at
+    // once (the process is about to exit: its answer must go out first);
+    // an abort is seen at the next look.
     loop {
         let status = ctx.handoff.status();
         if status.peer_pid.is_some_and(|p| Some(p as u32) == pid)
@@ -196,16 +228,12 @@ pub async fn start_successor(ctx: &crate::ProxyContext) -> Result<Status, String
                 if status.phase == "done" {
                     return Ok(status);
                 }
-                let why = match exited {
+                return Err(match exited {
                     Ok(code) => format!("the new process exited ({code}) before taking over"),
                     Err(e) => format!("the new process could not be watched: {e}"),
-                };
-                ctx.handoff.update(|s| {
-                    s.phase = "aborted".into();
-                    s.error = Some(why.clone());
                 });
-                return Err(why);
             }
+            _ = finished.changed() => {}
             _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
         }
     }

@@ -203,6 +203,7 @@ impl TakingOver {
         });
         *lock(&ctx.handoff.previous) = Some(previous.clone());
         let (mut adopted, mut refused) = (0u64, 0u64);
+        let mut notified = false;
         loop {
             let (bytes, fds) = match channel.recv().await {
                 Ok(Some(x)) => x,
@@ -270,11 +271,15 @@ impl TakingOver {
                         kept, "the old process handed over what it could; it exits when empty"
                     );
                     ctx.handoff.update(|s| s.remaining = kept);
+                    // Not before: while the old process may still take
+                    // everything back, it is the service's main process.
+                    main_process_now(&mut notified);
                 }
                 other => warn!(frame = other.name(), "unexpected hand-off frame; ignored"),
             }
         }
         // The channel ends when the old process does.
+        main_process_now(&mut notified);
         *lock(&ctx.handoff.previous) = None;
         drop(audit_gate);
         ctx.metrics.handoff_in_progress.set(0);
@@ -296,6 +301,14 @@ impl TakingOver {
                 }
             }
         }
+    }
+}
+
+/// systemd (`Type=notify`, `NotifyAccess=all`): this process is the
+/// service's main one from now on. Once.
+fn main_process_now(notified: &mut bool) {
+    if !std::mem::replace(notified, true) {
+        crate::systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
     }
 }
 

@@ -806,7 +806,9 @@ pub(crate) mod testkit {
         Arc::new(p)
     }
 
-    fn versions(suite: SupportedCipherSuite) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    fn versions(
+        suite: SupportedCipherSuite,
+    ) -> &'static [&'static rustls::SupportedProtocolVersion] {
         static TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
         static TLS12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
         if is_tls13(suite) {
@@ -884,10 +886,7 @@ pub(crate) mod testkit {
         fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
         }
-        fn poll_shutdown(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
         }
     }
@@ -964,10 +963,7 @@ pub(crate) mod testkit {
         fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             each_peer!(self, s => s.poll_flush(cx))
         }
-        fn poll_shutdown(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             each_peer!(self, s => s.poll_shutdown(cx))
         }
     }
@@ -987,8 +983,8 @@ pub(crate) mod testkit {
         match side {
             TlsSide::Server => {
                 let (cfg, secrets) = server_config(&server);
-                let ours = tokio_rustls::TlsAcceptor::from(cfg)
-                    .accept(Tracked::new(server_tcp, secrets));
+                let ours =
+                    tokio_rustls::TlsAcceptor::from(cfg).accept(Tracked::new(server_tcp, secrets));
                 let peer = tokio_rustls::TlsConnector::from(client).connect(
                     name,
                     Tap {
@@ -1067,7 +1063,10 @@ pub(crate) mod testkit {
         let json = serde_json::to_string(&frozen.tls).unwrap();
         if let Some(tls) = &frozen.tls {
             let shown = format!("{tls:?}");
-            assert!(!shown.contains(&format!("{:?}", tls.tx.key)), "Debug shows a key");
+            assert!(
+                !shown.contains(&format!("{:?}", tls.tx.key)),
+                "Debug shows a key"
+            );
         }
         let tls: Option<TlsState> = serde_json::from_str(&json).unwrap();
         let fd = frozen.tcp.into_std().unwrap();
@@ -1311,7 +1310,11 @@ mod tests {
         assert!(matches!(back, Stream::ServerTls(_)));
 
         let (a, mut b) = tcp_pair().await;
-        let frozen = Stream::Plain(a).freeze(WAIT).await.map_err(|(_, w)| w).unwrap();
+        let frozen = Stream::Plain(a)
+            .freeze(WAIT)
+            .await
+            .map_err(|(_, w)| w)
+            .unwrap();
         assert!(frozen.tls.is_none() && frozen.pending.is_empty());
         let mut plain = frozen.thaw().unwrap();
         assert!(matches!(plain, Stream::Plain(_)));
