@@ -34,7 +34,7 @@ fn main() {
     } else {
         env_usize("SESSIONS", 1000)
     };
-    let window = env_usize("HANDOFF_WINDOW", 4);
+    let window = env_usize("HANDOFF_WINDOW", 2);
     raise_fd_limit((sessions as u64) * 4 + 1000);
     let max_connections = [("max_connections", (sessions + 50).to_string())];
     let (pg1, pg2) = two_clusters("handoffbench", &max_connections);
