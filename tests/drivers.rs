@@ -9,14 +9,18 @@
 //! Driver scripts live in tests/drivers/; each prints one JSON object per
 //! case. Their packages are installed under target/drivers/ (see
 //! `install_*`). Run alone: `cargo test --test drivers -- --nocapture`.
+//!
+//! The same drivers also hold TLS sessions through `pgferry run --takeover`
+//! (`drivers_keep_tls_sessions_through_a_takeover`, with tests/drivers/
+//! hold.py, node/hold.js and java/Hold.java).
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::mover::{Mover, MoverStats};
@@ -244,8 +248,8 @@ fn install_node() -> PathBuf {
 
 const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
 
-/// pgjdbc from Debian's package; Cases.java compiled into target/drivers/java.
-/// Returns the class path.
+/// pgjdbc from Debian's package; Cases.java and Hold.java compiled into
+/// target/drivers/java. Returns the class path.
 fn install_java() -> String {
     assert!(
         Path::new(JDBC_JAR).exists(),
@@ -258,13 +262,14 @@ fn install_java() -> String {
         .arg(&classes)
         .args(["-cp", JDBC_JAR])
         .arg(scripts().join("java/Cases.java"))
+        .arg(scripts().join("java/Hold.java"))
         .output()
         .unwrap_or_else(|e| {
             panic!("javac: {e}; install a JDK with:\n  apt-get install -y default-jdk-headless")
         });
     assert!(
         out.status.success(),
-        "javac Cases.java failed:\n{}",
+        "javac Cases.java Hold.java failed:\n{}",
         stderr(&out)
     );
     format!("{}:{JDBC_JAR}", classes.display())
@@ -742,4 +747,347 @@ fn driver_matrix() {
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<_> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+// ---------------------------------------- TLS sessions through a takeover
+
+/// How long a holder may take to print a line (a JVM's start and the TLS
+/// handshake included) or to exit after its last one.
+const HOLD_LIMIT: Duration = Duration::from_secs(60);
+
+/// A driver process holding one TLS session through a takeover
+/// (tests/drivers/hold.py, node/hold.js, java/Hold.java): it prints a JSON
+/// line, waits for a line on stdin, prints a second JSON line and exits 0.
+struct Holder {
+    name: &'static str,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    /// stdout lines that are not JSON (none are expected).
+    noise: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Holder {
+    fn start(name: &'static str, mut cmd: Command, target: &Target) -> Self {
+        cmd.env_remove("PGSSLMODE")
+            .env_remove("PGAPPNAME")
+            .envs(target.envs())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: spawn {cmd:?}: {e}"));
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Holder {
+            name,
+            child,
+            stdin,
+            lines,
+            noise: Vec::new(),
+            stderr,
+        }
+    }
+
+    /// The next JSON line it prints, by `deadline`.
+    fn next(&mut self, deadline: Instant) -> Result<Value, String> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with('{') => {
+                    return serde_json::from_str(&line)
+                        .map_err(|e| self.failure(&format!("bad line {line:?}: {e}")));
+                }
+                Ok(line) => self.noise.push(line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(self.failure("no line by the deadline"));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.wait_exit(deadline);
+                    return Err(self.failure(&format!("stdout closed; exit: {status:?}")));
+                }
+            }
+        }
+    }
+
+    /// The line it waits for before its second round.
+    fn go(&mut self) -> Result<(), String> {
+        let mut stdin = self.stdin.take().expect("go once");
+        writeln!(stdin, "go")
+            .and_then(|()| stdin.flush())
+            .map_err(|e| self.failure(&format!("write to stdin: {e}")))
+    }
+
+    /// Its exit status, by `deadline` (killed after it).
+    fn wait_exit(&mut self, deadline: Instant) -> Result<ExitStatus, String> {
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    // Another process's exit: nothing to await but polling.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err("no exit by the deadline; killed".into());
+                }
+                Err(e) => return Err(format!("wait: {e}")),
+            }
+        }
+    }
+
+    fn failure(&self, what: &str) -> String {
+        let stderr = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
+        format!(
+            "{}: {what}\n  other stdout: {:?}\n  stderr:\n{}",
+            self.name, self.noise, *stderr
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for the old pgferry to exit by `within`: its exit code.
+fn exit_code(mut old: Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = old.try_wait().expect("wait") {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = old.kill();
+            let _ = old.wait();
+            panic!("the old pgferry did not exit within {within:?}");
+        }
+        // Another process's exit: nothing to await but polling.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What is wrong with a holder's first line: its session must run over
+/// TLS, with work_mem set and the prepared statement answering.
+fn check_before(v: &Value) -> Vec<String> {
+    let mut wrong = Vec::new();
+    if v["work_mem"] != "5MB" {
+        wrong.push(format!("work_mem {}", v["work_mem"]));
+    }
+    if v["stmt"] != json!([42, "5MB"]) {
+        wrong.push(format!("statement answered {}", v["stmt"]));
+    }
+    if v["server_prepared"].as_i64().unwrap_or(0) < 1 {
+        wrong.push(format!(
+            "{} server-side prepared statements",
+            v["server_prepared"]
+        ));
+    }
+    if !v["pid"].is_i64() || !v["backend_start"].is_string() {
+        wrong.push("no backend pid or backend_start".into());
+    }
+    // The driver's own view of its socket, where it has one.
+    if let Some(tls) = v["tls"].as_str() {
+        if !tls.starts_with("TLS") {
+            wrong.push(format!("not over TLS: {tls}"));
+        }
+    }
+    wrong
+}
+
+/// What is wrong with a holder's second line, after the takeover, given
+/// its first.
+fn check_after(before: &Value, after: &Value) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for key in ["pid", "backend_start", "tls", "server_prepared"] {
+        if before[key] != after[key] {
+            wrong.push(format!(
+                "{key} was {} and is {} after the takeover",
+                before[key], after[key]
+            ));
+        }
+    }
+    for (key, want) in [
+        ("work_mem", json!("5MB")),
+        ("stmt", json!([43, "5MB"])),
+        ("stmt_again", json!([44, "5MB"])),
+        ("big_len", json!(200_000)),
+        ("big_all_x", json!(true)),
+    ] {
+        if after[key] != want {
+            wrong.push(format!("{key} is {}, not {want}", after[key]));
+        }
+    }
+    wrong
+}
+
+/// psycopg, node-postgres and pgjdbc each hold a TLS session (a setting,
+/// a server-side prepared statement) through `pgferry run --takeover`: the
+/// new process continues the TLS connections (for TLS 1.3 with a KeyUpdate
+/// to the client), and each driver goes on on the very same connection and
+/// server process, its statement still prepared, a result of many TLS
+/// records arriving whole.
+#[test]
+fn drivers_keep_tls_sessions_through_a_takeover() {
+    let started = Instant::now();
+    let e = env();
+    let inst = installed();
+    let mut proxy = ProxyProcess::start(ProxyOptions::default());
+    let target = Target {
+        port: proxy.port(),
+        prefix: "hold.".into(),
+        check_ports: format!("{},{}", e.pg1.port(), e.pg2.port()),
+        admin_url: format!("http://{}", proxy.admin),
+    };
+    let mut python = Command::new(&inst.python);
+    python.arg(scripts().join("hold.py"));
+    let mut node = Command::new("node");
+    node.arg("--no-deprecation")
+        .arg(scripts().join("node/hold.js"))
+        .env("NODE_PATH", &inst.node_modules);
+    let mut java = Command::new("java");
+    java.args(["-Xshare:auto", "-XX:TieredStopAtLevel=1", "-cp"])
+        .arg(&inst.classpath)
+        .arg("Hold");
+    let mut holders = [
+        Holder::start("psycopg", python, &target),
+        Holder::start("node-pg", node, &target),
+        Holder::start("pgjdbc", java, &target),
+    ];
+
+    // Each session is up, over TLS, with its setting and its statement.
+    let deadline = Instant::now() + HOLD_LIMIT;
+    let before: Vec<Value> = holders
+        .iter_mut()
+        .map(|h| {
+            let v = h.next(deadline).unwrap_or_else(|err| {
+                panic!(
+                    "before the takeover: {err}\npgferry log tail:\n{}",
+                    tail(&proxy.log(), 40)
+                )
+            });
+            let wrong = check_before(&v);
+            assert!(
+                wrong.is_empty(),
+                "{} before the takeover: {}\n{v}",
+                h.name,
+                wrong.join("; ")
+            );
+            v
+        })
+        .collect();
+    eprintln!(
+        "takeover: holders up after {:.1?}: {}",
+        started.elapsed(),
+        before
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+
+    let old_log = proxy.log.clone();
+    let t0 = Instant::now();
+    let old = proxy.take_over(&[]);
+    let code = exit_code(old, Duration::from_secs(30));
+    let old_tail = || tail(&old_log.lock().unwrap_or_else(|p| p.into_inner()), 40);
+    assert_eq!(
+        code,
+        Some(0),
+        "the old pgferry's exit code\nold pgferry log tail:\n{}\nnew pgferry log tail:\n{}",
+        old_tail(),
+        tail(&proxy.log(), 40)
+    );
+    eprintln!(
+        "takeover: the old pgferry exited 0 after {:.1?}",
+        t0.elapsed()
+    );
+    let adopted = proxy.metric("pgferry_handoff_sessions_total{outcome=\"adopted\"}");
+
+    // The event each holder waits for: the takeover is done.
+    let mut failures = Vec::new();
+    let ready: Vec<bool> = holders
+        .iter_mut()
+        .map(|h| h.go().map_err(|e| failures.push(e)).is_ok())
+        .collect();
+    let deadline = Instant::now() + HOLD_LIMIT;
+    let mut table = String::from("\nTLS SESSIONS THROUGH A TAKEOVER\n");
+    for ((h, before), ready) in holders.iter_mut().zip(&before).zip(ready) {
+        if !ready {
+            table.push_str(&format!("{:<8} FAILED (stdin)\n", h.name));
+            continue;
+        }
+        let outcome = h.next(deadline).and_then(|after| {
+            let mut wrong = check_after(before, &after);
+            match h.wait_exit(deadline) {
+                Ok(status) if status.success() => {}
+                Ok(status) => wrong.push(format!("exited {status}")),
+                Err(e) => wrong.push(e),
+            }
+            if wrong.is_empty() {
+                Ok(after)
+            } else {
+                Err(h.failure(&format!(
+                    "{}\n  before: {before}\n  after:  {after}",
+                    wrong.join("; ")
+                )))
+            }
+        });
+        let verdict = match &outcome {
+            Ok(_) => "kept its session",
+            Err(_) => "FAILED",
+        };
+        table.push_str(&format!(
+            "{:<8} {:<16} pid {:<8} {}\n",
+            h.name,
+            verdict,
+            before["pid"],
+            before["tls"].as_str().unwrap_or("(TLS version not known)")
+        ));
+        if let Err(e) = outcome {
+            failures.push(e);
+        }
+    }
+    eprintln!(
+        "{table}adopted sessions: {adopted}; test took {:.1?}",
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} driver(s) lost their session through the takeover:\n{}\n{table}\
+         old pgferry log tail:\n{}\nnew pgferry log tail:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        old_tail(),
+        tail(&proxy.log(), 60)
+    );
+    assert!(
+        adopted >= 3.0,
+        "pgferry_handoff_sessions_total{{outcome=\"adopted\"}} is {adopted}, not >= 3\n\
+         new pgferry log tail:\n{}",
+        tail(&proxy.log(), 60)
+    );
 }

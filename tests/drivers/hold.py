@@ -22,13 +22,24 @@ STMT = "select %s::int + 1 as hold_n, current_setting('work_mem') as hold_wm"
 
 
 def tls_of(conn):
-    """The TLS version and suite libpq negotiated (None when unknown)."""
-    pgconn = conn.pgconn
-    try:
-        attr = pgconn.ssl_attribute
-    except AttributeError:
+    """The TLS version and suite libpq negotiated, from PQsslAttribute of the
+    libpq psycopg runs on (psycopg itself tells only whether TLS is in use);
+    None when that libpq is not found."""
+    if not conn.pgconn.ssl_in_use:
+        return "not TLS"
+    import ctypes
+    import glob
+
+    import psycopg_binary
+
+    libs = glob.glob(os.path.join(os.path.dirname(psycopg_binary.__file__) + ".libs", "libpq*.so*"))
+    if not libs:
         return None
-    parts = [attr(name) for name in (b"protocol", b"cipher")]
+    libpq = ctypes.CDLL(libs[0])
+    libpq.PQsslAttribute.restype = ctypes.c_char_p
+    libpq.PQsslAttribute.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ptr = ctypes.c_void_p(conn.pgconn.pgconn_ptr)
+    parts = [libpq.PQsslAttribute(ptr, name) for name in (b"protocol", b"cipher")]
     return " ".join(p.decode() for p in parts if p) or None
 
 

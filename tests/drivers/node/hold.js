@@ -43,8 +43,9 @@ function nextLine() {
   return new Promise((resolve, reject) => {
     const rl = readline.createInterface({ input: process.stdin })
     rl.once('line', (line) => {
-      rl.close()
+      // Resolved first: close() emits 'close' at once.
       resolve(line)
+      rl.close()
     })
     rl.once('close', () => reject(new Error('stdin closed before the go line')))
   })
