@@ -320,7 +320,9 @@ impl Proxy {
         let audit_task = batcher.map(|b| tokio::spawn(b.run(audit_stopped)));
         // Roles are known before the first client arrives: a read-write
         // session must not land on a standby because no check ran yet.
-        if self.ctx.admin_login.is_some() {
+        // (A takeover ran them before taking the listener: connections
+        // wait in its accept queue from then on.)
+        if self.ctx.admin_login.is_some() && !self.ctx.handoff.is_successor() {
             balancer::health::check_all(&self.ctx).await;
         }
         let (stop_balancer, balancer_stopped) = tokio::sync::watch::channel(false);

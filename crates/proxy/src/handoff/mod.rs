@@ -46,6 +46,8 @@ pub struct HandoffState {
     successor: Mutex<Option<(PathBuf, PathBuf)>>,
     /// `start_successor` is running.
     starting: std::sync::atomic::AtomicBool,
+    /// This process took over from another (`take::connect`).
+    successor_of: std::sync::atomic::AtomicBool,
 }
 
 /// The listening sockets a new process takes over.
@@ -85,6 +87,7 @@ impl Default for HandoffState {
             }),
             successor: Mutex::new(None),
             starting: std::sync::atomic::AtomicBool::new(false),
+            successor_of: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -144,6 +147,11 @@ impl HandoffState {
     /// switchovers wait for it to end).
     pub fn in_progress(&self) -> bool {
         lock(&self.port).is_some()
+    }
+
+    /// This process took its listeners over from a running pgferry.
+    pub fn is_successor(&self) -> bool {
+        self.successor_of.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn port(&self) -> Option<Arc<give::Port>> {

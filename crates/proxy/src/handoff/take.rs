@@ -143,9 +143,14 @@ pub async fn connect(ctx: &Arc<ProxyContext>, path: &Path) -> Result<TakingOver,
         Frame::Refuse { reason } => return Err(format!("the running pgferry refused: {reason}")),
         other => return Err(format!("expected WELCOME, got {}", other.name())),
     };
+    // Roles known before the first client, as at any start, and before the
+    // old process stops accepting.
     if ctx.admin_login.is_some() {
         crate::balancer::health::check_all(ctx).await;
     }
+    ctx.handoff
+        .successor_of
+        .store(true, std::sync::atomic::Ordering::Release);
     send_frame(&channel, &Frame::Ready).await?;
     let (frame, mut fds) = recv_frame(&channel).await?;
     let Frame::Listeners { proxy, admin } = frame else {
