@@ -130,11 +130,11 @@ fn expand_label(
     Ok(out)
 }
 
+/// A key and an IV, wiped on drop.
+pub(crate) type KeyIv = (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>);
+
 /// The key and IV a TLS 1.3 traffic secret gives (RFC 8446 7.3).
-pub(crate) fn traffic_key_iv(
-    aead: TlsAead,
-    secret: &[u8],
-) -> io::Result<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>)> {
+pub(crate) fn traffic_key_iv(aead: TlsAead, secret: &[u8]) -> io::Result<KeyIv> {
     let key = expand_label(aead.hkdf(), secret, b"key", aead.key_len())?;
     let iv = expand_label(aead.hkdf(), secret, b"iv", NONCE_LEN)?;
     Ok((key, iv))
@@ -326,15 +326,31 @@ impl ContinuedTls {
     /// A stream that only fails with `why`: for a socket whose TLS state was
     /// consumed but could not be rebuilt (it must not be spoken to in
     /// plaintext). The zero keys are never used: every path checks `failed` first.
-    pub(crate) fn failed(tcp: TcpStream, side: TlsSide, why: String) -> io::Result<Self> {
+    pub(crate) fn failed(tcp: TcpStream, side: TlsSide, why: String) -> Self {
         let aead = TlsAead::Aes128Gcm;
-        let zero = vec![0u8; aead.key_len()];
-        let tx = Direction::new(aead, &zero, &[0; NONCE_LEN], 0, None)?;
-        let rx = Direction::new(aead, &zero, &[0; NONCE_LEN], 0, None)?;
-        let mut s = Self::with(tcp, TlsVersion::Tls12, aead, side, tx, rx, Vec::new());
+        let zero = || {
+            let key = UnboundKey::new(aead.ring(), &[0u8; 16])
+                .expect("16 bytes is an AES-128 key (a constant, not input)");
+            Direction {
+                key: LessSafeKey::new(key),
+                raw_key: Zeroizing::new(Vec::new()),
+                iv: Zeroizing::new([0; NONCE_LEN]),
+                seq: 0,
+                secret: None,
+            }
+        };
+        let mut s = Self::with(
+            tcp,
+            TlsVersion::Tls12,
+            aead,
+            side,
+            zero(),
+            zero(),
+            Vec::new(),
+        );
         s.sent_close = true;
         s.failed = Some((io::ErrorKind::InvalidData, why));
-        Ok(s)
+        s
     }
 
     pub fn tcp(&self) -> &TcpStream {
@@ -488,10 +504,14 @@ impl ContinuedTls {
     }
 
     /// Writes queued ciphertext without registering a waker (used from the
-    /// read side, whose waker must not take the writer's place).
+    /// read side, whose waker must not take the writer's place, and for
+    /// alerts of a stream that fails). A plain non-blocking send: tokio's
+    /// `try_write` would trust its readiness cache, empty on a socket just
+    /// registered at a thaw, and not even try.
     fn try_write_out(&mut self) {
+        let sock = socket2::SockRef::from(&self.tcp);
         while self.out_pos < self.out.len() {
-            match self.tcp.try_write(&self.out[self.out_pos..]) {
+            match sock.send(&self.out[self.out_pos..]) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => self.out_pos += n,
             }
@@ -979,5 +999,264 @@ impl AsyncWrite for ContinuedTls {
         }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::tls::handover::testkit::{tcp_pair, WAIT};
+
+    const AEADS: [TlsAead; 3] = [
+        TlsAead::Aes128Gcm,
+        TlsAead::Aes256Gcm,
+        TlsAead::Chacha20Poly1305,
+    ];
+
+    fn direction(aead: TlsAead, version: TlsVersion, fill: u8, seq: u64) -> DirectionState {
+        DirectionState {
+            seq,
+            key: vec![fill; aead.key_len()],
+            iv: vec![fill ^ 0x55; NONCE_LEN],
+            secret: (version == TlsVersion::Tls13).then(|| vec![fill ^ 0xaa; aead.hash_len()]),
+        }
+    }
+
+    /// Two continued ends of one connection: `a` the server side, `b` the
+    /// client side, each with the other's keys.
+    async fn mirrored(version: TlsVersion, aead: TlsAead) -> (ContinuedTls, ContinuedTls) {
+        let (ta, tb) = tcp_pair().await;
+        let state = |side, tx: u8, rx: u8| TlsState {
+            version,
+            aead,
+            side,
+            tx: direction(aead, version, tx, 7),
+            rx: direction(aead, version, rx, 7),
+        };
+        let a = ContinuedTls::new(ta, &state(TlsSide::Server, 1, 2), Vec::new()).unwrap();
+        let b = ContinuedTls::new(tb, &state(TlsSide::Client, 2, 1), b"carried".to_vec()).unwrap();
+        (a, b)
+    }
+
+    /// A record as a misbehaving (or just unusual) peer would send it.
+    async fn inject(s: &mut ContinuedTls, typ: u8, data: &[u8]) {
+        s.seal_record(typ, data).unwrap();
+        std::future::poll_fn(|cx| s.poll_drain(cx)).await.unwrap();
+    }
+
+    async fn expect(s: &mut ContinuedTls, want: &[u8]) {
+        let mut got = vec![0u8; want.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut got))
+            .await
+            .expect("read timed out")
+            .unwrap();
+        assert_eq!(got, want);
+    }
+
+    async fn read_err(s: &mut ContinuedTls) -> io::Error {
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("read timed out")
+            .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn records_of_every_size_and_key_updates_both_ways() {
+        for version in [TlsVersion::Tls12, TlsVersion::Tls13] {
+            for aead in AEADS {
+                let (mut a, mut b) = mirrored(version, aead).await;
+                expect(&mut b, b"carried").await;
+                for (i, len) in [1usize, 15, 16, 17, 16383, 16384, 16385, 70_000]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let msg: Vec<u8> = (0..len).map(|j| (j * 31 + i) as u8).collect();
+                    let (w, ()) = tokio::join!(
+                        async {
+                            a.write_all(&msg).await?;
+                            a.flush().await
+                        },
+                        expect(&mut b, &msg)
+                    );
+                    w.unwrap();
+                    if version == TlsVersion::Tls13 {
+                        // Alternate who asks; the answer comes back before more data.
+                        let (asker, other) = if i % 2 == 0 {
+                            (&mut a, &mut b)
+                        } else {
+                            (&mut b, &mut a)
+                        };
+                        asker.send_key_update(true).unwrap();
+                        asker.write_all(b"after").await.unwrap();
+                        asker.flush().await.unwrap();
+                        expect(other, b"after").await;
+                        other.write_all(b"reply").await.unwrap();
+                        other.flush().await.unwrap();
+                        expect(asker, b"reply").await;
+                    }
+                }
+                if version == TlsVersion::Tls13 {
+                    assert_eq!(a.tx.secret.as_deref(), b.rx.secret.as_deref());
+                    assert_eq!(b.tx.secret.as_deref(), a.rx.secret.as_deref());
+                    assert_ne!(a.tx.seq, 7, "no KeyUpdate happened");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn renegotiation_is_refused_and_the_session_goes_on() {
+        for aead in AEADS {
+            let (mut a, mut b) = mirrored(TlsVersion::Tls12, aead).await;
+            expect(&mut b, b"carried").await;
+            // HelloRequest from the server side, then a ClientHello stub from the client side.
+            inject(&mut a, CT_HANDSHAKE, &[HS_HELLO_REQUEST, 0, 0, 0]).await;
+            a.write_all(b"one").await.unwrap();
+            a.flush().await.unwrap();
+            expect(&mut b, b"one").await;
+            inject(&mut b, CT_HANDSHAKE, &[HS_CLIENT_HELLO, 0, 0, 2, 3, 3]).await;
+            b.write_all(b"two").await.unwrap();
+            b.flush().await.unwrap();
+            // `a` reads b's no_renegotiation warning first (ignored), then `two`...
+            expect(&mut a, b"two").await;
+            assert_eq!(a.warnings_left, ALLOWED_WARNING_ALERTS - 1);
+            // ...and `b` has a's warning waiting before `three`.
+            a.write_all(b"three").await.unwrap();
+            a.flush().await.unwrap();
+            expect(&mut b, b"three").await;
+            assert_eq!(b.warnings_left, ALLOWED_WARNING_ALERTS - 1);
+            // A second attempt is one too many, as for rustls.
+            inject(&mut a, CT_HANDSHAKE, &[HS_HELLO_REQUEST, 0, 0, 0]).await;
+            assert_eq!(read_err(&mut b).await.kind(), io::ErrorKind::InvalidData);
+        }
+    }
+
+    #[tokio::test]
+    async fn new_session_ticket_is_ignored_only_by_a_client() {
+        let (mut a, mut b) = mirrored(TlsVersion::Tls13, TlsAead::Aes128Gcm).await;
+        let ticket = [HS_NEW_SESSION_TICKET, 0, 0, 3, 1, 2, 3];
+        inject(&mut a, CT_HANDSHAKE, &ticket).await;
+        a.write_all(b"x").await.unwrap();
+        a.flush().await.unwrap();
+        expect(&mut b, b"carriedx").await;
+        inject(&mut b, CT_HANDSHAKE, &ticket).await;
+        let err = read_err(&mut a).await;
+        assert!(err.to_string().contains("unexpected handshake"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn alerts() {
+        // 1.3: user_canceled is ignored, any other warning is fatal.
+        let (mut a, mut b) = mirrored(TlsVersion::Tls13, TlsAead::Chacha20Poly1305).await;
+        inject(&mut a, CT_ALERT, &[LEVEL_WARNING, USER_CANCELED]).await;
+        a.write_all(b"!").await.unwrap();
+        a.flush().await.unwrap();
+        expect(&mut b, b"carried!").await;
+        inject(&mut a, CT_ALERT, &[LEVEL_WARNING, 42]).await;
+        assert!(read_err(&mut b).await.to_string().contains("warning alert"));
+
+        // 1.2: a warning is ignored; a fatal alert ends the session.
+        let (mut a, mut b) = mirrored(TlsVersion::Tls12, TlsAead::Aes256Gcm).await;
+        inject(&mut a, CT_ALERT, &[LEVEL_WARNING, 42]).await;
+        a.write_all(b"!").await.unwrap();
+        a.flush().await.unwrap();
+        expect(&mut b, b"carried!").await;
+        inject(&mut a, CT_ALERT, &[LEVEL_FATAL, 40]).await;
+        assert!(read_err(&mut b)
+            .await
+            .to_string()
+            .contains("fatal alert 40"));
+        assert!(b.write_all(b"x").await.is_err());
+
+        // close_notify: EOF, and later records are ignored.
+        let (mut a, mut b) = mirrored(TlsVersion::Tls13, TlsAead::Aes128Gcm).await;
+        expect(&mut b, b"carried").await;
+        a.shutdown().await.unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(b.read(&mut buf).await.unwrap(), 0);
+        assert!(!b.is_silent() && b.refusal().is_some());
+    }
+
+    #[tokio::test]
+    async fn malformed_records_are_fatal() {
+        // Longer than the version allows.
+        let (mut a, mut b) = mirrored(TlsVersion::Tls13, TlsAead::Aes128Gcm).await;
+        expect(&mut b, b"carried").await;
+        let mut big = record_header(CT_APPLICATION_DATA, MAX_CIPHER_13 + 1).to_vec();
+        big.resize(HEADER_LEN + MAX_CIPHER_13 + 1, 0);
+        a.tcp.write_all(&big).await.unwrap();
+        assert!(read_err(&mut b).await.to_string().contains("too long"));
+
+        // An unencrypted record after a 1.3 handshake (e.g. change_cipher_spec).
+        let (mut a, mut b) = mirrored(TlsVersion::Tls13, TlsAead::Aes128Gcm).await;
+        expect(&mut b, b"carried").await;
+        a.tcp
+            .write_all(&[CT_CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1])
+            .await
+            .unwrap();
+        assert!(read_err(&mut b).await.to_string().contains("unencrypted"));
+
+        // A KeyUpdate with data after it in the same record.
+        let (mut a, mut b) = mirrored(TlsVersion::Tls13, TlsAead::Aes256Gcm).await;
+        expect(&mut b, b"carried").await;
+        inject(
+            &mut a,
+            CT_HANDSHAKE,
+            &[HS_KEY_UPDATE, 0, 0, 1, 0, HS_KEY_UPDATE, 0, 0, 1, 0],
+        )
+        .await;
+        assert!(read_err(&mut b)
+            .await
+            .to_string()
+            .contains("after KeyUpdate"));
+
+        // EOF inside a record, without close_notify.
+        let (mut a, mut b) = mirrored(TlsVersion::Tls12, TlsAead::Chacha20Poly1305).await;
+        expect(&mut b, b"carried").await;
+        a.tcp
+            .write_all(&[CT_APPLICATION_DATA, 3, 3, 0, 40, 1, 2])
+            .await
+            .unwrap();
+        a.tcp.shutdown().await.unwrap();
+        assert_eq!(read_err(&mut b).await.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn freeze_completes_a_partial_record_and_keeps_plaintext() {
+        let (mut a, b) = mirrored(TlsVersion::Tls13, TlsAead::Aes128Gcm).await;
+        a.write_all(b"whole").await.unwrap();
+        a.flush().await.unwrap();
+        // b's carried plaintext stays unread, and a record arrives in two
+        // halves around the freeze.
+        let start = a.out.len();
+        a.seal_record(CT_APPLICATION_DATA, b"split").unwrap();
+        let wire = a.out[start..].to_vec();
+        a.out.truncate(start);
+        a.tcp.write_all(&wire[..4]).await.unwrap();
+        // Into b's buffer: `whole`'s record (27 bytes) and 4 of the next.
+        let mut b = Box::new(b);
+        while b.in_end - b.in_start < 27 + 4 {
+            let n = std::future::poll_fn(|cx| b.poll_fill(cx, MAX_RECORD))
+                .await
+                .unwrap();
+            assert!(n > 0);
+        }
+        let (b_back, why) = match b.freeze(Duration::from_millis(30)).await {
+            Ok(_) => panic!("froze inside a record"),
+            Err(back) => back,
+        };
+        assert!(why.contains("in time"), "{why}");
+        b = b_back;
+        a.tcp.write_all(&wire[4..]).await.unwrap();
+        let (tcp, state, pending) = b.freeze(WAIT).await.map_err(|(_, w)| w).unwrap();
+        assert_eq!(pending, b"carriedwholesplit");
+        let mut c = ContinuedTls::new(tcp, &state, pending).unwrap();
+        expect(&mut c, b"carriedwholesplit").await;
+        a.write_all(b"more").await.unwrap();
+        a.flush().await.unwrap();
+        expect(&mut c, b"more").await;
     }
 }
