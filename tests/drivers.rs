@@ -873,23 +873,6 @@ impl Drop for Holder {
     }
 }
 
-/// Waits for the old pgferry to exit by `within`: its exit code.
-fn exit_code(mut old: Child, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = old.try_wait().expect("wait") {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = old.kill();
-            let _ = old.wait();
-            panic!("the old pgferry did not exit within {within:?}");
-        }
-        // Another process's exit: nothing to await but polling.
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// What is wrong with a holder's first line: its session must run over
 /// TLS, with work_mem set and the prepared statement answering.
 fn check_before(v: &Value) -> Vec<String> {

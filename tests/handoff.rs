@@ -9,22 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Waits for the old process to exit and returns its exit code.
-fn exit_code(mut old: Child, within: Duration) -> Option<i32> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = old.try_wait().expect("wait") {
-            return status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = old.kill();
-            let _ = old.wait();
-            panic!("the old pgferry did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A session with settings and prepared statements of its own, and what
 /// the server says about it.
 struct Idle {

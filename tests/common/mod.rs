@@ -328,17 +328,7 @@ impl ProxyProcess {
 
     /// Waits for this pgferry to exit by itself; its exit code.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pgferry did not exit within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, within)
     }
 
     pub fn port(&self) -> u16 {
@@ -444,6 +434,30 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits for `child`, a pgferry that is to exit by itself (the old one
+/// after a takeover), by `within`: its exit code. Kills it and fails the
+/// test past that.
+pub fn wait_child(child: &mut Child, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pgferry did not exit within {within:?}");
+        }
+        // Another process's exit: nothing to await but polling.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `wait_child` for a process handed back by `ProxyProcess::take_over`.
+pub fn exit_code(mut old: Child, within: Duration) -> Option<i32> {
+    wait_child(&mut old, within)
 }
 
 /// Runs the pgferry binary on `config` until both listeners are up.

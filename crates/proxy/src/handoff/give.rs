@@ -535,6 +535,43 @@ impl Travelling {
     }
 }
 
+/// A forwarder's parts but its two sockets, while those are frozen.
+struct Rest {
+    tracker: crate::forwarder::tracker::SessionTracker,
+    control: crate::forwarder::ControlReceiver,
+    held_from_client: Vec<u8>,
+    deferred: Vec<crate::forwarder::careful::Deferred>,
+    bytes_from_client: u64,
+    bytes_to_client: u64,
+}
+
+impl Rest {
+    fn split(p: ForwarderParts) -> (Stream, Stream, Self) {
+        let rest = Self {
+            tracker: p.tracker,
+            control: p.control,
+            held_from_client: p.held_from_client,
+            deferred: p.deferred,
+            bytes_from_client: p.bytes_from_client,
+            bytes_to_client: p.bytes_to_client,
+        };
+        (p.client, p.server, rest)
+    }
+
+    fn join(self, client: Stream, server: Stream) -> ForwarderParts {
+        ForwarderParts {
+            client,
+            server,
+            tracker: self.tracker,
+            control: self.control,
+            held_from_client: self.held_from_client,
+            deferred: self.deferred,
+            bytes_from_client: self.bytes_from_client,
+            bytes_to_client: self.bytes_to_client,
+        }
+    }
+}
+
 /// `offer`'s work; the second value says why a kept session was kept
 /// (`RESUMED` first when the new process had it and gave it back).
 async fn hand(
@@ -546,29 +583,11 @@ async fn hand(
     parts: ForwarderParts,
     paused_at_ns: u64,
 ) -> (Offered, String) {
-    let ForwarderParts {
-        client,
-        server: server_stream,
-        tracker,
-        control,
-        held_from_client,
-        deferred,
-        bytes_from_client,
-        bytes_to_client,
-    } = parts;
+    let (client, server_stream, mut rest) = Rest::split(parts);
     let client = match client.freeze(FREEZE_WAIT).await {
         Ok(f) => f,
         Err((client, why)) => {
-            let parts = ForwarderParts {
-                client,
-                server: server_stream,
-                tracker,
-                control,
-                held_from_client,
-                deferred,
-                bytes_from_client,
-                bytes_to_client,
-            };
+            let parts = rest.join(client, server_stream);
             return (
                 Offered::Kept(Box::new(parts)),
                 format!("client socket: {why}"),
@@ -579,22 +598,10 @@ async fn hand(
         Ok(f) => f,
         Err((server_stream, why)) => {
             return match client.thaw() {
-                Ok(client) => {
-                    let parts = ForwarderParts {
-                        client,
-                        server: server_stream,
-                        tracker,
-                        control,
-                        held_from_client,
-                        deferred,
-                        bytes_from_client,
-                        bytes_to_client,
-                    };
-                    (
-                        Offered::Kept(Box::new(parts)),
-                        format!("server socket: {why}"),
-                    )
-                }
+                Ok(client) => (
+                    Offered::Kept(Box::new(rest.join(client, server_stream))),
+                    format!("server socket: {why}"),
+                ),
                 Err(e) => (Offered::Lost(e.to_string()), String::new()),
             };
         }
@@ -630,11 +637,11 @@ async fn hand(
             peer: server.peer,
             key: KeyCarry::from(&server.key),
         },
-        tracker: tracker.carry(),
-        held_from_client,
-        deferred: deferred.iter().map(DeferredCarry::from).collect(),
-        bytes_from_client,
-        bytes_to_client,
+        tracker: rest.tracker.carry(),
+        held_from_client: std::mem::take(&mut rest.held_from_client),
+        deferred: rest.deferred.iter().map(DeferredCarry::from).collect(),
+        bytes_from_client: rest.bytes_from_client,
+        bytes_to_client: rest.bytes_to_client,
         migrations,
         audit: audit_row,
         client_tls: client.tls,
@@ -694,20 +701,9 @@ async fn hand(
         tls: state.server_tls.take(),
         pending: std::mem::take(&mut state.server_pending),
     };
+    rest.held_from_client = std::mem::take(&mut state.held_from_client);
     let parts = match (client.back(), server_t.back()) {
-        (Ok(c), Ok(s)) => ForwarderParts {
-            client: c,
-            server: s,
-            tracker,
-            control,
-            held_from_client: std::mem::take(&mut state.held_from_client),
-            deferred: std::mem::take(&mut state.deferred)
-                .into_iter()
-                .map(Into::into)
-                .collect(),
-            bytes_from_client,
-            bytes_to_client,
-        },
+        (Ok(c), Ok(s)) => rest.join(c, s),
         (Err(e), _) | (_, Err(e)) => return (Offered::Lost(e.to_string()), why),
     };
     (Offered::Kept(Box::new(parts)), why)
