@@ -1,12 +1,11 @@
 //! Running the proxy and its admin server until a shutdown signal.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use pgferry_admin::AdminState;
-use std::os::fd::AsFd;
-
 use pgferry_proxy::handoff;
 use pgferry_proxy::listener::{self, Backlog};
 use pgferry_proxy::{Config, Proxy};

@@ -278,17 +278,6 @@ fn ctl_lists_moves_drains_and_activates_against_a_real_pgferry() {
 
 /// Kills a process the test did not start itself (the new pgferry is the
 /// old one's child) when the test ends, however it ends.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
 /// A psql session through `proxy` that has logged in and run
 /// `select pg_backend_pid()`.
 fn logged_in_session(proxy: &common::ProxyProcess, app: &str) -> Session {
@@ -332,7 +321,7 @@ fn ctl_handoff_restarts_pgferry_under_a_live_session() {
     let new_pid = outcome["peer_pid"]
         .as_i64()
         .unwrap_or_else(|| panic!("no new pid in {outcome}"));
-    let _new = KillOnDrop(i32::try_from(new_pid).expect("pid"));
+    let _new = common::KillOnDrop(i32::try_from(new_pid).expect("pid"));
     assert_ne!(new_pid, old_pid);
 
     // The old process had nothing left: it exits 0.

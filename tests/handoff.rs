@@ -698,3 +698,21 @@ async fn handed_over_sessions_can_still_move_and_a_user_gone_from_the_userlist_s
     );
     let _ = &mut proxy;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_a_successor_from_the_same_binary_and_config() {
+    let mut proxy = ProxyProcess::start(ProxyOptions::default());
+    let old_pid = proxy.pid();
+    let (client, _conn) = connect(&proxy, USER, PASSWORD).await.expect("connect");
+    let session = Idle::open(client, "usr2").await;
+    proxy.signal(nix::sys::signal::Signal::SIGUSR2);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(30)), Some(0));
+    // The admin listener moved too: the new process answers on it.
+    let (_, status) = admin_json(proxy.admin, "GET", "/v1/handoff", "");
+    let new_pid = status["pid"].as_i64().expect("pid");
+    let _new = KillOnDrop(i32::try_from(new_pid).expect("pid"));
+    assert_ne!(new_pid, i64::from(old_pid), "{status}");
+    assert_eq!(status["role"], "new", "{status}");
+    assert_eq!(status["peer_pid"], i64::from(old_pid), "{status}");
+    session.check().await;
+}

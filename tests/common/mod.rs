@@ -455,6 +455,19 @@ pub fn wait_child(child: &mut Child, within: Duration) -> Option<i32> {
     }
 }
 
+/// Kills a process by pid when dropped (a pgferry started by another one,
+/// as `POST /v1/handoff` and SIGUSR2 do, is no child of the test).
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// `wait_child` for a process handed back by `ProxyProcess::take_over`.
 pub fn exit_code(mut old: Child, within: Duration) -> Option<i32> {
     wait_child(&mut old, within)
