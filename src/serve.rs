@@ -215,7 +215,10 @@ async fn takeover_on_sigusr2(
         }
         info!("SIGUSR2 received: starting a new pgferry to take this one over");
         match handoff::start_successor(&ctx).await {
-            Ok(status) => info!(phase = %status.phase, "takeover requested by SIGUSR2 ended"),
+            Ok(status) => info!(
+                phase = status.phase.as_str(),
+                "takeover requested by SIGUSR2 ended"
+            ),
             Err(e) => error!(error = %e, "takeover requested by SIGUSR2 failed"),
         }
     }

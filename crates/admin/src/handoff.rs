@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pgferry_proxy::handoff::{start_successor, Status};
+use pgferry_proxy::handoff::{start_successor, Phase, Status};
 use serde::Deserialize;
 
 use crate::backends::parse_body;
@@ -58,7 +58,7 @@ pub async fn start(State(state): State<AdminState>, body: Bytes) -> Response {
         },
     };
     match joined {
-        Ok(Ok(status)) if status.phase == "done" => Json(status).into_response(),
+        Ok(Ok(status)) if status.phase == Phase::Done => Json(status).into_response(),
         // Aborted: this process serves on, every session it did not hand
         // over included. The status says how far it got.
         Ok(Ok(status)) => (StatusCode::CONFLICT, Json(with_error(status))).into_response(),
@@ -73,7 +73,7 @@ pub async fn start(State(state): State<AdminState>, body: Bytes) -> Response {
 /// A status that went wrong always says why, like every error body.
 fn with_error(mut status: Status) -> Status {
     if status.error.is_none() {
-        status.error = Some(format!("the hand-off ended {}", status.phase));
+        status.error = Some(format!("the hand-off ended {}", status.phase.as_str()));
     }
     status
 }
@@ -89,12 +89,12 @@ mod tests {
     #[test]
     fn failed_statuses_carry_an_error() {
         let s = with_error(Status {
-            phase: "aborted".into(),
+            phase: Phase::Aborted,
             ..Status::default()
         });
         assert_eq!(s.error.as_deref(), Some("the hand-off ended aborted"));
         let s = with_error(Status {
-            phase: "aborted".into(),
+            phase: Phase::Aborted,
             error: Some("the new process is gone".into()),
             ..Status::default()
         });

@@ -134,7 +134,7 @@ async fn give_to(ctx: &Arc<ProxyContext>, channel: Arc<Channel>, pid: i32) -> bo
     }
     h.update(|s| {
         *s = super::Status {
-            phase: "starting".into(),
+            phase: super::Phase::Starting,
             role: Some("old"),
             peer_pid: Some(pid),
             pid: std::process::id(),
@@ -147,7 +147,7 @@ async fn give_to(ctx: &Arc<ProxyContext>, channel: Arc<Channel>, pid: i32) -> bo
             warn!(reason = %why, "hand-off aborted; this process goes on serving");
             h.set_accepting(true);
             h.update(|s| {
-                s.phase = "aborted".into();
+                s.phase = super::Phase::Aborted;
                 s.error = Some(why);
             });
             return false;
@@ -158,7 +158,7 @@ async fn give_to(ctx: &Arc<ProxyContext>, channel: Arc<Channel>, pid: i32) -> bo
         "the new process accepts connections; handing sessions over"
     );
     ctx.metrics.handoff_in_progress.set(1);
-    h.update(|s| s.phase = "handing_over".into());
+    h.update(|s| s.phase = super::Phase::HandingOver);
     let port = Arc::new(Port {
         channel: channel.clone(),
         state_version,
@@ -197,7 +197,7 @@ async fn give_to(ctx: &Arc<ProxyContext>, channel: Arc<Channel>, pid: i32) -> bo
             resumed, "the new process is gone: accepting connections here again"
         );
         h.update(|s| {
-            s.phase = "aborted".into();
+            s.phase = super::Phase::Aborted;
             s.error = Some("the new process ended the hand-off".into());
             s.handed_over = handed_over;
             s.resumed = resumed;
@@ -209,7 +209,7 @@ async fn give_to(ctx: &Arc<ProxyContext>, channel: Arc<Channel>, pid: i32) -> bo
         kept, resumed, "hand-off done; this process exits once its last session ends"
     );
     h.update(|s| {
-        s.phase = "done".into();
+        s.phase = super::Phase::Done;
         s.handed_over = handed_over;
         s.resumed = resumed;
         s.kept = kept as u64;

@@ -56,11 +56,49 @@ pub struct Listeners {
     pub admin: Option<OwnedFd>,
 }
 
+/// Where the last hand-off this process took part in stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// None yet.
+    #[default]
+    Idle,
+    /// Old process: a successor was started, or one said HELLO.
+    Starting,
+    /// Old process: the listeners are with the new one; sessions move.
+    HandingOver,
+    /// Old process: everything it could give is given (it exits when the
+    /// rest end). New process: the old one has exited.
+    Done,
+    /// Old process: the new one went away or was refused; this one serves
+    /// on and accepts again.
+    Aborted,
+    /// New process: adopting the old one's sessions.
+    TakingOver,
+}
+
+impl Phase {
+    /// The hand-off is over, one way or the other.
+    pub fn is_over(self) -> bool {
+        matches!(self, Phase::Done | Phase::Aborted)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Starting => "starting",
+            Phase::HandingOver => "handing_over",
+            Phase::Done => "done",
+            Phase::Aborted => "aborted",
+            Phase::TakingOver => "taking_over",
+        }
+    }
+}
+
 /// The last hand-off this process took part in, for the admin API.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Status {
-    /// "idle", "starting", "handing_over", "done", "aborted", "taking_over".
-    pub phase: String,
+    pub phase: Phase,
     pub role: Option<&'static str>,
     pub peer_pid: Option<i32>,
     pub handed_over: u64,
@@ -81,7 +119,7 @@ impl Default for HandoffState {
             previous: Mutex::new(None),
             finished: watch::channel(false).0,
             status: Mutex::new(Status {
-                phase: "idle".into(),
+                phase: Phase::Idle,
                 pid: std::process::id(),
                 ..Status::default()
             }),
@@ -189,8 +227,8 @@ pub async fn start_successor(ctx: &crate::ProxyContext) -> Result<Status, String
         .store(false, std::sync::atomic::Ordering::Release);
     if let Err(why) = &result {
         ctx.handoff.update(|s| {
-            if s.phase != "done" {
-                s.phase = "aborted".into();
+            if s.phase != Phase::Done {
+                s.phase = Phase::Aborted;
                 s.error = Some(why.clone());
             }
         });
@@ -204,7 +242,7 @@ async fn run_successor(
     config: &std::path::Path,
 ) -> Result<Status, String> {
     ctx.handoff.update(|s| {
-        s.phase = "starting".into();
+        s.phase = Phase::Starting;
         s.role = Some("old");
         s.error = None;
     });
@@ -225,15 +263,13 @@ async fn run_successor(
     // an abort is seen at the next look.
     loop {
         let status = ctx.handoff.status();
-        if status.peer_pid.is_some_and(|p| Some(p as u32) == pid)
-            && matches!(status.phase.as_str(), "done" | "aborted")
-        {
+        if status.peer_pid.is_some_and(|p| Some(p as u32) == pid) && status.phase.is_over() {
             return Ok(status);
         }
         tokio::select! {
             exited = child.wait() => {
                 let status = ctx.handoff.status();
-                if status.phase == "done" {
+                if status.phase == Phase::Done {
                     return Ok(status);
                 }
                 return Err(match exited {

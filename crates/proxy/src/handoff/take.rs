@@ -117,7 +117,7 @@ pub async fn connect(ctx: &Arc<ProxyContext>, path: &Path) -> Result<TakingOver,
     ctx.metrics.handoff_in_progress.set(1);
     ctx.handoff.update(|s| {
         *s = Status {
-            phase: "taking_over".into(),
+            phase: super::Phase::TakingOver,
             role: Some("new"),
             peer_pid: Some(old_pid),
             pid: std::process::id(),
@@ -289,7 +289,7 @@ impl TakingOver {
         drop(audit_gate);
         ctx.metrics.handoff_in_progress.set(0);
         ctx.handoff.update(|s| {
-            s.phase = "done".into();
+            s.phase = super::Phase::Done;
             s.remaining = 0;
         });
         info!(
