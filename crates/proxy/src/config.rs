@@ -57,6 +57,62 @@ pub struct Config {
     pub failover: FailoverSection,
     #[serde(default)]
     pub routing: RoutingSection,
+    /// The SQL admin console (`psql ... pgferry`).
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Log output.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// The SQL admin console: a client that logs in (like any client, through
+/// the userlist) to `console_database` is served by pgferry itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Users allowed on the console; anyone else asking for
+    /// `console_database` is refused with 28000.
+    #[serde(default)]
+    pub console_users: Vec<String>,
+    /// The database name that means "the console" (never forwarded).
+    #[serde(default = "defaults::console_database")]
+    pub console_database: String,
+    /// How long `PAUSE` waits for sessions to reach a safe point, when the
+    /// command gives no `TIMEOUT`.
+    #[serde(default = "defaults::pause_timeout", deserialize_with = "duration")]
+    pub pause_timeout: Duration,
+    /// The longest a pause holds sessions before they go on by themselves
+    /// (PgBouncer's PAUSE has no such limit, and hangs clients forever).
+    #[serde(default = "defaults::pause_limit", deserialize_with = "duration")]
+    pub pause_limit: Duration,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            console_users: Vec::new(),
+            console_database: defaults::console_database(),
+            pause_timeout: defaults::pause_timeout(),
+            pause_limit: defaults::pause_limit(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (tracing's default format).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default)]
+    pub format: LogFormat,
 }
 
 /// The role pgferry logs in as for its own SQL on a backend.
@@ -443,6 +499,20 @@ pub struct AuthSection {
     /// (IP, user) pairs remembered at most; the one closest to expiry goes first.
     #[serde(default = "defaults::throttle_max_entries")]
     pub throttle_max_entries: usize,
+    /// PgBouncer's auth_user: a userlist user pgferry logs in as to look up
+    /// users the userlist does not have (`auth_query`); off when absent.
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    /// Returns (name, SCRAM verifier) for `$1`; a SECURITY DEFINER
+    /// function works too.
+    #[serde(default = "defaults::auth_query")]
+    pub auth_query: String,
+    /// The database `auth_query` runs in.
+    #[serde(default = "defaults::auth_dbname")]
+    pub auth_dbname: String,
+    /// How long a looked-up verifier (or "no such user") is reused.
+    #[serde(default = "defaults::auth_query_ttl", deserialize_with = "duration")]
+    pub auth_query_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -478,6 +548,24 @@ pub struct BackendConfig {
 
 mod defaults {
     use std::time::Duration;
+    pub fn console_database() -> String {
+        "pgferry".into()
+    }
+    pub fn pause_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn pause_limit() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn auth_query() -> String {
+        "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into()
+    }
+    pub fn auth_dbname() -> String {
+        "postgres".into()
+    }
+    pub fn auth_query_ttl() -> Duration {
+        Duration::from_secs(60)
+    }
     pub fn secret_file() -> std::path::PathBuf {
         "pgferry.secret".into()
     }
