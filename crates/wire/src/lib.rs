@@ -8,6 +8,7 @@
 
 pub mod frame;
 pub mod messages;
+pub mod result_set;
 pub mod startup;
 
 pub use frame::{

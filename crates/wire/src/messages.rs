@@ -77,7 +77,13 @@ pub enum DecodeError {
 #[error("cannot encode message: {0}")]
 pub struct EncodeError(String);
 
-fn enc<M: Message>(m: &M, buf: &mut BytesMut) -> Result<(), EncodeError> {
+impl EncodeError {
+    pub(crate) fn new(why: &str) -> Self {
+        Self(why.to_owned())
+    }
+}
+
+pub(crate) fn enc<M: Message>(m: &M, buf: &mut BytesMut) -> Result<(), EncodeError> {
     m.encode(buf).map_err(|e| EncodeError(e.to_string()))
 }
 
