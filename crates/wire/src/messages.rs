@@ -7,7 +7,7 @@
 //! Forwarded messages are never decoded at all.
 
 use bytes::{Bytes, BytesMut};
-use pgwire::messages::extendedquery::{Parse, Sync};
+use pgwire::messages::extendedquery::{Bind, Describe, Execute, Parse, Sync};
 use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::simplequery::Query;
 use pgwire::messages::startup::{
@@ -520,6 +520,71 @@ pub fn encode_parse(
     enc(&Parse::new(name, sql.to_owned(), param_types.to_vec()), buf)
 }
 
+/// Which object a Describe asks about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DescribeTarget {
+    Statement,
+    Portal,
+}
+
+/// Bind of `statement` to `portal` (empty: the unnamed ones) with
+/// `params` in text format (`None`: NULL); results in text format.
+pub fn encode_bind(
+    buf: &mut BytesMut,
+    portal: &str,
+    statement: &str,
+    params: &[Option<&[u8]>],
+) -> Result<(), EncodeError> {
+    // The count goes on the wire as an Int16, which PostgreSQL reads unsigned.
+    if params.len() > usize::from(u16::MAX) {
+        return Err(EncodeError(format!(
+            "{} parameters; a Bind carries at most {}",
+            params.len(),
+            u16::MAX
+        )));
+    }
+    if params.iter().flatten().any(|p| p.len() > i32::MAX as usize) {
+        return Err(EncodeError("a parameter longer than 2 GiB".into()));
+    }
+    let name = |n: &str| (!n.is_empty()).then(|| n.to_owned());
+    let values = params
+        .iter()
+        .map(|p| p.map(Bytes::copy_from_slice))
+        .collect();
+    enc(
+        &Bind::new(
+            name(portal),
+            name(statement),
+            Vec::new(),
+            values,
+            Vec::new(),
+        ),
+        buf,
+    )
+}
+
+pub fn encode_describe(
+    buf: &mut BytesMut,
+    target: DescribeTarget,
+    name: &str,
+) -> Result<(), EncodeError> {
+    let kind = match target {
+        DescribeTarget::Statement => b'S',
+        DescribeTarget::Portal => b'P',
+    };
+    let name = (!name.is_empty()).then(|| name.to_owned());
+    enc(&Describe::new(kind, name), buf)
+}
+
+/// Execute of `portal` (empty: the unnamed one), returning at most
+/// `max_rows` rows (0: all).
+pub fn encode_execute(buf: &mut BytesMut, portal: &str, max_rows: u32) -> Result<(), EncodeError> {
+    let max_rows = i32::try_from(max_rows)
+        .map_err(|_| EncodeError(format!("max_rows {max_rows} is above {}", i32::MAX)))?;
+    let portal = (!portal.is_empty()).then(|| portal.to_owned());
+    enc(&Execute::new(portal, max_rows), buf)
+}
+
 pub fn encode_sync(buf: &mut BytesMut) -> Result<(), EncodeError> {
     enc(&Sync::new(), buf)
 }
@@ -612,6 +677,61 @@ mod tests {
             ("SCRAM-SHA-256".to_owned(), b"n,,n=,r=abc".to_vec())
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn extended_query_messages_have_the_protocol_layout() {
+        let mut buf = BytesMut::new();
+        encode_parse(&mut buf, "", "SELECT $1, $2", &[]).unwrap();
+        encode_bind(&mut buf, "", "", &[Some(b"bob"), None]).unwrap();
+        encode_describe(&mut buf, DescribeTarget::Portal, "").unwrap();
+        encode_describe(&mut buf, DescribeTarget::Statement, "s1").unwrap();
+        encode_execute(&mut buf, "", 2).unwrap();
+        encode_bind(&mut buf, "p1", "s1", &[]).unwrap();
+        encode_execute(&mut buf, "p1", 0).unwrap();
+        encode_sync(&mut buf).unwrap();
+
+        let m = take(&mut buf);
+        assert_eq!(m.tag, tag::PARSE);
+        assert_eq!(&m.body[..], b"\0SELECT $1, $2\0\0\0");
+        let m = take(&mut buf);
+        assert_eq!(m.tag, tag::BIND);
+        let mut want = b"\0\0".to_vec(); // unnamed portal and statement
+        want.extend_from_slice(&0i16.to_be_bytes()); // parameter formats: all text
+        want.extend_from_slice(&2i16.to_be_bytes());
+        want.extend_from_slice(&3i32.to_be_bytes());
+        want.extend_from_slice(b"bob");
+        want.extend_from_slice(&(-1i32).to_be_bytes()); // NULL
+        want.extend_from_slice(&0i16.to_be_bytes()); // result formats: all text
+        assert_eq!(&m.body[..], &want[..]);
+        let m = take(&mut buf);
+        assert_eq!((m.tag, &m.body[..]), (tag::DESCRIBE, &b"P\0"[..]));
+        let m = take(&mut buf);
+        assert_eq!((m.tag, &m.body[..]), (tag::DESCRIBE, &b"Ss1\0"[..]));
+        let m = take(&mut buf);
+        assert_eq!(m.tag, tag::EXECUTE);
+        assert_eq!(&m.body[..], b"\0\0\0\0\x02");
+        let m = take(&mut buf);
+        assert_eq!(m.tag, tag::BIND);
+        assert_eq!(&m.body[..], b"p1\0s1\0\0\0\0\0\0\0");
+        let m = take(&mut buf);
+        assert_eq!((m.tag, &m.body[..]), (tag::EXECUTE, &b"p1\0\0\0\0\0"[..]));
+        let m = take(&mut buf);
+        assert_eq!((m.tag, m.body.len()), (tag::SYNC, 0));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn extended_query_encoders_refuse_what_the_protocol_cannot_carry() {
+        let mut buf = BytesMut::new();
+        let many = vec![None; usize::from(u16::MAX) + 1];
+        assert!(encode_bind(&mut buf, "", "", &many).is_err());
+        assert!(encode_execute(&mut buf, "", u32::MAX).is_err());
+        assert!(buf.is_empty(), "nothing half-written");
+        // The most a Bind may carry still goes.
+        encode_bind(&mut buf, "", "", &many[1..]).unwrap();
+        let m = take(&mut buf);
+        assert_eq!(&m.body[4..6], &u16::MAX.to_be_bytes());
     }
 
     #[test]
