@@ -9,7 +9,15 @@ use std::time::Duration;
 /// `ctl` subcommand, whose doc comment would otherwise replace it.
 pub const LONG_ABOUT: &str = "Inspect and steer a running pgferry through its HTTP admin API: \
 list backends and sessions, move a session, drain, activate, add or remove a backend, \
-rebalance, switch a primary over to its standby, restart pgferry itself (handoff).\n\n\
+rebalance, switch a primary over to its standby, restart pgferry itself (handoff), or watch it \
+live (top).\n\n\
+`pgferry ctl top` redraws once a second (--interval) until q, Esc or Ctrl-C: sessions per \
+backend, migrations per second by outcome with totals, the migration pause's p50 and p99 \
+(estimated from the histogram's buckets over the last interval, or since pgferry started when \
+the interval had none), and drains in progress. When the admin API cannot be reached it shows \
+the error and keeps trying. When stdout is not a terminal, or with --once, it prints one frame \
+as plain text (two readings an interval apart) and exits 0, or 1 when the API did not \
+answer.\n\n\
 Exit status: 0 on success; 1 when the server answers an error or cannot be reached, a \
 transfer does not succeed, a drain leaves sessions behind or fails to move some, a \
 switchover aborts or cannot move every session, or a hand-off aborts, is not over within \
@@ -113,6 +121,17 @@ pub enum CtlCommand {
         #[arg(long)]
         status: bool,
     },
+    /// A live view, redrawn every interval until q: sessions per backend,
+    /// migrations per second by outcome, pause p50/p99, drains in progress.
+    Top {
+        /// How often to poll and redraw, e.g. 1s or 500ms (at least 100ms).
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+        interval: Timeout,
+        /// Print one frame as plain text and exit (also what happens when
+        /// stdout is not a terminal).
+        #[arg(long)]
+        once: bool,
+    },
     /// Remove a backend that has no sessions (drain it first).
     Remove {
         /// The backend's name.
@@ -138,6 +157,16 @@ impl Timeout {
         // Parsing already refused anything that does not fit.
         u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
     }
+}
+
+/// `top --interval`: a duration of 100ms or more, so the view cannot
+/// flood the admin API.
+fn parse_interval(s: &str) -> Result<Timeout, String> {
+    let t: Timeout = s.parse().map_err(|e: TimeoutError| e.to_string())?;
+    if t.duration() < Duration::from_millis(100) {
+        return Err("the interval must be at least 100ms".into());
+    }
+    Ok(t)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -284,6 +313,22 @@ mod tests {
                 status: true
             }
         );
+        let a = parse(&["top"]).expect("parse");
+        assert_eq!(
+            a.command,
+            CtlCommand::Top {
+                interval: Timeout(Duration::from_secs(1)),
+                once: false
+            }
+        );
+        let a = parse(&["top", "--interval", "250ms", "--once"]).expect("parse");
+        assert_eq!(
+            a.command,
+            CtlCommand::Top {
+                interval: Timeout(Duration::from_millis(250)),
+                once: true
+            }
+        );
         let a = parse(&["add", "pg3", "127.0.0.1:5434"]).expect("parse");
         assert_eq!(
             a.command,
@@ -303,5 +348,8 @@ mod tests {
         assert!(parse(&["add", "pg3"]).is_err());
         assert!(parse(&["frobnicate"]).is_err());
         assert!(parse(&["handoff", "--status", "--timeout", "5s"]).is_err());
+        let err = parse(&["top", "--interval", "10ms"]).expect_err("too short");
+        assert!(err.to_string().contains("at least 100ms"), "{err}");
+        assert!(parse(&["top", "--interval", "often"]).is_err());
     }
 }

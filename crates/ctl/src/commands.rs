@@ -29,7 +29,12 @@ pub fn plan(cmd: &CtlCommand) -> Request {
         wait,
     };
     match cmd {
-        CtlCommand::Backends => req(Method::Get, "/v1/backends".into(), None, Wait::Short),
+        // `top` runs a loop of its own (crate::top) and comes here only if
+        // someone sends it through `run`'s one-request path: a backend
+        // list is then the closest one-shot answer.
+        CtlCommand::Backends | CtlCommand::Top { .. } => {
+            req(Method::Get, "/v1/backends".into(), None, Wait::Short)
+        }
         CtlCommand::Connections => req(Method::Get, "/v1/connections".into(), None, Wait::Short),
         CtlCommand::Transfer { id, to, timeout } => {
             let mut body = Map::new();
@@ -191,7 +196,7 @@ fn success(
         serde_json::from_str(body)
     }
     Ok(match cmd {
-        CtlCommand::Backends => (
+        CtlCommand::Backends | CtlCommand::Top { .. } => (
             render::backends(&parse::<Vec<Backend>>(&reply.body).map_err(parse_err)?),
             None,
         ),
@@ -333,7 +338,7 @@ fn refusal(cmd: &CtlCommand, reply: &Reply) -> String {
             }
         });
     let what = match cmd {
-        CtlCommand::Backends => "listing backends".to_owned(),
+        CtlCommand::Backends | CtlCommand::Top { .. } => "listing backends".to_owned(),
         CtlCommand::Connections => "listing connections".to_owned(),
         CtlCommand::Transfer { id, .. } => format!("transfer of {id}"),
         CtlCommand::Drain { name, .. } => format!("drain of {name}"),

@@ -1,7 +1,6 @@
 //! `pgferry ctl`: the operators' command-line client of pgferry's HTTP admin
 //! API (`/v1/backends`, `/v1/connections`, `/v1/rebalance`, `/v1/switchover`,
-//! `/v1/handoff`; described in
-//! docs/admin-api.md).
+//! `/v1/handoff`, `/metrics`; described in docs/admin-api.md).
 //!
 //! This crate owns the `ctl` arguments, the blocking HTTP calls to the admin
 //! API, the human-readable tables, and the exit status. It talks to a running
@@ -13,7 +12,8 @@
 //! Layout: [`args`] (clap types and duration parsing), `client` (HTTP),
 //! `model` (the JSON answers), `render` (tables), `commands` (what each
 //! subcommand sends and how its answer becomes output and an exit status),
-//! `progress` (the drain, switchover and hand-off progress poller).
+//! `progress` (the drain, switchover and hand-off progress poller), `top`
+//! (the live terminal view; the only part that owns the terminal).
 
 pub mod args;
 mod client;
@@ -21,6 +21,7 @@ mod commands;
 mod model;
 mod progress;
 mod render;
+mod top;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -40,6 +41,22 @@ pub fn run(args: CtlArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let CtlCommand::Top { interval, once } = &args.command {
+        if args.json {
+            eprintln!(
+                "pgferry ctl: top has no --json; `pgferry ctl --json backends` and GET /metrics \
+                 give the same data"
+            );
+            return ExitCode::from(2);
+        }
+        return top::run(
+            client,
+            top::Options {
+                interval: interval.duration(),
+                once: *once,
+            },
+        );
+    }
     let request = commands::plan(&args.command);
     let handoff = matches!(args.command, CtlCommand::Handoff { status: false, .. });
     // Which process serves before a hand-off: its answer may be lost when
