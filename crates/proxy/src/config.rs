@@ -938,6 +938,22 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        // (That auth_user has a password in the userlist is checked where
+        // the userlist is loaded: client::auth_query.)
+        if a.auth_user.as_deref().is_some_and(str::is_empty) {
+            return Err(("auth.auth_user".into(), "must not be empty".into()));
+        }
+        if a.auth_user.is_some() {
+            if !a.auth_query.contains("$1") {
+                return Err((
+                    "auth.auth_query".into(),
+                    "must take the user name as $1".into(),
+                ));
+            }
+            if a.auth_dbname.is_empty() {
+                return Err(("auth.auth_dbname".into(), "must not be empty".into()));
+            }
+        }
         let b = &self.balancer;
         if b.drain_concurrency == 0 {
             return Err((
@@ -1211,5 +1227,46 @@ address = "localhost:5433"
         assert!(bad("[switchover]\npromote = \"command\"\n").contains("promote_command"));
         assert!(bad("[switchover]\npromote = \"maybe\"\n").contains("switchover.promote"));
         assert!(bad("[failover]\nrehome_timeout = \"0s\"\n").contains("rehome_timeout"));
+    }
+
+    #[test]
+    fn auth_query_settings() {
+        let with = |lines: &str| {
+            GOOD.replace(
+                "userlist = \"users.txt\"",
+                &format!("userlist = \"users.txt\"\n{lines}"),
+            )
+        };
+        let c = Config::parse(&with(""), "t.toml", Path::new(".")).unwrap();
+        assert_eq!(c.auth.auth_user, None);
+        assert_eq!(
+            c.auth.auth_query,
+            "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"
+        );
+        assert_eq!(c.auth.auth_dbname, "postgres");
+        assert_eq!(c.auth.auth_query_ttl, Duration::from_secs(60));
+        let c = Config::parse(
+            &with("auth_user = \"lookup\"\nauth_query = \"SELECT * FROM pgbouncer.get_auth($1)\"\nauth_query_ttl = \"0s\""),
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.auth.auth_user.as_deref(), Some("lookup"));
+        assert_eq!(c.auth.auth_query_ttl, Duration::ZERO);
+        for (lines, key) in [
+            ("auth_user = \"\"", "auth.auth_user"),
+            (
+                "auth_user = \"x\"\nauth_query = \"SELECT 'a', 'b'\"",
+                "auth.auth_query",
+            ),
+            ("auth_user = \"x\"\nauth_dbname = \"\"", "auth.auth_dbname"),
+        ] {
+            let e = err(&with(lines));
+            assert!(e.contains(key), "{lines}: {e}");
+        }
+        // Without auth_user the others are not read.
+        assert!(
+            Config::parse(&with("auth_query = \"SELECT 1\""), "t.toml", Path::new(".")).is_ok()
+        );
     }
 }

@@ -100,6 +100,17 @@ pub enum SessionError {
     /// be moved to it; it must not stay on the fenced old primary.
     #[error("terminating connection: the primary was switched over and this session could not be moved: {0}")]
     SwitchoverNotMoved(String),
+    /// `[auth] auth_query` could not be run on any backend (none takes
+    /// sessions, none answered in time, the lookup itself failed). The
+    /// class of "no backend available", which drivers retry; the same words
+    /// whoever the user is, so they tell nothing about which users exist.
+    /// (The cause is for pgferry's log, not for clients.)
+    #[error("cannot authenticate now: pgferry could not look the user up on any backend")]
+    AuthLookupFailed { cause: String },
+    /// Asked for the admin console's database as a user not in
+    /// `[admin] console_users`.
+    #[error("permission denied: user \"{user}\" may not use the pgferry admin console")]
+    ConsoleNotAllowed { user: String },
     #[error("internal proxy error: {0}")]
     Internal(String),
 }
@@ -122,7 +133,8 @@ impl SessionError {
             SessionError::TlsRequired
             | SessionError::NoUser
             | SessionError::ChannelBindingNegotiation
-            | SessionError::ChannelBindingCheckFailed => "28000",
+            | SessionError::ChannelBindingCheckFailed
+            | SessionError::ConsoleNotAllowed { .. } => "28000",
             SessionError::TooManyConnections | SessionError::AuditBacklogFull => "53300",
             SessionError::AdminShutdown
             | SessionError::FailoverNotRehomed { .. }
@@ -130,7 +142,7 @@ impl SessionError {
             SessionError::InvalidStartupOption(_) => "22023",
             SessionError::FailoverOutcomeUnknown { .. } => "08007",
             SessionError::FailoverInTransaction { .. } => "08006",
-            SessionError::NoBackendAvailable => "57P03",
+            SessionError::NoBackendAvailable | SessionError::AuthLookupFailed { .. } => "57P03",
             SessionError::Internal(_) => "XX000",
         }
     }
@@ -180,6 +192,8 @@ impl SessionError {
             SessionError::FailoverInTransaction { .. } => "failover_in_transaction",
             SessionError::FailoverNotRehomed { .. } => "failover_not_rehomed",
             SessionError::SwitchoverNotMoved(_) => "switchover_not_moved",
+            SessionError::AuthLookupFailed { .. } => "auth_lookup_failed",
+            SessionError::ConsoleNotAllowed { .. } => "console_not_allowed",
             SessionError::Internal(_) => "internal",
         }
     }
@@ -231,6 +245,15 @@ mod tests {
         assert_eq!(
             client_sees(SessionError::NoBackendAvailable).sqlstate(),
             Some("57P03")
+        );
+        // A failed user lookup: the cause stays in pgferry's log.
+        let f = client_sees(SessionError::AuthLookupFailed {
+            cause: "backend pg1: permission denied for view pg_shadow".into(),
+        });
+        assert_eq!(f.sqlstate(), Some("57P03"));
+        assert_eq!(
+            f.message(),
+            Some("cannot authenticate now: pgferry could not look the user up on any backend")
         );
         for (e, code) in [
             (SessionError::InvalidStartupOption("bad".into()), "22023"),

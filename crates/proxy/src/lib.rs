@@ -83,6 +83,8 @@ pub struct ProxyContext {
     auth_secret: Arc<InstallationSecret>,
     /// Back-off after failed client authentications.
     pub throttle: client::throttle::AuthThrottle,
+    /// `[auth] auth_user`: users the userlist lacks, looked up on backends.
+    pub auth_query: Option<client::auth_query::AuthQuery>,
     pub tls: TlsPolicy,
     pub dial: DialSettings,
     pub backends: BackendSet,
@@ -210,6 +212,11 @@ impl Proxy {
             scram_iterations = users.iterations(),
             "userlist loaded"
         );
+        let auth_query = client::auth_query::AuthQuery::from_config(
+            &config.auth,
+            &users,
+            config.proxy.connect_timeout,
+        )?;
         let throttle = client::throttle::AuthThrottle::new(
             client::throttle::ThrottleSettings {
                 enabled: config.auth.throttle,
@@ -252,6 +259,7 @@ impl Proxy {
                 users: RwLock::new(Arc::new(users)),
                 auth_secret,
                 throttle,
+                auth_query,
                 balancer: BalancerState::default(),
                 switchover: switchover::Switchovers::default(),
                 admin_login: config

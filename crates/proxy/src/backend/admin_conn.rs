@@ -1,17 +1,23 @@
 //! pgferry's own SQL on a backend: role checks, and the switchover's
-//! fence, WAL positions and promotion, as `[backend_admin]`.
+//! fence, WAL positions and promotion, as `[backend_admin]`; user lookups
+//! as `[auth] auth_user` (`client::auth_query`).
 //!
 //! One connection type for all of it: a `ServerConnection` dialed and
 //! logged in exactly like a session's (TLS, SCRAM, 57P03 handling), with
 //! simple queries whose rows come back as text (`simple_query`, which the
-//! warm-spare reset uses on its own connections too).
+//! warm-spare reset uses on its own connections too), and queries with
+//! text parameters over the extended protocol (`query_params`), so that a
+//! value never has to be spliced into SQL text.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use pgferry_auth::DerivedKeys;
-use pgferry_wire::messages::{decode_data_row, decode_parameter_status, encode_query};
+use pgferry_wire::messages::{
+    decode_data_row, decode_parameter_status, decode_row_description, encode_bind, encode_describe,
+    encode_execute, encode_parse, encode_query, encode_sync, DescribeTarget,
+};
 use pgferry_wire::{tag, ErrorFields, StartupMessage};
 use tokio::io::AsyncWriteExt;
 use zeroize::Zeroizing;
@@ -47,6 +53,24 @@ impl AdminLogin {
             credentials,
         }
     }
+
+    /// `user` on `database` with `credentials` (a userlist entry's: see
+    /// `client::auth_query`).
+    pub fn for_user(user: &str, database: &str, credentials: BackendCredentials) -> Self {
+        let startup = StartupMessage {
+            minor_version: 0,
+            params: vec![
+                ("user".into(), user.to_owned()),
+                ("database".into(), database.to_owned()),
+                ("application_name".into(), "pgferry".into()),
+            ],
+            protocol_options: Vec::new(),
+        };
+        Self {
+            startup,
+            credentials,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +93,16 @@ fn describe(e: &ErrorFields) -> String {
 
 /// Rows of text columns (`None`: NULL).
 pub type Rows = Vec<Vec<Option<String>>>;
+
+/// What `query_params` returns.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ParamResult {
+    /// Column names; empty for a statement that returns no rows.
+    pub columns: Vec<String>,
+    pub rows: Rows,
+    /// More rows were there than asked for.
+    pub truncated: bool,
+}
 
 /// An authenticated connection for pgferry's own SQL.
 pub struct AdminConn {
@@ -119,6 +153,32 @@ impl AdminConn {
             Err(_) => Err(AdminSqlError::Timeout(timeout)),
         };
         // A server error leaves the connection in step (ReadyForQuery came).
+        if matches!(r, Err(AdminSqlError::Timeout(_) | AdminSqlError::Dial(_))) {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Runs `sql` with `params` (text; `None`: NULL) as `$1`, `$2`... over
+    /// the extended protocol, within `timeout`; at most `max_rows` rows
+    /// (0: all) come back. Broken afterwards on the same terms as `query`.
+    pub async fn query_params(
+        &mut self,
+        sql: &str,
+        params: &[Option<&str>],
+        max_rows: u32,
+        timeout: Duration,
+    ) -> Result<ParamResult, AdminSqlError> {
+        if self.broken {
+            return Err(AdminSqlError::Dial(DialError::Unreachable(
+                "connection broken by an earlier failure".into(),
+            )));
+        }
+        let fut = extended_query(&mut self.conn, sql, params, max_rows, self.max_len);
+        let r = match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(AdminSqlError::Timeout(timeout)),
+        };
         if matches!(r, Err(AdminSqlError::Timeout(_) | AdminSqlError::Dial(_))) {
             self.broken = true;
         }
@@ -202,5 +262,73 @@ pub async fn simple_query(
         Some(f) => Err(AdminSqlError::Server(f)),
         None if !inbuf.is_empty() => Err(protocol("data after ReadyForQuery".into())),
         None => Ok(rows),
+    }
+}
+
+/// Parse, Bind, Describe (portal), Execute, Sync on `conn`, read to
+/// ReadyForQuery. An ErrorResponse fails it (after ReadyForQuery, so the
+/// connection stays usable).
+async fn extended_query(
+    conn: &mut ServerConnection,
+    sql: &str,
+    params: &[Option<&str>],
+    max_rows: u32,
+    max_len: u32,
+) -> Result<ParamResult, AdminSqlError> {
+    let protocol = |e: String| AdminSqlError::Dial(DialError::Protocol(e));
+    let values: Vec<Option<&[u8]>> = params.iter().map(|p| p.map(str::as_bytes)).collect();
+    let mut out = BytesMut::new();
+    encode_parse(&mut out, "", sql, &[])
+        .and_then(|()| encode_bind(&mut out, "", "", &values))
+        .and_then(|()| encode_describe(&mut out, DescribeTarget::Portal, ""))
+        .and_then(|()| encode_execute(&mut out, "", max_rows))
+        .and_then(|()| encode_sync(&mut out))
+        .map_err(|e| protocol(e.to_string()))?;
+    let io = |e: std::io::Error| AdminSqlError::Dial(DialError::Unreachable(e.to_string()));
+    conn.stream.write_all(&out).await.map_err(io)?;
+    conn.stream.flush().await.map_err(io)?;
+    let mut inbuf = BytesMut::new();
+    let mut failed = None;
+    let mut result = ParamResult::default();
+    loop {
+        let m = read_message(&mut conn.stream, &mut inbuf, max_len).await?;
+        match m.tag {
+            tag::ERROR_RESPONSE => {
+                failed = Some(ErrorFields::decode(&m.body).map_err(|e| protocol(e.to_string()))?)
+            }
+            tag::PARAMETER_STATUS => {
+                if let Ok((n, v)) = decode_parameter_status(&m.body) {
+                    conn.parameters.set(&n, &v);
+                }
+            }
+            tag::ROW_DESCRIPTION => {
+                result.columns =
+                    decode_row_description(&m.body).map_err(|e| protocol(e.to_string()))?;
+            }
+            tag::DATA_ROW => {
+                let cols = decode_data_row(&m.body).map_err(|e| protocol(e.to_string()))?;
+                if cols.len() != result.columns.len() {
+                    return Err(protocol(format!(
+                        "a row of {} columns under a description of {}",
+                        cols.len(),
+                        result.columns.len()
+                    )));
+                }
+                result.rows.push(
+                    cols.into_iter()
+                        .map(|c| c.map(|b| String::from_utf8_lossy(b).into_owned()))
+                        .collect(),
+                );
+            }
+            tag::PORTAL_SUSPENDED => result.truncated = true,
+            tag::READY_FOR_QUERY => break,
+            // ParseComplete, BindComplete, NoData, CommandComplete, notices.
+            _ => {}
+        }
+    }
+    match failed {
+        Some(f) => Err(AdminSqlError::Server(f)),
+        None if !inbuf.is_empty() => Err(protocol("data after ReadyForQuery".into())),
+        None => Ok(result),
     }
 }

@@ -5,11 +5,16 @@
 //! the same step with the same message as a wrong password, so neither the
 //! answer nor its timing tells which user names exist. Failed attempts make
 //! later ones from the same (client IP, user) wait (see `throttle`).
+//!
+//! A user the userlist does not have is looked up with `[auth] auth_query`
+//! when `auth_user` is set (see `auth_query`): found, the exchange runs
+//! against the backend's own verifier and the session logs in to backends
+//! by SCRAM pass-through; not found, against the mock verifier as above.
 
 use std::net::IpAddr;
 
 use bytes::BytesMut;
-use pgferry_auth::{ScramError, ScramServer, ScramServerFinal, Secret, UserList};
+use pgferry_auth::{ScramError, ScramServer, ScramServerFinal, ScramVerifier, Secret, UserEntry};
 use pgferry_wire::messages::{
     decode_sasl_initial_response, encode_auth_ok, encode_auth_sasl, encode_auth_sasl_continue,
     encode_auth_sasl_final, take_message,
@@ -19,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zeroize::Zeroizing;
 
 use crate::backend::login::BackendCredentials;
+use crate::client::auth_query::Answer;
 use crate::client::handshake::TlsPolicy;
 use crate::client::throttle::Throttled;
 use crate::errors::SessionError;
@@ -50,8 +56,28 @@ pub async fn authenticate(
     // Refused before any exchange: cheap, and the same for known and unknown users.
     let ticket = ctx.throttle.admit(peer, user).map_err(throttled)?;
     let users = ctx.users();
+    let who = match (users.get(user), &ctx.auth_query) {
+        (Some(entry), _) => Who::Listed(entry.clone()),
+        (None, None) => Who::Unknown,
+        (None, Some(aq)) => match aq.lookup(ctx, user).await {
+            Ok(Answer::Found(verifier)) => Who::LookedUp(verifier),
+            Ok(Answer::NoSuchUser) => Who::Unknown,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "auth_query: no answer; login refused");
+                return Err(SessionError::AuthLookupFailed {
+                    cause: e.to_string(),
+                });
+            }
+        },
+    };
+    let (verifier, known) = match &who {
+        Who::Listed(entry) => (entry.verifier.clone(), true),
+        Who::LookedUp(verifier) => (verifier.clone(), true),
+        // The mock verifier, exactly as without auth_query.
+        Who::Unknown => users.verifier_for(user),
+    };
     let mut out = BytesMut::with_capacity(256);
-    let done = match exchange(stream, user, &users, &ctx.tls, &mut out).await {
+    let done = match exchange(stream, user, verifier, known, &ctx.tls, &mut out).await {
         Ok(Some(done)) => done,
         Ok(None) => return Ok(AuthOutcome::ClientLeft),
         Err(e) => {
@@ -61,37 +87,56 @@ pub async fn authenticate(
             return Err(e);
         }
     };
+    let credentials = match who {
+        Who::Listed(entry) => match &entry.secret {
+            Secret::Plain(p) => BackendCredentials::Password {
+                password: Zeroizing::new(p.to_string()),
+                keys: entry.backend_keys.clone(),
+            },
+            Secret::Verifier(v) => BackendCredentials::PassThrough {
+                client_key: done.client_key,
+                verifier: v.clone(),
+            },
+        },
+        // No password is known: the backends must hold this very verifier,
+        // which is what one of them answered with.
+        Who::LookedUp(verifier) => BackendCredentials::PassThrough {
+            client_key: done.client_key,
+            verifier,
+        },
+        // A mock verifier never accepts a proof; should one, no.
+        Who::Unknown => {
+            return Err(SessionError::AuthFailed {
+                user: user.to_owned(),
+            })
+        }
+    };
     // Decided before the server signature goes out: it would confirm the password.
     ctx.throttle.succeeded(ticket).map_err(throttled)?;
     encode_auth_sasl_final(&mut out, &done.server_final).map_err(internal)?;
     encode_auth_ok(&mut out).map_err(internal)?;
     send(stream, &mut out).await?;
+    Ok(AuthOutcome::Authenticated(credentials))
+}
 
-    let failed = || SessionError::AuthFailed {
-        user: user.to_owned(),
-    };
-    let entry = users.get(user).ok_or_else(failed)?;
-    Ok(AuthOutcome::Authenticated(match &entry.secret {
-        Secret::Plain(p) => BackendCredentials::Password {
-            password: Zeroizing::new(p.to_string()),
-            keys: entry.backend_keys.clone(),
-        },
-        Secret::Verifier(v) => BackendCredentials::PassThrough {
-            client_key: done.client_key,
-            verifier: v.clone(),
-        },
-    }))
+/// Where the user's verifier came from.
+enum Who {
+    Listed(UserEntry),
+    /// `[auth] auth_query` found it on a backend.
+    LookedUp(ScramVerifier),
+    /// Nowhere: the exchange runs against a mock verifier.
+    Unknown,
 }
 
 /// The SCRAM exchange up to a verified proof; `None` if the client left.
 async fn exchange(
     stream: &mut Stream,
     user: &str,
-    users: &UserList,
+    verifier: ScramVerifier,
+    known: bool,
     tls: &TlsPolicy,
     out: &mut BytesMut,
 ) -> Result<Option<ScramServerFinal>, SessionError> {
-    let (verifier, known) = users.verifier_for(user);
     // Decided by the connection alone, so unknown users are offered the same mechanisms.
     let binding = tls.channel_binding(stream);
     let mechanisms = binding.mechanisms();
