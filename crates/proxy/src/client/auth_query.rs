@@ -409,6 +409,9 @@ impl Job {
         };
         let mut secret = row.get_mut(1).and_then(Option::take);
         let answer = match (row.first().and_then(Option::as_deref), secret.as_deref()) {
+            // PgBouncer's documented function (RETURNS record) answers an
+            // unknown name with one row of NULLs.
+            (None, None) => Answer::NoSuchUser,
             (Some(name), _) if name != self.user => {
                 self.cannot_log_in("auth_query returned a row of another user name");
                 Answer::NoSuchUser
@@ -626,6 +629,10 @@ mod tests {
             Ok(Answer::Found(found)) if found.to_pg_string() == v
         ));
         assert!(matches!(j.answer(rows(2, &[])), Ok(Answer::NoSuchUser)));
+        assert!(matches!(
+            j.answer(rows(2, &[&[None, None]])),
+            Ok(Answer::NoSuchUser)
+        ));
         for (secret, why) in [
             (None, "NULL"),
             (Some("md5d41d8cd98f00b204e9800998ecf8427e"), "md5"),
@@ -640,6 +647,9 @@ mod tests {
                 "{why}"
             );
         }
+        // Logged once, not at every login.
+        assert!(!j.shared.first_warning("bob"));
+        assert!(j.shared.first_warning("carol"));
         // Another user's row (a query that ignores $1) never logs bob in.
         assert!(matches!(
             j.answer(rows(2, &[&[Some("alice"), Some(&v)]])),
