@@ -275,3 +275,39 @@ async fn a_session_of_a_looked_up_user_moves_to_another_backend() {
         .expect("pg_stat_activity");
     assert_eq!(seen, role, "the target server serves the session");
 }
+
+#[test]
+fn pgferry_does_not_start_without_a_password_for_auth_user() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let verifier = pgferry_auth::ScramVerifier::from_password("pw", b"salt", 4096).to_pg_string();
+    std::fs::write(
+        dir.path().join("users.txt"),
+        format!("\"{USER}\" \"{PASSWORD}\"\n\"copied\" \"{verifier}\"\n"),
+    )
+    .expect("userlist");
+    for (auth_user, why) in [
+        ("copied", "cannot log in with a verifier alone"),
+        ("absent", "is not in the userlist"),
+    ] {
+        let path = dir.path().join("pgferry.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[proxy]\nlisten = \"127.0.0.1:0\"\n[auth]\nuserlist = \"users.txt\"\n\
+                 auth_user = \"{auth_user}\"\n[[backend]]\nname = \"pg1\"\naddress = \"127.0.0.1:5432\"\n"
+            ),
+        )
+        .expect("config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgferry"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run pgferry");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{auth_user}: started");
+        assert!(
+            err.contains("auth.auth_user") && err.contains(why),
+            "{auth_user}: {err}"
+        );
+    }
+}
