@@ -44,7 +44,7 @@ pub enum Start {
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     start: Start,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
@@ -54,8 +54,22 @@ pub async fn run(
     if let (Some(path), Ok(exe)) = (&config_path, std::env::current_exe()) {
         ctx.handoff.set_successor(exe, path.clone());
     }
+    // SHUTDOWN on the console stops it as SIGTERM does.
+    let mut stop = {
+        let (tx, rx) = watch::channel(false);
+        let (mut outer, ctx) = (stop.clone(), ctx.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = outer.wait_for(|s| *s) => {}
+                _ = ctx.hooks.shutdown_requested() => {}
+            }
+            let _ = tx.send(true);
+        });
+        rx
+    };
     if let Some(path) = config_path {
-        tokio::spawn(reload_on_sighup(proxy.clone(), path, stop.clone()));
+        ctx.hooks.set_config_path(path);
+        tokio::spawn(reload_on_sighup(proxy.clone(), stop.clone()));
     }
     let handoff_path = config.proxy.handoff_socket.clone();
     let (mut taking_over, handoff_listener) = match start {
@@ -262,9 +276,10 @@ fn raise_fd_limit(max_client_connections: usize) {
     }
 }
 
-/// Re-reads the config file on every SIGHUP until `stop`; a file that
-/// does not load is reported and changes nothing.
-async fn reload_on_sighup(proxy: Arc<Proxy>, path: PathBuf, mut stop: watch::Receiver<bool>) {
+/// Re-applies the config file on every SIGHUP until `stop`, as the
+/// console's RELOAD does (`verbs::reload`); a file that does not load is
+/// reported and changes nothing.
+async fn reload_on_sighup(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -278,25 +293,9 @@ async fn reload_on_sighup(proxy: Arc<Proxy>, path: PathBuf, mut stop: watch::Rec
             r = hup.recv() => if r.is_none() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
-        info!(file = %path.display(), "SIGHUP received: reloading the config");
-        let applied = match Config::load(&path) {
-            Ok(c) => proxy.reload(&c).await.map_err(anyhow::Error::from),
-            Err(e) => Err(anyhow::Error::from(e)),
-        };
-        match applied {
-            Ok(s) => info!(
-                added = ?s.added,
-                removing = ?s.removing,
-                users = s.users,
-                users_derived = s.users_derived,
-                users_reused = s.users_reused,
-                userlist_ms = s.userlist_took.as_millis() as u64,
-                "config reloaded (backends and userlist; other settings need a restart)"
-            ),
-            Err(e) => {
-                error!(error = %format!("{e:#}"), "config reload failed; keeping the current config")
-            }
-        }
+        info!("SIGHUP received: reloading the config");
+        // Logged by the verb, for every way it is asked for.
+        let _ = pgferry_proxy::verbs::reload(proxy.context()).await;
     }
 }
 

@@ -9,45 +9,24 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pgferry_proxy::backend::{AddBackendError, Backend, BackendMode, BackendOrigin};
-use pgferry_proxy::balancer::drain::{drain as run_drain, DrainError};
 use pgferry_proxy::balancer::rebalance::rebalance as run_rebalance;
 use pgferry_proxy::errors::SessionError;
 use pgferry_proxy::forwarder::TransferOutcome;
 use pgferry_proxy::transfer::spares::refill_all;
+use pgferry_proxy::verbs::{self, BackendView};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use tracing::info;
 
-use crate::{error, AdminState};
+use crate::{error, verb_error, AdminState};
 
 /// How long a forced removal waits for its sessions to close.
 const FORCE_CLOSE_WAIT: Duration = Duration::from_secs(5);
 const DEFAULT_REBALANCE_TIMEOUT_MS: u64 = 15_000;
 
-#[derive(Serialize)]
-pub struct BackendView {
-    name: String,
-    address: String,
-    state: &'static str,
-    healthy: bool,
-    sessions: usize,
-    /// `primary`, `standby` or `unknown` (no `[backend_admin]`, or not
-    /// checked yet).
-    role: &'static str,
-    cluster: Option<String>,
-}
-
 fn view(b: &Backend) -> BackendView {
-    BackendView {
-        name: b.name.clone(),
-        address: b.address.clone(),
-        state: b.state().as_str(),
-        healthy: b.healthy(),
-        sessions: b.sessions(),
-        role: b.role().as_str(),
-        cluster: b.cluster.clone(),
-    }
+    BackendView::of(b)
 }
 
 fn no_such_backend(name: &str) -> Response {
@@ -63,13 +42,13 @@ pub(crate) fn parse_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<
 }
 
 pub async fn list(State(state): State<AdminState>) -> Json<Vec<BackendView>> {
-    Json(state.proxy.backends.all().iter().map(|b| view(b)).collect())
+    Json(verbs::backends(&state.proxy))
 }
 
 pub async fn get_one(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
-    match state.proxy.backends.get(&name) {
-        Some(b) => Json(view(&b)).into_response(),
-        None => no_such_backend(&name),
+    match verbs::backend(&state.proxy, &name) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => verb_error(&e),
     }
 }
 
@@ -123,11 +102,8 @@ pub async fn drain(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e),
     };
-    let timeout = body
-        .timeout_ms
-        .map(Duration::from_millis)
-        .unwrap_or(state.proxy.config.balancer.drain_timeout);
-    match run_drain(&state.proxy, &name, timeout).await {
+    let timeout = body.timeout_ms.map(Duration::from_millis);
+    match verbs::drain(&state.proxy, &name, timeout).await {
         Ok(r) => Json(json!({
             "backend": r.backend,
             "moved": r.moved,
@@ -140,19 +116,15 @@ pub async fn drain(
             "duration_ms": r.duration.as_secs_f64() * 1000.0,
         }))
         .into_response(),
-        Err(DrainError::UnknownBackend(_)) => no_such_backend(&name),
-        Err(e @ DrainError::AlreadyDraining(_)) => error(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => verb_error(&e),
     }
 }
 
 pub async fn activate(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
-    let Some(b) = state.proxy.backends.get(&name) else {
-        return no_such_backend(&name);
-    };
-    b.set_mode(BackendMode::Active);
-    info!(backend = %b.name, "backend activated");
-    refill_all(&state.proxy);
-    Json(view(&b)).into_response()
+    match verbs::activate(&state.proxy, &name) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => verb_error(&e),
+    }
 }
 
 /// `?force=true`: the only query this API takes, parsed here so that a
@@ -249,7 +221,7 @@ pub async fn rebalance(State(state): State<AdminState>, body: Bytes) -> Response
         "moves": moves,
         "moved": moved,
         "failed": report.moves.len() - moved,
-        "backends": state.proxy.backends.all().iter().map(|b| view(b)).collect::<Vec<_>>(),
+        "backends": verbs::backends(&state.proxy),
     }))
     .into_response()
 }

@@ -60,6 +60,19 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// A verb's refusal, as HTTP: the one mapping from `VerbError` to a status.
+pub(crate) fn verb_error(e: &pgferry_proxy::verbs::VerbError) -> Response {
+    use pgferry_proxy::verbs::VerbError;
+    let status = match e {
+        VerbError::NotFound(_) => StatusCode::NOT_FOUND,
+        VerbError::Invalid(_) => StatusCode::BAD_REQUEST,
+        VerbError::Conflict(_) => StatusCode::CONFLICT,
+        VerbError::NoAnswer(_) => StatusCode::GATEWAY_TIMEOUT,
+        VerbError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, &e.to_string())
+}
+
 async fn no_such_route() -> Response {
     error(StatusCode::NOT_FOUND, "no such route")
 }

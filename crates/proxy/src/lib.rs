@@ -19,6 +19,7 @@ pub mod balancer;
 pub mod cancel;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod errors;
 pub mod failover;
 pub mod forwarder;
@@ -35,6 +36,7 @@ pub mod switchover;
 pub mod systemd;
 pub mod tls;
 pub mod transfer;
+pub mod verbs;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -106,6 +108,9 @@ pub struct ProxyContext {
     pub slots: Arc<tokio::sync::Semaphore>,
     /// Hand-off of this process to a new one, or from an old one.
     pub handoff: handoff::HandoffState,
+    /// What the admin verbs share: the config file, the stop switch, the
+    /// recent migrations.
+    pub hooks: verbs::AdminHooks,
 }
 
 impl ProxyContext {
@@ -280,6 +285,7 @@ impl Proxy {
                     config.proxy.max_client_connections,
                 )),
                 handoff: handoff::HandoffState::default(),
+                hooks: verbs::AdminHooks::default(),
                 config,
             }),
         })

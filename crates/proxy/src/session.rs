@@ -87,6 +87,27 @@ pub async fn serve(
         Ok(None) => return,
         Ok(Some(x)) => x,
     };
+    // The admin console's database is never forwarded: pgferry answers it.
+    if startup.database() == ctx.config.admin.console_database {
+        if !ctx
+            .config
+            .admin
+            .console_users
+            .iter()
+            .any(|u| u == startup.user())
+        {
+            let err = SessionError::ConsoleNotAllowed {
+                user: startup.user().to_owned(),
+            };
+            warn!(%peer, user = startup.user(), "refusing the admin console to a user not in [admin] console_users");
+            goodbye(client, &err).await;
+            trail.ended(err.kind(), 0, 0);
+            return;
+        }
+        crate::console::serve(ctx.clone(), client, startup, peer).await;
+        trail.ended("client_closed", 0, 0);
+        return;
+    }
     let attrs = match TargetSessionAttrs::for_session(&startup, &ctx.config.routing.read_only_users)
     {
         Ok(a) => a,
@@ -661,6 +682,20 @@ async fn forward(
                 fwd.resume_after_transfer();
             }
             Interrupt::SafePoint(request) if request.hand_off => return Stop::HandOff(request),
+            Interrupt::SafePoint(TransferRequest {
+                pause: Some(mut pause),
+                reply,
+                ..
+            }) => {
+                // An admin's PAUSE: the client's next request waits here.
+                let _ = pause.held.send(());
+                tokio::select! {
+                    _ = pause.release.wait_for(|go| *go) => {}
+                    _ = tokio::time::sleep_until(pause.until.into()) => {}
+                }
+                let _ = reply.send(TransferOutcome::RecoverableError("paused".into()));
+                fwd.resume_after_transfer();
+            }
             Interrupt::SafePoint(request) => {
                 // Boxed: its state is big, and an idle session's task should
                 // not carry room for it.
@@ -831,6 +866,15 @@ async fn migrate(
         TransferOutcome::FatalError(r) => ("fatal_error", None, Some(r.clone())),
         TransferOutcome::SessionEnded(r) => ("session_ended", None, Some(r.clone())),
     };
+    ctx.hooks.record_migration(crate::verbs::MigrationView {
+        session: identity.id,
+        from: from_name.clone(),
+        to: to_backend.clone(),
+        started_at,
+        duration: request.requested_at.elapsed(),
+        outcome: outcome_name,
+        reason: reason.clone(),
+    });
     trail.migrated(pgferry_audit::MigrationRecord {
         id: Uuid::new_v4(),
         connection_id: identity.id,

@@ -83,6 +83,14 @@ pub enum ControlCommand {
         timeout: Duration,
         reply: oneshot::Sender<TransferOutcome>,
     },
+    /// Hold the session's traffic at its next safe point (within
+    /// `timeout`) until `pause` says go (`verbs::pause`). The reply is
+    /// `RecoverableError` when it never got there.
+    Pause {
+        timeout: Duration,
+        reply: oneshot::Sender<TransferOutcome>,
+        pause: PauseHold,
+    },
     /// Close the session at the next message boundary with this error.
     Terminate(SessionError),
     /// The idle-state sweep (`[failover] remember_state_after`): if the
@@ -126,6 +134,18 @@ pub struct TransferRequest {
     /// Not a move but a hand-off to a new pgferry process: the same safe
     /// point, another destination (`handoff::give`).
     pub hand_off: bool,
+    /// Not a move but an admin's PAUSE: held at the safe point, then on.
+    pub pause: Option<PauseHold>,
+}
+
+/// An admin's PAUSE of one session: at its safe point it says so on
+/// `held`, then holds its client's traffic until `release` turns true or
+/// `until` passes (a pause never outlives `[admin] pause_limit`).
+#[derive(Debug)]
+pub struct PauseHold {
+    pub held: oneshot::Sender<()>,
+    pub release: tokio::sync::watch::Receiver<bool>,
+    pub until: Instant,
 }
 
 /// A switchover's hold on one session: at its safe point the session
@@ -369,7 +389,7 @@ impl<'m> Forwarder<'m> {
         while let Ok(cmd) = self.control.0.try_recv() {
             match *cmd {
                 ControlCommand::Transfer { reply, .. } => self.refuse(reply, TRANSFER_IN_PROGRESS),
-                ControlCommand::HandOff { reply, .. } => {
+                ControlCommand::HandOff { reply, .. } | ControlCommand::Pause { reply, .. } => {
                     let _ = reply.send(TransferOutcome::RecoverableError(
                         TRANSFER_IN_PROGRESS.into(),
                     ));
@@ -498,7 +518,7 @@ impl<'m> Forwarder<'m> {
     /// `refuse` for a request that was waiting; a hand-off's refusal is not
     /// a migration and is not counted as one.
     fn refuse_request(&self, request: TransferRequest, reason: &str) {
-        if request.hand_off {
+        if request.hand_off || request.pause.is_some() {
             let _ = request
                 .reply
                 .send(TransferOutcome::RecoverableError(reason.into()));
@@ -533,6 +553,7 @@ impl<'m> Forwarder<'m> {
                         reply,
                         hold,
                         hand_off: false,
+                        pause: None,
                     },
                     timeout,
                 );
@@ -544,6 +565,28 @@ impl<'m> Forwarder<'m> {
                     reply,
                     hold: None,
                     hand_off: true,
+                    pause: None,
+                };
+                if matches!(self.transfer, TransferWait::Waiting { .. }) {
+                    self.refuse_request(request, TRANSFER_IN_PROGRESS);
+                } else if self.tracker.client_terminated() {
+                    self.refuse_request(request, SESSION_CLOSING);
+                } else {
+                    self.wait_for_safe_point(request, timeout);
+                }
+            }
+            ControlCommand::Pause {
+                timeout,
+                reply,
+                pause,
+            } => {
+                let request = TransferRequest {
+                    to: None,
+                    requested_at: Instant::now(),
+                    reply,
+                    hold: None,
+                    hand_off: false,
+                    pause: Some(pause),
                 };
                 if matches!(self.transfer, TransferWait::Waiting { .. }) {
                     self.refuse_request(request, TRANSFER_IN_PROGRESS);
