@@ -367,11 +367,9 @@ async fn refusals_carry_their_sqlstates() {
     // A user not in console_users: 28000, though the password is right.
     let mut c = common::tokio_config(&proxy, USER, PASSWORD);
     c.dbname("pgferry");
-    let e = c
-        .connect(tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = c.connect(tokio_postgres::NoTls).await else {
+        panic!("refused")
+    };
     assert_eq!(common::sqlstate(&e).as_deref(), Some("28000"), "{e}");
 
     let (state, msg) = console_error(&proxy, "SELECT 1").await;
@@ -408,11 +406,9 @@ async fn refusals_carry_their_sqlstates() {
     // the back-off for this user).
     let mut c = common::tokio_config(&proxy, ADMIN, "wrong");
     c.dbname("pgferry");
-    let e = c
-        .connect(tokio_postgres::NoTls)
-        .await
-        .err()
-        .expect("refused");
+    let Err(e) = c.connect(tokio_postgres::NoTls).await else {
+        panic!("refused")
+    };
     assert_eq!(common::sqlstate(&e).as_deref(), Some("28P01"), "{e}");
 }
 
