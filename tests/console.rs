@@ -391,8 +391,7 @@ async fn refusals_carry_their_sqlstates() {
     let e = client
         .prepare("SHOW BACKENDS")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"));
     let rows = client
         .simple_query("SHOW VERSION")
