@@ -51,6 +51,41 @@ struct RunArgs {
     takeover: bool,
 }
 
+/// Logs to stderr, as text or (`[log] format = "json"`, or
+/// `PGFERRY_LOG_FORMAT=json`) one JSON object a line, each carrying the
+/// fields of its spans (a session's id, user, database and backend).
+fn init_logging(command: &Command) {
+    use pgferry_proxy::config::LogFormat;
+    let from_env = match std::env::var("PGFERRY_LOG_FORMAT").as_deref() {
+        Ok("json") => Some(LogFormat::Json),
+        Ok("text") => Some(LogFormat::Text),
+        _ => None,
+    };
+    // The config is read here only for its [log] section; a config that
+    // does not load is reported by `run` itself.
+    let format = from_env.unwrap_or_else(|| match command {
+        Command::Run(args) => pgferry_proxy::Config::load(&args.config)
+            .map(|c| c.log.format)
+            .unwrap_or_default(),
+        _ => LogFormat::Text,
+    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // ctl is a synchronous HTTP client: no runtime, and no log lines mixed
@@ -59,14 +94,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => return pgferry_ctl::run(args),
         other => other,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(&command);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -388,10 +388,7 @@ async fn refusals_carry_their_sqlstates() {
     assert_eq!(state, "22023", "{msg}");
     // The extended protocol is refused cleanly; the connection goes on.
     let (client, _conn) = connect_console(&proxy).await;
-    let e = client
-        .prepare("SHOW BACKENDS")
-        .await
-        .expect_err("refused");
+    let e = client.prepare("SHOW BACKENDS").await.expect_err("refused");
     assert_eq!(common::sqlstate(&e).as_deref(), Some("0A000"));
     let rows = client
         .simple_query("SHOW VERSION")

@@ -570,8 +570,12 @@ pub fn spawn_with(
     )
 }
 
-/// `key=value` from a tracing line.
+/// `key=value` from a tracing line (or `"key":"value"` from a JSON one).
 fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        return v["fields"][key].as_str()?.parse().ok();
+    }
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{key}=")))
         .and_then(|v| v.parse().ok())

@@ -74,9 +74,17 @@ pub async fn serve(
 
     // The setup futures are boxed so that the task, which lives as long as
     // the session, is sized for forwarding only.
+    // Lines from the setup say whose connection it is, as the session's do.
+    let span = tracing::info_span!(
+        "session",
+        id = %trail.id,
+        %peer,
+        user = tracing::field::Empty,
+        database = tracing::field::Empty,
+    );
     let setup = tokio::time::timeout(
         ctx.config.proxy.startup_timeout,
-        Box::pin(login(&ctx, tcp, peer, &trail)),
+        Box::pin(login(&ctx, tcp, peer, &trail).instrument(span.clone())),
     )
     .await;
     let (client, startup, credentials) = match setup {
@@ -87,6 +95,8 @@ pub async fn serve(
         Ok(None) => return,
         Ok(Some(x)) => x,
     };
+    span.record("user", startup.user());
+    span.record("database", startup.database());
     // The admin console's database is never forwarded: pgferry answers it.
     if startup.database() == ctx.config.admin.console_database {
         if !ctx
@@ -104,7 +114,9 @@ pub async fn serve(
             trail.ended(err.kind(), 0, 0);
             return;
         }
-        crate::console::serve(ctx.clone(), client, startup, peer).await;
+        crate::console::serve(ctx.clone(), client, startup, peer)
+            .instrument(span)
+            .await;
         trail.ended("client_closed", 0, 0);
         return;
     }
@@ -119,14 +131,9 @@ pub async fn serve(
             return;
         }
     };
-    let connecting = Box::pin(connect_backend(
-        &ctx,
-        client,
-        &startup,
-        &credentials,
-        attrs,
-        peer,
-    ));
+    let connecting = Box::pin(
+        connect_backend(&ctx, client, &startup, &credentials, attrs, peer).instrument(span),
+    );
     let (client, server) = match connecting.await {
         Ok(x) => x,
         Err(reason) => {
@@ -529,6 +536,19 @@ pub(crate) struct Established<'c> {
 /// handed over to a new pgferry process (then says nothing: its sockets
 /// live on there).
 pub(crate) async fn live(ctx: &Arc<ProxyContext>, est: Established<'_>, parts: ForwarderParts) {
+    // Every line about this session says whose it is (and, after a move,
+    // where it is now: `migrate` records the new backend).
+    let span = tracing::info_span!(
+        "session",
+        id = %est.basics.id,
+        user = est.basics.startup.user(),
+        database = est.basics.startup.database(),
+        backend = %est.server.backend().name,
+    );
+    live_in_span(ctx, est, parts).instrument(span).await
+}
+
+async fn live_in_span(ctx: &Arc<ProxyContext>, est: Established<'_>, parts: ForwarderParts) {
     let Established {
         basics,
         mut server,
@@ -812,6 +832,8 @@ async fn migrate(
                 transfer::spares::refill(ctx, params);
             }
             ctx.registry.record_migration(identity.id, &to);
+            // The session's span (this code runs in it): its backend now.
+            tracing::Span::current().record("backend", to.as_str());
             span.record("to", to.as_str());
             span.record("outcome", "success");
             let pause = paused_at.elapsed();
