@@ -63,6 +63,8 @@ pub struct Metrics {
     pub failover_sessions: IntCounterVec,
     /// Idle sessions whose state was captured and kept by the sweep.
     pub state_remembered: IntCounter,
+    /// The name of every metric registered by `new` (see `metric_names`).
+    names: Vec<String>,
 }
 
 /// How a migration ended, for the outcome counters.
@@ -164,7 +166,7 @@ impl Metrics {
             &["direction"],
         )
         .expect("static metric definition");
-        let m = Metrics {
+        let mut m = Metrics {
             client_connections: IntGauge::new(
                 "pgferry_client_connections",
                 "Client connections currently open",
@@ -369,10 +371,11 @@ impl Metrics {
             )
             .expect("static metric definition"),
             registry,
+            names: Vec::new(),
         };
         // Registration only fails on duplicate names, which are static here.
         let r = &m.registry;
-        for c in [
+        let mut collectors = vec![
             Box::new(m.client_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.client_connections_accepted.clone()),
             Box::new(m.client_connections_rejected.clone()),
@@ -412,7 +415,11 @@ impl Metrics {
                     })
                     .collect(),
             }),
-        ] {
+        ];
+        #[cfg(target_os = "linux")]
+        collectors.push(Box::new(process::ProcessCollector::new()));
+        for c in collectors {
+            m.names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             r.register(c).expect("unique metric names");
         }
         // Both series exist from the start, so a rate() sees the first one.
@@ -431,6 +438,19 @@ impl Metrics {
         m
     }
 
+    /// The name of every metric the proxy registers in `registry`, sorted,
+    /// whether or not it has a sample yet (a labelled metric appears in
+    /// `/metrics` only once one of its label sets was used). Histograms
+    /// are named without their `_bucket`, `_sum` and `_count` series. The
+    /// audit log's metrics (`pgferry_audit_*`) are registered by
+    /// `pgferry_audit::AuditMetrics` when `[audit]` is on and are not here.
+    pub fn metric_names(&self) -> Vec<String> {
+        let mut names = self.names.clone();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -445,5 +465,122 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The standard `process_*` metrics (as Prometheus' client libraries name
+/// them), read from `/proc/self` and `getrusage` at each scrape: open file
+/// descriptors against their limit, above all, since every session holds
+/// two.
+#[cfg(target_os = "linux")]
+mod process {
+    use prometheus::core::{Collector, Desc};
+    use prometheus::proto::MetricFamily;
+    use prometheus::{Counter, Gauge};
+
+    const OPEN_FDS: &str = "process_open_fds";
+    const MAX_FDS: &str = "process_max_fds";
+    const RESIDENT: &str = "process_resident_memory_bytes";
+    const THREADS: &str = "process_threads";
+    const CPU: &str = "process_cpu_seconds_total";
+
+    const METRICS: [(&str, &str); 5] = [
+        (OPEN_FDS, "Open file descriptors"),
+        (
+            MAX_FDS,
+            "Limit on open file descriptors (the soft RLIMIT_NOFILE)",
+        ),
+        (RESIDENT, "Resident memory size in bytes"),
+        (THREADS, "Threads of the process"),
+        (CPU, "User and system CPU time spent, in seconds"),
+    ];
+
+    pub(super) struct ProcessCollector {
+        descs: Vec<Desc>,
+    }
+
+    impl ProcessCollector {
+        pub(super) fn new() -> Self {
+            Self {
+                descs: METRICS
+                    .iter()
+                    .filter_map(|(n, h)| {
+                        Desc::new((*n).into(), (*h).into(), vec![], Default::default()).ok()
+                    })
+                    .collect(),
+            }
+        }
+    }
+
+    /// Open descriptors, without the one that reads the directory.
+    fn open_fds() -> Option<f64> {
+        let n = std::fs::read_dir("/proc/self/fd").ok()?.count();
+        Some(n.saturating_sub(1) as f64)
+    }
+
+    fn max_fds() -> Option<f64> {
+        let (soft, _) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+        Some(soft as f64)
+    }
+
+    /// `VmRSS` (kB) and `Threads` from `/proc/self/status`.
+    fn status() -> (Option<f64>, Option<f64>) {
+        let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
+            return (None, None);
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        (field("VmRSS:").map(|kb| kb * 1024.0), field("Threads:"))
+    }
+
+    fn cpu_seconds() -> Option<f64> {
+        let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok()?;
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        Some(secs(u.user_time()) + secs(u.system_time()))
+    }
+
+    fn gauge(name: &str, help: &str, value: Option<f64>) -> Option<MetricFamily> {
+        let g = Gauge::new(name, help).ok()?;
+        g.set(value?);
+        g.collect().pop()
+    }
+
+    impl Collector for ProcessCollector {
+        fn desc(&self) -> Vec<&Desc> {
+            self.descs.iter().collect()
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            let (resident, threads) = status();
+            let help = |name: &str| {
+                METRICS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or("", |(_, h)| *h)
+            };
+            let mut out: Vec<MetricFamily> = [
+                (OPEN_FDS, open_fds()),
+                (MAX_FDS, max_fds()),
+                (RESIDENT, resident),
+                (THREADS, threads),
+            ]
+            .into_iter()
+            .filter_map(|(name, value)| gauge(name, help(name), value))
+            .collect();
+            // A failed read leaves the series out of this scrape.
+            if let Some(cpu) = cpu_seconds().and_then(|v| {
+                let c = Counter::new(CPU, help(CPU)).ok()?;
+                c.inc_by(v);
+                c.collect().pop()
+            }) {
+                out.push(cpu);
+            }
+            out
+        }
     }
 }
