@@ -346,7 +346,10 @@ async fn cancels_reach_queries_in_either_process_and_audit_rows_move_with_their_
     .expect("audit cluster");
     let proxy_id = "handoff-audit";
     let mut proxy = ProxyProcess::start(ProxyOptions {
-        proxy_extra: "handoff_timeout = \"100ms\"".into(),
+        // The busy session stays with the old process until its query is
+        // cancelled: its shutdown_timeout must not end it first (the
+        // harness's 1 s did, under load: 57P01 instead of 57014).
+        proxy_extra: "handoff_timeout = \"100ms\"\nshutdown_timeout = \"60s\"".into(),
         extra_sections: format!(
             "[audit]\nurl = \"host=127.0.0.1 port={} user={} password={} dbname=postgres\"\n\
              proxy_id = \"{proxy_id}\"\nflush_interval = \"100ms\"\n",
