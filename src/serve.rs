@@ -182,6 +182,9 @@ pub async fn run(
     );
     match taking_over {
         Some(t) => {
+            // Before the first accept: cancels for sessions the old
+            // process still serves must find their way there.
+            t.confirm_listening(&ctx).await;
             // systemd hears of this process (MAINPID=) once the old one has
             // handed over what it could (`TakingOver::run`).
             tokio::spawn(t.run(ctx.clone(), Some(audit_gate), handoff_path));

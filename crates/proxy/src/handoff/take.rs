@@ -187,10 +187,26 @@ impl TakingOver {
         self.old_pid
     }
 
-    /// Says LISTENING (this process accepts from now on), adopts sessions
-    /// until the old process is gone, then opens `audit_gate` (the old
-    /// process's last audit rows are written) and serves hand-offs on
-    /// `handoff_socket` itself.
+    /// Says LISTENING (this process accepts from now on) and opens the way
+    /// for cancels of sessions the old process still serves. Called before
+    /// this process accepts its first connection: a cancel accepted here
+    /// earlier would find neither its session nor the old process, and be
+    /// lost (it was, under load); and no CANCEL frame may go out before
+    /// LISTENING, which the old process reads first.
+    pub async fn confirm_listening(&self, ctx: &ProxyContext) {
+        if let Err(e) = send_frame(&self.channel, &Frame::Listening).await {
+            warn!(error = %e, "could not confirm the listeners; the old process takes them back");
+        }
+        *lock(&ctx.handoff.previous) = Some(Arc::new(Previous {
+            channel: self.channel.clone(),
+            cancels: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        }));
+    }
+
+    /// After `confirm_listening`: adopts sessions until the old process is
+    /// gone, then opens `audit_gate` (the old process's last audit rows
+    /// are written) and serves hand-offs on `handoff_socket` itself.
     pub async fn run(
         self,
         ctx: Arc<ProxyContext>,
@@ -198,15 +214,10 @@ impl TakingOver {
         handoff_socket: Option<PathBuf>,
     ) {
         let channel = self.channel;
-        if let Err(e) = send_frame(&channel, &Frame::Listening).await {
-            warn!(error = %e, "could not confirm the listeners; the old process takes them back");
-        }
-        let previous = Arc::new(Previous {
-            channel: channel.clone(),
-            cancels: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(0),
-        });
-        *lock(&ctx.handoff.previous) = Some(previous.clone());
+        let Some(previous) = ctx.handoff.previous() else {
+            warn!("hand-off: run without confirm_listening; nothing to adopt");
+            return;
+        };
         let (mut adopted, mut refused) = (0u64, 0u64);
         let mut notified = false;
         loop {
