@@ -491,14 +491,11 @@ fn backends_table(views: Vec<verbs::BackendView>) -> Answer {
     let rows = views
         .into_iter()
         .map(|b| {
-            let (host, port) = match b.address.rsplit_once(':') {
-                Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.to_owned()),
-                None => (b.address.clone(), String::new()),
-            };
+            let (host, port) = split_addr(&b.address);
             vec![
                 text(&b.name),
                 text(host),
-                text(port),
+                port,
                 text(b.state),
                 text(b.healthy),
                 text(b.role),
@@ -538,7 +535,7 @@ async fn show(ctx: &Arc<ProxyContext>, what: Show) -> Answer {
                         text(&s.database),
                         text(s.state),
                         text(addr),
-                        text(port),
+                        port,
                         text(&s.connected_at),
                         s.application_name.clone(),
                         text(&s.id),
@@ -582,7 +579,7 @@ async fn show(ctx: &Arc<ProxyContext>, what: Show) -> Answer {
                         text(&s.database),
                         text(s.state),
                         text(addr),
-                        text(port),
+                        port,
                         text(&s.backend),
                         text(&s.id),
                     ]
@@ -693,9 +690,13 @@ async fn show(ctx: &Arc<ProxyContext>, what: Show) -> Answer {
     }
 }
 
-fn split_addr(a: &str) -> (String, String) {
+/// `host:port` (or `[v6]:port`) as a host and a port (NULL when there is
+/// none: the column is a bigint).
+fn split_addr(a: &str) -> (String, Option<String>) {
     match a.rsplit_once(':') {
-        Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.to_owned()),
-        None => (a.to_owned(), String::new()),
+        Some((h, p)) if p.parse::<u16>().is_ok() => {
+            (h.trim_matches(['[', ']']).to_owned(), Some(p.to_owned()))
+        }
+        _ => (a.to_owned(), None),
     }
 }

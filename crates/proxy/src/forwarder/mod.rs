@@ -527,6 +527,18 @@ impl<'m> Forwarder<'m> {
         }
     }
 
+    /// A hand-off or a pause: refused while a move waits or the client is
+    /// leaving, else waiting for the safe point.
+    fn ask_for_safe_point(&mut self, request: TransferRequest, timeout: Duration) {
+        if matches!(self.transfer, TransferWait::Waiting { .. }) {
+            self.refuse_request(request, TRANSFER_IN_PROGRESS);
+        } else if self.tracker.client_terminated() {
+            self.refuse_request(request, SESSION_CLOSING);
+        } else {
+            self.wait_for_safe_point(request, timeout);
+        }
+    }
+
     fn handle(&mut self, cmd: ControlCommand) {
         match cmd {
             ControlCommand::Inspect(reply) => {
@@ -567,13 +579,7 @@ impl<'m> Forwarder<'m> {
                     hand_off: true,
                     pause: None,
                 };
-                if matches!(self.transfer, TransferWait::Waiting { .. }) {
-                    self.refuse_request(request, TRANSFER_IN_PROGRESS);
-                } else if self.tracker.client_terminated() {
-                    self.refuse_request(request, SESSION_CLOSING);
-                } else {
-                    self.wait_for_safe_point(request, timeout);
-                }
+                self.ask_for_safe_point(request, timeout);
             }
             ControlCommand::Pause {
                 timeout,
@@ -588,13 +594,7 @@ impl<'m> Forwarder<'m> {
                     hand_off: false,
                     pause: Some(pause),
                 };
-                if matches!(self.transfer, TransferWait::Waiting { .. }) {
-                    self.refuse_request(request, TRANSFER_IN_PROGRESS);
-                } else if self.tracker.client_terminated() {
-                    self.refuse_request(request, SESSION_CLOSING);
-                } else {
-                    self.wait_for_safe_point(request, timeout);
-                }
+                self.ask_for_safe_point(request, timeout);
             }
             ControlCommand::Terminate(err) => self.pending_terminate = Some(err),
             ControlCommand::Remember => {
