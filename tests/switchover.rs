@@ -15,12 +15,12 @@ use common::raw::{self, RawClient};
 use common::{
     admin_json, pgbench_with, wait_until, ProxyOptions, ProxyProcess, DB, PASSWORD, USER,
 };
-use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries, StopMode};
+use pgferry_pgcluster::{Cluster, ClusterOptions, StopMode};
 
 /// A primary (named `<name>-1`, backend pg1) with a streaming standby
 /// (`<name>-2`, backend pg2), the app user and database on both.
 fn pair(name: &str) -> (Cluster, Cluster) {
-    let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
+    let bins = common::server_binaries();
     let primary =
         Cluster::start_temp(&bins, ClusterOptions::named(format!("{name}-1"))).expect("primary");
     primary
@@ -540,4 +540,52 @@ fn a_promote_command_that_stops_the_old_primary_first_keeps_every_session() {
 /// `s` as a TOML basic string.
 fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The console's SWITCHOVER is the HTTP API's: the primary changes, the
+/// session moves, and psql prints the report as a table.
+#[test]
+fn the_console_switches_over_too() {
+    let (pg1, pg2) = pair("sw-console");
+    let proxy = proxy(
+        &pg1,
+        &pg2,
+        &format!("[admin]\nconsole_users = [\"{USER}\"]\n"),
+    );
+    let mut a = RawClient::connect(proxy.addr, USER, PASSWORD, DB, "console-a");
+    ok(a.simple("SET work_mem = '6MB'"));
+    assert_eq!(a.value("SELECT inet_server_port()"), pg1.port().to_string());
+    let console = format!(
+        "postgresql://{USER}:{PASSWORD}@127.0.0.1:{}/pgferry?sslmode=disable",
+        proxy.port()
+    );
+    let out = common::psql(
+        &console,
+        &[
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "SWITCHOVER pg1 TO pg2 TIMEOUT 30",
+        ],
+        &[],
+    );
+    let text = common::stdout(&out);
+    assert!(out.status.success(), "{text}{}", common::stderr(&out));
+    for column in ["from", "to", "outcome", "sessions_moved"] {
+        assert!(text.contains(column), "{text}");
+    }
+    assert!(
+        text.contains("success") && text.contains("(1 row)"),
+        "{text}"
+    );
+    wait_until(Duration::from_secs(20), "pg2 seen as the primary", || {
+        proxy.backends()["pg2"]["role"] == "primary"
+    });
+    let msgs = ok(a.simple("SHOW work_mem"));
+    let row = msgs.iter().find(|m| m.tag == b'D').expect("a row");
+    assert_eq!(row.first_column().as_deref(), Some("6MB"));
+    assert_eq!(a.value("SELECT inet_server_port()"), pg2.port().to_string());
+    // A second one the other way round is refused: pg1 is fenced now.
+    let out = common::psql(&console, &["-c", "SWITCHOVER pg1 TO pg2"], &[]);
+    assert!(!out.status.success());
 }

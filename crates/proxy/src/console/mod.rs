@@ -435,7 +435,9 @@ async fn run(ctx: &Arc<ProxyContext>, cmd: Command) -> Result<Answer, Refusal> {
             let r = crate::switchover::switchover(ctx, &from, &to, timeout)
                 .await
                 .map_err(verbs::switchover_error)?;
-            if r.outcome != "completed" {
+            // "partial": switched over, with some sessions not moved (a
+            // NOTICE each); "aborted" and "failed" changed no primary.
+            if r.outcome != "success" && r.outcome != "partial" {
                 return Err(Refusal {
                     sqlstate: "55000",
                     message: format!(
@@ -445,7 +447,7 @@ async fn run(ctx: &Arc<ProxyContext>, cmd: Command) -> Result<Answer, Refusal> {
                     ),
                 });
             }
-            Answer::table(
+            let mut a = Answer::table(
                 vec![
                     ("from", Text),
                     ("to", Text),
@@ -461,7 +463,13 @@ async fn run(ctx: &Arc<ProxyContext>, cmd: Command) -> Result<Answer, Refusal> {
                     text(r.sessions_failed),
                 ]],
             )
-            .tagged("SWITCHOVER")
+            .tagged("SWITCHOVER");
+            a.notices = r
+                .failures
+                .iter()
+                .map(|f| format!("session {} not moved: {}", f.id, f.reason))
+                .collect();
+            a
         }
     })
 }
