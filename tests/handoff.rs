@@ -336,14 +336,26 @@ async fn a_takeover_that_dies_midway_leaves_every_session_with_the_old_process()
     assert_eq!(tls.query("EXECUTE who(1);"), tls_before);
 }
 
+/// The sleeper's query runs on its server: not just forwarded by pgferry,
+/// since a cancel that reaches a backend before it has read the query is
+/// ignored by PostgreSQL (the test then waited out the whole sleep).
+fn sleeping_on_a_server() -> bool {
+    let e = env();
+    [&e.pg1, &e.pg2].iter().any(|c| {
+        c.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sleeper' \
+             AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+        )
+        .is_ok_and(|n| n.trim() == "1")
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_reach_queries_in_either_process_and_audit_rows_move_with_their_sessions() {
-    use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
-    let audit = Cluster::start_temp(
-        &ServerBinaries::find().expect("server binaries"),
-        ClusterOptions::named("handoff-audit"),
-    )
-    .expect("audit cluster");
+    use pgferry_pgcluster::{Cluster, ClusterOptions};
+    let audit = Cluster::start_temp(&server_binaries(), ClusterOptions::named("handoff-audit"))
+        .expect("audit cluster");
     let proxy_id = "handoff-audit";
     let mut proxy = ProxyProcess::start(ProxyOptions {
         // The busy session stays with the old process until its query is
@@ -393,9 +405,11 @@ async fn cancels_reach_queries_in_either_process_and_audit_rows_move_with_their_
         let r = busy.simple_query("SELECT pg_sleep(60)").await;
         (busy, r)
     });
-    wait_until(Duration::from_secs(10), "the sleep to start", || {
-        has_session_in_state(proxy.admin, "sleeper", "active")
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the sleep to start",
+        sleeping_on_a_server,
+    );
     wait_until(
         Duration::from_secs(10),
         "audit rows of the open sessions",
@@ -413,9 +427,11 @@ async fn cancels_reach_queries_in_either_process_and_audit_rows_move_with_their_
     // Every session runs in the new process now, and cancels find it there.
     let busy_cancel = busy.cancel_token();
     let sleeping = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(60)").await });
-    wait_until(Duration::from_secs(10), "the second sleep to start", || {
-        has_session_in_state(proxy.admin, "sleeper", "active")
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the second sleep to start",
+        sleeping_on_a_server,
+    );
     busy_cancel
         .cancel_query(tokio_postgres::NoTls)
         .await
@@ -506,13 +522,10 @@ async fn a_session_that_never_reaches_a_safe_point_stays_with_the_old_process_un
 
 /// A cluster of its own with TLS on (a self-signed certificate).
 fn tls_cluster() -> pgferry_pgcluster::Cluster {
-    use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
+    use pgferry_pgcluster::{Cluster, ClusterOptions};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let cluster = Cluster::start_temp(
-        &ServerBinaries::find().expect("server binaries"),
-        ClusterOptions::named("handoff-tls"),
-    )
-    .expect("cluster");
+    let cluster = Cluster::start_temp(&server_binaries(), ClusterOptions::named("handoff-tls"))
+        .expect("cluster");
     cluster
         .ensure_user_and_database(USER, PASSWORD, DB)
         .expect("user");
