@@ -59,6 +59,19 @@ impl ServerBinaries {
         })
     }
 
+    /// [`find`](Self::find), after installing Debian's `postgresql` (server
+    /// programs, psql, pgbench) when they are missing: as root on Debian it
+    /// runs `apt-get install -y postgresql` (and says so on stderr);
+    /// otherwise it fails at once with the exact command to run (see
+    /// [`crate::prerequisites`]). With `PGFERRY_PG_BINDIR` set it is `find`:
+    /// the directory named there is used or nothing.
+    pub fn find_or_install() -> Result<Self, ClusterError> {
+        if std::env::var_os(BINDIR_ENV).is_none() {
+            crate::prerequisites::ensure_debian_packages(&[crate::prerequisites::POSTGRESQL])?;
+        }
+        Self::find()
+    }
+
     /// Uses an explicit directory; reads the version from `<bindir>/postgres --version`.
     pub fn from_bindir(bindir: impl Into<PathBuf>) -> Result<Self, ClusterError> {
         let bindir = bindir.into();

@@ -13,6 +13,16 @@ pub enum ClusterError {
     )]
     NoServerBinaries { looked_in: String },
 
+    /// Programs or files the caller needs are missing and were not (or could
+    /// not be) installed; the message says what to run (see
+    /// [`crate::prerequisites`]).
+    #[error("{message}")]
+    MissingPrerequisites {
+        /// The Debian packages that provide them.
+        packages: Vec<String>,
+        message: String,
+    },
+
     /// A [`crate::ClusterOptions`] value or an argument is unusable.
     #[error("invalid cluster option: {0}")]
     InvalidOption(String),

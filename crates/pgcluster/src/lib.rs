@@ -24,6 +24,11 @@
 //! statics never run. Temp directories leaked that way are removed by the next
 //! [`Cluster::start_temp`] (see [`cleanup_stale_temp_dirs`]).
 //!
+//! [`ServerBinaries::find_or_install`] installs the server binaries when they
+//! are missing and this process is root on Debian, or says exactly what to
+//! run; [`prerequisites`] does the same for the other programs the test
+//! suite needs (PgBouncer, tmux, a JDK, ...).
+//!
 //! When running as root (sessions and CI do), the server programs are run as an
 //! unprivileged user: `postgres` if it exists, else a `pgferry` system user that
 //! is created on first use.
@@ -39,6 +44,7 @@
 mod binaries;
 mod cluster;
 mod error;
+pub mod prerequisites;
 mod replica;
 mod runas;
 mod spawner;

@@ -22,7 +22,7 @@ const HELPER_ENV: &str = "PGCLUSTER_TEST_ORPHAN_HELPER";
 
 #[test]
 fn temp_cluster_lifecycle() -> TestResult {
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     assert!(bins.version.starts_with(|c: char| c.is_ascii_digit()));
     let mut c = Cluster::start_temp(&bins, ClusterOptions::named("lifecycle"))?;
     let root: PathBuf = c
@@ -105,7 +105,7 @@ fn temp_cluster_lifecycle() -> TestResult {
 
 #[test]
 fn reused_directory_keeps_data_and_follows_port() -> TestResult {
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     let dir = tempfile::tempdir()?;
     if nix::unistd::geteuid().is_root() {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
@@ -156,7 +156,7 @@ fn reused_directory_keeps_data_and_follows_port() -> TestResult {
 
 #[test]
 fn invalid_options_are_rejected() -> TestResult {
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     for name in ["", "a/b", "..", "a b"] {
         let r = Cluster::start_temp(&bins, ClusterOptions::named(name));
         assert!(
@@ -175,7 +175,7 @@ fn invalid_options_are_rejected() -> TestResult {
 
 #[test]
 fn bad_setting_reports_log_tail() -> TestResult {
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     let mut opts = ClusterOptions::named("badconf");
     opts.settings = vec![("shared_buffers".into(), "lots".into())];
     let err = Cluster::start_temp(&bins, opts)
@@ -193,7 +193,7 @@ fn cluster_outlives_the_thread_that_started_it() -> TestResult {
     // PDEATHSIG fires when the forking *thread* exits; the crate forks from a
     // dedicated spawner thread, so a cluster started by a short-lived thread
     // (like a test thread initializing a static) must survive it.
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     let c = std::thread::spawn(move || Cluster::start_temp(&bins, ClusterOptions::named("thread")))
         .join()
         .map_err(|_| "starter thread panicked")??;
@@ -210,7 +210,7 @@ fn orphan_helper() -> TestResult {
     if std::env::var_os(HELPER_ENV).is_none() {
         return Ok(());
     }
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     let c = Cluster::start_temp(&bins, ClusterOptions::named("orphan"))?;
     let pid = c.pid().ok_or("no pid")?;
     let root = c.data_dir().parent().ok_or("no parent")?.to_path_buf();

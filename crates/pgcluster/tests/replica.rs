@@ -21,7 +21,7 @@ fn values(c: &Cluster) -> Result<String, ClusterError> {
 
 #[test]
 fn standby_streams_is_promoted_and_the_old_primary_is_rebuilt() -> TestResult {
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     let mut primary = Cluster::start_temp(&bins, ClusterOptions::named("primary"))?;
     let mut opts = ClusterOptions::named("standby");
     // Ignored: the copy has the primary's roles.
@@ -125,7 +125,7 @@ fn standby_streams_is_promoted_and_the_old_primary_is_rebuilt() -> TestResult {
 
 #[test]
 fn kept_standby_is_reused_and_follows_a_moved_primary() -> TestResult {
-    let bins = ServerBinaries::find()?;
+    let bins = ServerBinaries::find_or_install()?;
     let dir = tempfile::tempdir()?;
     // The clusters run as an unprivileged user when we are root.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
