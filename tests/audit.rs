@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
-use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries, StopMode};
+use pgferry_pgcluster::{Cluster, ClusterOptions, StopMode};
 
 /// The audit database shared by tests that do not stop it.
 fn shared_audit() -> &'static Cluster {
@@ -16,7 +16,7 @@ fn shared_audit() -> &'static Cluster {
 
 /// A fresh audit database cluster (for tests that stop it or need it empty).
 fn own_audit(name: &str) -> Cluster {
-    let bins = ServerBinaries::find().expect("server binaries");
+    let bins = server_binaries();
     Cluster::start_temp(&bins, ClusterOptions::named(name)).expect("audit cluster")
 }
 

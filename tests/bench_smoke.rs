@@ -7,8 +7,13 @@ use std::process::Command;
 
 #[test]
 fn pgbench_macro_benchmark_smoke_run_reports_every_target() {
-    let bindir = pgferry_pgcluster::ServerBinaries::find()
-        .expect("PostgreSQL server binaries")
+    use pgferry_pgcluster::prerequisites::{ensure_debian_packages, PGBOUNCER, POSTGRESQL};
+    // Installed when missing (as root on Debian), else the exact command.
+    if let Err(e) = ensure_debian_packages(&[POSTGRESQL, PGBOUNCER]) {
+        panic!("{e}");
+    }
+    let bindir = pgferry_pgcluster::ServerBinaries::find_or_install()
+        .unwrap_or_else(|e| panic!("{e}"))
         .bindir;
     let root = env!("CARGO_MANIFEST_DIR");
     let out = Command::new("bash")

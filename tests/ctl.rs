@@ -60,9 +60,7 @@ fn ctl(admin: &str, args: &[&str]) -> Ctl {
 }
 
 fn psql_bin() -> std::path::PathBuf {
-    pgferry_pgcluster::ServerBinaries::find()
-        .map(|b| b.path("psql"))
-        .unwrap_or_else(|_| "psql".into())
+    common::server_binaries().path("psql")
 }
 
 /// A psql session through the proxy, kept open until its stdin closes.

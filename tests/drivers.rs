@@ -251,10 +251,7 @@ const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
 /// pgjdbc from Debian's package; Cases.java and Hold.java compiled into
 /// target/drivers/java. Returns the class path.
 fn install_java() -> String {
-    assert!(
-        Path::new(JDBC_JAR).exists(),
-        "pgjdbc is missing ({JDBC_JAR}); install it with:\n  apt-get install -y libpostgresql-jdbc-java"
-    );
+    assert!(Path::new(JDBC_JAR).exists(), "{JDBC_JAR} is missing");
     let classes = cache().join("java");
     std::fs::create_dir_all(&classes).expect("mkdir target/drivers/java");
     let out = Command::new("javac")
@@ -264,9 +261,7 @@ fn install_java() -> String {
         .arg(scripts().join("java/Cases.java"))
         .arg(scripts().join("java/Hold.java"))
         .output()
-        .unwrap_or_else(|e| {
-            panic!("javac: {e}; install a JDK with:\n  apt-get install -y default-jdk-headless")
-        });
+        .unwrap_or_else(|e| panic!("javac: {e}"));
     assert!(
         out.status.success(),
         "javac Cases.java Hold.java failed:\n{}",
@@ -283,10 +278,16 @@ struct Installed {
 
 fn installed() -> &'static Installed {
     static I: std::sync::OnceLock<Installed> = std::sync::OnceLock::new();
-    I.get_or_init(|| Installed {
-        python: install_python(),
-        node_modules: install_node(),
-        classpath: install_java(),
+    I.get_or_init(|| {
+        // Debian's packages first (installed when missing, as root on
+        // Debian; else a panic with the command), then the drivers.
+        use pgferry_pgcluster::prerequisites::{JDK, NODEJS, NPM, PGJDBC, PYTHON_VENV};
+        require(&[PYTHON_VENV, NODEJS, NPM, JDK, PGJDBC]);
+        Installed {
+            python: install_python(),
+            node_modules: install_node(),
+            classpath: install_java(),
+        }
     })
 }
 

