@@ -1,6 +1,7 @@
 //! `pgferry sandbox`: two local PostgreSQL clusters from the installed
-//! server binaries, a user and database on both, TLS, a userlist and a
-//! config, and the proxy in front. Ctrl-C or SIGTERM stops all of it.
+//! server binaries (installed first when missing, as root on Debian), a
+//! user and database on both, TLS, a userlist and a config, and the proxy
+//! in front. Ctrl-C or SIGTERM stops all of it.
 //!
 //! With `--replica`, pg1 is a primary and pg2 its streaming standby, both
 //! in one backend cluster, so a switchover can be tried. Their state lives
@@ -76,7 +77,9 @@ impl Started {
 }
 
 pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
-    let bins = tokio::task::spawn_blocking(ServerBinaries::find).await??;
+    // Installs Debian's postgresql when it is missing and we are root on
+    // Debian (saying so on stderr); otherwise stops here with the command.
+    let bins = tokio::task::spawn_blocking(ServerBinaries::find_or_install).await??;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
@@ -618,7 +621,7 @@ mod tests {
     /// (done here by hand as pgferry does it: fence read-only, promote).
     #[test]
     fn replica_pair_is_made_kept_and_repaired_after_a_switchover() -> anyhow::Result<()> {
-        let bins = ServerBinaries::find()?;
+        let bins = ServerBinaries::find_or_install()?;
         let dir = tempfile::tempdir()?;
         // The clusters run as an unprivileged user when we are root.
         std::fs::set_permissions(
