@@ -175,6 +175,15 @@ async fn an_answer_is_kept_for_the_ttl_and_a_failed_lookup_refuses_every_name_al
     // are refused alike, and not as a wrong password.
     lookup_failed(connect(&proxy, "aq_never_looked_up", "never-secret").await);
     lookup_failed(connect(&proxy, "aq_nobody_at_all", "x").await);
+    // Two answers found (one kept), two lookups failed.
+    assert_eq!(
+        proxy.metric("pgferry_auth_query_total{result=\"found\"}"),
+        2.0
+    );
+    assert_eq!(
+        proxy.metric("pgferry_auth_query_total{result=\"failed\"}"),
+        2.0
+    );
     let log = proxy.log();
     assert!(
         log.contains("auth_query failed on this backend") && log.contains(lookup),
@@ -194,6 +203,14 @@ async fn a_user_unknown_to_the_userlist_and_the_backends_fails_like_a_wrong_pass
     let (c, _conn) = connect(&proxy, USER, PASSWORD).await.expect("app");
     assert_eq!(current_user(&c).await, USER);
     like_a_wrong_password(connect(&proxy, USER, "wrong").await, USER);
+    assert_eq!(
+        proxy.metric("pgferry_auth_query_total{result=\"no_such_user\"}"),
+        2.0
+    );
+    assert_eq!(
+        proxy.metric("pgferry_auth_query_total{result=\"found\"}"),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

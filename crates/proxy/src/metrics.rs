@@ -25,6 +25,9 @@ pub struct Metrics {
     pub admin_connections_timed_out: IntCounterVec,
     pub auth_failures: IntCounter,
     pub auth_throttled: IntCounter,
+    /// Logins of users the userlist lacks, by what `[auth] auth_query`
+    /// said (`found`, `no_such_user`, `failed`); cache hits included.
+    pub auth_query: IntCounterVec,
     pub backend_sessions: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub backend_dial_errors: IntCounterVec,
@@ -212,6 +215,15 @@ impl Metrics {
                  same (client IP, user)",
             )
             .expect("static metric definition"),
+            auth_query: IntCounterVec::new(
+                Opts::new(
+                    "pgferry_auth_query_total",
+                    "Logins of users not in the userlist, by what auth_query said (found, \
+                     no_such_user, failed; answers kept for auth_query_ttl included)",
+                ),
+                &["result"],
+            )
+            .expect("static metric definition"),
             backend_sessions: IntGaugeVec::new(
                 Opts::new(
                     "pgferry_backend_sessions",
@@ -384,6 +396,7 @@ impl Metrics {
             Box::new(m.admin_connections_timed_out.clone()),
             Box::new(m.auth_failures.clone()),
             Box::new(m.auth_throttled.clone()),
+            Box::new(m.auth_query.clone()),
             Box::new(m.backend_sessions.clone()),
             Box::new(m.backend_up.clone()),
             Box::new(m.backend_dial_errors.clone()),

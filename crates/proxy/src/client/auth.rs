@@ -60,9 +60,19 @@ pub async fn authenticate(
         (Some(entry), _) => Who::Listed(entry.clone()),
         (None, None) => Who::Unknown,
         (None, Some(aq)) => match aq.lookup(ctx, user).await {
-            Ok(Answer::Found(verifier)) => Who::LookedUp(verifier),
-            Ok(Answer::NoSuchUser) => Who::Unknown,
+            Ok(Answer::Found(verifier)) => {
+                ctx.metrics.auth_query.with_label_values(&["found"]).inc();
+                Who::LookedUp(verifier)
+            }
+            Ok(Answer::NoSuchUser) => {
+                ctx.metrics
+                    .auth_query
+                    .with_label_values(&["no_such_user"])
+                    .inc();
+                Who::Unknown
+            }
             Err(e) => {
+                ctx.metrics.auth_query.with_label_values(&["failed"]).inc();
                 tracing::warn!(user, error = %e, "auth_query: no answer; login refused");
                 return Err(SessionError::AuthLookupFailed {
                     cause: e.to_string(),
