@@ -27,12 +27,18 @@ const REPLICA_CLUSTER: &str = "main";
 const REPLICA_DIR: &str = "replica";
 /// How long a kept standby may take to catch up before it is rebuilt.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The state directory when `--dir` is not given.
+const DEFAULT_DIR: &str = ".pgferry-sandbox";
+/// The state directory instead of [`DEFAULT_DIR`] when we are root and the
+/// user that runs PostgreSQL cannot enter the default one (a checkout under
+/// `/root`, mode 0700, on a fresh machine).
+const ROOT_FALLBACK_DIR: &str = "/var/lib/pgferry-sandbox";
 
 #[derive(clap::Args)]
 pub struct SandboxArgs {
     /// State directory: clusters, certificates, userlist and config.
     /// Reused on the next run.
-    #[arg(long, default_value = ".pgferry-sandbox")]
+    #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
     /// Proxy port (the next free one is used if it is taken).
     #[arg(long, default_value_t = 6432)]
@@ -80,9 +86,12 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     // Installs Debian's postgresql when it is missing and we are root on
     // Debian (saying so on stderr); otherwise stops here with the command.
     let bins = tokio::task::spawn_blocking(ServerBinaries::find_or_install).await??;
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("cannot create {}", args.dir.display()))?;
-    let dir = std::fs::canonicalize(&args.dir)?;
+    let requested = args.dir.clone();
+    let dir = tokio::task::spawn_blocking(move || {
+        let default = requested == Path::new(DEFAULT_DIR);
+        state_dir(&requested, default, Path::new(ROOT_FALLBACK_DIR))
+    })
+    .await??;
     eprintln!(
         "pgferry sandbox: PostgreSQL {} from {}; state in {}",
         bins.version,
@@ -123,6 +132,44 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// Creates the state directory and returns its canonical path. As root the
+/// clusters run as an unprivileged user, which must be able to enter it:
+/// when it cannot and the directory is the default one, the state goes to
+/// `fallback` ([`ROOT_FALLBACK_DIR`]) instead (an explicit `--dir` is an
+/// error then).
+fn state_dir(requested: &Path, default: bool, fallback: &Path) -> anyhow::Result<PathBuf> {
+    let existed = requested.exists();
+    std::fs::create_dir_all(requested)
+        .with_context(|| format!("cannot create {}", requested.display()))?;
+    let dir = std::fs::canonicalize(requested)
+        .with_context(|| format!("cannot resolve {}", requested.display()))?;
+    match pgferry_pgcluster::check_server_access(&dir) {
+        Ok(()) => Ok(dir),
+        Err(pgferry_pgcluster::ClusterError::NotTraversable { path, user }) if default => {
+            if !existed {
+                // Ours and empty: leave nothing behind.
+                let _ = std::fs::remove_dir(&dir);
+            }
+            std::fs::create_dir_all(fallback)
+                .with_context(|| format!("cannot create {}", fallback.display()))?;
+            std::fs::set_permissions(
+                fallback,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .with_context(|| format!("cannot chmod {}", fallback.display()))?;
+            pgferry_pgcluster::check_server_access(fallback)?;
+            eprintln!(
+                "pgferry sandbox: user {user} (who runs PostgreSQL, as this is root) cannot \
+                 enter {}, so the state goes to {} (--dir to choose another)",
+                path.display(),
+                fallback.display()
+            );
+            Ok(fallback.to_path_buf())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Starts pg1 and pg2 under `<dir>/replica` as a primary and its streaming
@@ -615,6 +662,40 @@ mod tests {
             [pg1, pg2] => Ok((pg1, pg2, r.primary)),
             other => bail!("{} backends", other.len()),
         }
+    }
+
+    /// As root, a default state directory the server user cannot enter
+    /// (under a 0700 directory, like a checkout in /root) moves to the
+    /// fallback; an explicit one is an error naming the directory. Not
+    /// root, the directory is used as it is.
+    #[test]
+    fn an_unreachable_default_state_dir_moves_to_the_fallback_as_root() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let closed = tempfile::tempdir()?; // 0700
+        std::fs::set_permissions(closed.path(), PermissionsExt::from_mode(0o700))?;
+        let open = tempfile::tempdir()?;
+        std::fs::set_permissions(open.path(), PermissionsExt::from_mode(0o755))?;
+        let requested = closed.path().join("checkout/.pgferry-sandbox");
+        let fallback = open.path().join("pgferry-sandbox");
+        let root = nix::unistd::geteuid().is_root();
+
+        let dir = state_dir(&requested, true, &fallback)?;
+        if root {
+            assert_eq!(dir, fallback);
+            assert!(fallback.is_dir());
+            assert!(!requested.exists(), "the unused default is removed");
+            let err = state_dir(&requested, false, &fallback)
+                .expect_err("an explicit --dir the server user cannot enter");
+            assert!(
+                err.to_string()
+                    .contains(&closed.path().display().to_string()),
+                "{err:#}"
+            );
+        } else {
+            assert_eq!(dir, std::fs::canonicalize(&requested)?);
+            assert!(!fallback.exists());
+        }
+        Ok(())
     }
 
     /// The cluster side of `--replica` across restarts and a switchover

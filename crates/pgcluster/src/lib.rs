@@ -53,4 +53,5 @@ mod sql;
 pub use binaries::ServerBinaries;
 pub use cluster::{cleanup_stale_temp_dirs, temp_base_dir, Cluster, ClusterOptions, StopMode};
 pub use error::ClusterError;
+pub use runas::check_server_access;
 pub use sql::{quote_ident, quote_literal};

@@ -97,6 +97,17 @@ impl RunAs {
     }
 }
 
+/// Errors ([`ClusterError::NotTraversable`]) unless the user that runs the
+/// server programs can reach `dir` (an existing directory): every ancestor
+/// searchable. Always fine when not root (the programs run as ourselves).
+/// When root, this resolves (and may create) that user.
+pub fn check_server_access(dir: &Path) -> Result<(), ClusterError> {
+    match RunAs::current()? {
+        Some(run_as) => run_as.check_traversable(dir),
+        None => Ok(()),
+    }
+}
+
 fn resolve() -> Result<Option<RunAs>, String> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(None);
