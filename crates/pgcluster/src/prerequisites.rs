@@ -49,6 +49,15 @@ const DPKG_LOCK_TIMEOUT_SECS: u32 = 300;
 /// A [`Probe::Succeeds`] command.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Tells stderr, around any capture a test harness puts on `eprintln!`
+/// (an install should be seen even when the test passes).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// How to tell that what a package provides is there.
 #[derive(Clone, Copy, Debug)]
 pub enum Probe {
@@ -228,7 +237,7 @@ fn ensure_on(host: &Host, needs: &[Need]) -> Result<Vec<&'static str>, ClusterEr
     }
     let packages = packages_of(&lacking);
     let list = packages.join(" ");
-    eprintln!(
+    say!(
         "pgferry: installing {list} (missing: {}): apt-get update && apt-get install -y {list}",
         whats_of(&lacking)
     );
@@ -273,7 +282,7 @@ fn ensure_on(host: &Host, needs: &[Need]) -> Result<Vec<&'static str>, ClusterEr
             ),
         ));
     }
-    eprintln!(
+    say!(
         "pgferry: installed {list} in {:.0?}",
         Duration::from_secs(started.elapsed().as_secs())
     );
@@ -414,7 +423,7 @@ fn lock_installs() -> Result<Flock<File>, ClusterError> {
                     });
                 }
                 if !said {
-                    eprintln!(
+                    say!(
                         "pgferry: waiting for another process's install ({})",
                         path.display()
                     );
