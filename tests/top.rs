@@ -549,6 +549,28 @@ fn top_shows_an_api_that_is_down_keeps_trying_and_quits_on_ctrl_c() {
     assert_eq!(top.exit_code(), 143);
     top.assert_terminal_restored(143);
 
+    // The terminal itself goes away (its tmux server killed: SIGHUP, then
+    // a dead tty): top ends too, rather than spinning on the tty (one
+    // left behind by an earlier version burned a core for an hour).
+    let top = Tmux::start_in_background(&admin, &[]);
+    top.wait_for("the error", |s| s.contains("ERROR backends: cannot reach"));
+    let pid = nix::unistd::Pid::from_raw(top.pid());
+    drop(top);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Signal 0: is it still there (a zombie until its parent, the killed
+    // wrapper, is reaped by init, which counts as gone here)?
+    while nix::sys::signal::kill(pid, None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|st| !st.contains(") Z "))
+            .unwrap_or(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "top still runs after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // Without a terminal: the error in the frame, and status 1.
     let out = Command::new(env!("CARGO_BIN_EXE_pgferry"))
         .args(["ctl", "--admin", &admin, "top", "--once"])

@@ -100,6 +100,7 @@ fn live(client: AdminClient, interval: Duration) -> std::io::Result<Quit> {
         let value = usize::try_from(sig).unwrap_or(1);
         signal_hook::flag::register_usize(sig, Arc::clone(&signal), value)?;
     }
+    spawn_watchdog(Arc::clone(&signal))?;
     let polls = spawn_poller(client.clone(), interval)?;
     let mut state = State::new(client.base(), interval);
     let mut screen = Screen::enter()?;
@@ -139,6 +140,30 @@ fn live(client: AdminClient, interval: Duration) -> std::io::Result<Quit> {
             }
         }
     }
+}
+
+/// After a signal, the main loop has this long to see it and leave.
+const SIGNAL_GRACE: Duration = Duration::from_secs(2);
+
+/// Ends the process when a signal came and the main loop did not leave in
+/// `SIGNAL_GRACE`. That happens when the terminal itself is gone (its
+/// tmux or ssh session killed: SIGHUP): crossterm's event poll then spins
+/// on the dead tty and never returns, and the handled SIGTERM could no
+/// longer stop a process burning a core (one did, for an hour).
+fn spawn_watchdog(signal: Arc<AtomicUsize>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("top-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(TICK);
+            let sig = signal.load(Ordering::Relaxed);
+            if sig != 0 {
+                std::thread::sleep(SIGNAL_GRACE);
+                // Best effort: the terminal may be gone.
+                restore();
+                std::process::exit(128 + i32::try_from(sig).unwrap_or(127));
+            }
+        })?;
+    Ok(())
 }
 
 /// Polls once an interval, on a thread of its own, until the receiver is
