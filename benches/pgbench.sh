@@ -7,7 +7,7 @@
 #
 # Environment (defaults in brackets):
 #   DURATION [30]   seconds per pgbench run
-#   CLIENTS  [16]   pgbench -c
+#   CLIENTS  [16]   pgbench -c; a list ("16 64 256") runs every mode at each
 #   THREADS  [2]    pgbench -j
 #   SCALE    [10]   pgbench -i -s
 #   MODES    ["simple extended"]  pgbench -M values
@@ -23,10 +23,21 @@
 #   PGBOUNCER       pgbouncer binary (else from PATH or /usr/sbin)
 #   OUT             also write the report (markdown) to this file
 #   KEEP_WORKDIR    1 = keep the temp dir (logs, configs) after exit
+#   PGBENCH_CPUS, PG_CPUS, PROXY_CPUS
+#                   CPU lists (taskset -c syntax, e.g. "0-3") for pgbench,
+#                   for PostgreSQL (the postmaster; its server processes
+#                   inherit it) and for both proxies; unset = anywhere.
+#                   On a machine with 8+ cores this measures a proxy's own
+#                   cost and its scaling with cores apart from PostgreSQL's
+#                   (PgBouncer is one thread; pgferry runs a worker per CPU
+#                   it may use).
 #
 # Exits non-zero if any pgbench run fails, reports failed transactions or
-# reports zero TPS. The report also gives each proxy's CPU (user + system,
-# from /proc) per transaction over its runs.
+# reports zero TPS. The report also gives CPU (user + system, from /proc)
+# per transaction over each target's runs: the proxy's own, PostgreSQL's
+# (postmaster, its server processes, and those reaped meanwhile), and the
+# whole machine's (/proc/stat), which also carries the kernel work a
+# proxy causes in other processes' context.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -47,6 +58,23 @@ SCRIPT=${SCRIPT:-select-only}
 ROUNDS=${ROUNDS:-2}
 WARMUP=${WARMUP:-5}
 TARGETS=(direct pgferry pgbouncer)
+MAX_CLIENTS=0
+for c in $CLIENTS; do
+    [[ $c =~ ^[0-9]+$ && $c -gt 0 ]] || { echo "CLIENTS: '$c' is not a positive number" >&2; exit 2; }
+    ((c > MAX_CLIENTS)) && MAX_CLIENTS=$c
+done
+((MAX_CLIENTS > 0)) || { echo "CLIENTS is empty" >&2; exit 2; }
+# Command prefixes that pin a program (and its children) to a CPU list.
+ON_PGBENCH_CPUS=() ON_PG_CPUS=() ON_PROXY_CPUS=()
+for v in PGBENCH_CPUS PG_CPUS PROXY_CPUS; do
+    if [[ -n ${!v:-} ]]; then
+        command -v taskset >/dev/null || { echo "$v needs taskset (apt-get install -y util-linux)" >&2; exit 2; }
+        taskset -c "${!v}" true 2>/dev/null || { echo "$v=${!v}: not a usable CPU list here" >&2; exit 2; }
+        declare -n prefix="ON_$v"
+        prefix=(taskset -c "${!v}")
+        unset -n prefix
+    fi
+done
 
 log() { printf '[pgbench.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -226,14 +254,14 @@ cat >>"$WORK/pgdata/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$WORK/run'
-max_connections = 100
+max_connections = $((MAX_CLIENTS + 30))
 shared_buffers = 128MB
 fsync = off
 synchronous_commit = off
 full_page_writes = off
 password_encryption = 'scram-sha-256'
 EOF
-as_user "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -l "$WORK/postgres.log" -w -t 60 start >/dev/null ||
+as_user "${ON_PG_CPUS[@]}" "$PG_BINDIR/pg_ctl" -D "$WORK/pgdata" -l "$WORK/postgres.log" -w -t 60 start >/dev/null ||
     die "PostgreSQL did not start"
 PG_STARTED=1
 as_user "$PSQL" -X -q -h "$WORK/run" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
@@ -247,6 +275,7 @@ cat >"$WORK/pgferry.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$FERRY_PORT"
 shutdown_timeout = "1s"
+max_client_connections = $((MAX_CLIENTS * 2 + 20))
 
 [auth]
 userlist = "pgferry-users.txt"
@@ -255,7 +284,7 @@ userlist = "pgferry-users.txt"
 name = "pg1"
 address = "127.0.0.1:$PG_PORT"
 EOF
-RUST_LOG=${RUST_LOG:-info} "$PGFERRY_BIN" run --config "$WORK/pgferry.toml" \
+RUST_LOG=${RUST_LOG:-info} "${ON_PROXY_CPUS[@]}" "$PGFERRY_BIN" run --config "$WORK/pgferry.toml" \
     >"$WORK/pgferry.log" 2>&1 &
 FERRY_PID=$!
 
@@ -273,12 +302,12 @@ unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = $WORK/pgbouncer-users.txt
 pool_mode = session
-default_pool_size = $((CLIENTS + 4))
-max_client_conn = $((CLIENTS * 2 + 20))
+default_pool_size = $((MAX_CLIENTS + 4))
+max_client_conn = $((MAX_CLIENTS * 2 + 20))
 ignore_startup_parameters = extra_float_digits
 EOF
 [[ $EUID -eq 0 ]] && chown "$RUN_USER:" "$WORK"/pgbouncer*
-(exec_as_user "$PGBOUNCER" "$WORK/pgbouncer.ini") >"$WORK/pgbouncer.log" 2>&1 &
+(exec_as_user "${ON_PROXY_CPUS[@]}" "$PGBOUNCER" "$WORK/pgbouncer.ini") >"$WORK/pgbouncer.log" 2>&1 &
 BOUNCER_PID=$!
 
 wait_ready pgferry "$FERRY_PORT" "$FERRY_PID"
@@ -298,13 +327,31 @@ port_of() {
 
 # ---------------------------------------------------------------- the runs
 
-declare -A TPS FAILED CPU_TICKS TX
-# cpu_ticks PID: user + system CPU of a process so far, in USER_HZ (1/100 s).
-cpu_ticks() {
+declare -A TPS FAILED CPU_TICKS PG_TICKS HOST_TICKS TX
+# proc_ticks PID [WITH_REAPED]: user + system CPU of a process so far, in
+# USER_HZ (1/100 s); WITH_REAPED=1 adds its reaped children's.
+proc_ticks() {
     local rest
     [[ -n $1 && -r /proc/$1/stat ]] || { echo 0; return; }
-    rest=$(sed 's/^.*) //' "/proc/$1/stat")
-    awk '{ print $12 + $13 }' <<<"$rest"
+    rest=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    awk -v reaped="${2:-0}" '{ print $12 + $13 + (reaped ? $14 + $15 : 0) }' <<<"$rest"
+}
+# pg_ticks: PostgreSQL's CPU so far: the postmaster, its live server
+# processes and every one it has reaped (a server process that ends during
+# a run is counted whole, one that lives on is counted so far).
+pg_ticks() {
+    local pm total child
+    pm=$(head -n 1 "$WORK/pgdata/postmaster.pid" 2>/dev/null) || { echo 0; return; }
+    total=$(proc_ticks "$pm" 1)
+    for child in $(cat "/proc/$pm/task/$pm/children" 2>/dev/null); do
+        total=$((total + $(proc_ticks "$child")))
+    done
+    echo "$total"
+}
+# host_ticks: busy CPU of the whole machine so far (/proc/stat, all CPUs:
+# everything but idle and iowait), in USER_HZ.
+host_ticks() {
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
 }
 pid_of() {
     case $1 in
@@ -313,15 +360,22 @@ pid_of() {
     *) echo "" ;;
     esac
 }
-# run_one TARGET MODE SECONDS LOGFILE: sets RUN_TPS, RUN_FAILED, RUN_RC,
-# RUN_TX (transactions) and RUN_CPU (the proxy's CPU ticks meanwhile).
+# run_one TARGET MODE SECONDS LOGFILE [SCRIPT] [CLIENTS]: sets RUN_TPS,
+# RUN_FAILED, RUN_RC, RUN_TX (transactions), and the CPU ticks spent
+# meanwhile by the proxy (RUN_CPU), PostgreSQL (RUN_PG) and the machine
+# (RUN_HOST).
 run_one() {
-    local target=$1 mode=$2 secs=$3 out=$4 script=${5:-$SCRIPT} before
+    local target=$1 mode=$2 secs=$3 out=$4 script=${5:-$SCRIPT} clients=${6:-$MAX_CLIENTS}
+    local before pg_before host_before
     RUN_RC=0
-    before=$(cpu_ticks "$(pid_of "$target")")
-    "$PGBENCH" -b "$script" -n -c "$CLIENTS" -j "$THREADS" -T "$secs" -M "$mode" \
+    before=$(proc_ticks "$(pid_of "$target")")
+    pg_before=$(pg_ticks)
+    host_before=$(host_ticks)
+    "${ON_PGBENCH_CPUS[@]}" "$PGBENCH" -b "$script" -n -c "$clients" -j "$THREADS" -T "$secs" -M "$mode" \
         -h 127.0.0.1 -p "$(port_of "$target")" -U bench bench >"$out" 2>&1 || RUN_RC=$?
-    RUN_CPU=$(($(cpu_ticks "$(pid_of "$target")") - before))
+    RUN_CPU=$(($(proc_ticks "$(pid_of "$target")") - before))
+    RUN_PG=$(($(pg_ticks) - pg_before))
+    RUN_HOST=$(($(host_ticks) - host_before))
     RUN_TPS=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out" | head -n 1)
     RUN_FAILED=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out" | head -n 1)
     RUN_TX=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out" | head -n 1)
@@ -337,30 +391,35 @@ if ((WARMUP > 0)); then
     done
 fi
 
-for mode in $MODES; do
-    for ((round = 1; round <= ROUNDS; round++)); do
-        if ((round % 2 == 1)); then
-            order=(direct pgferry pgbouncer)
-        else
-            order=(pgbouncer pgferry direct)
-        fi
-        for target in "${order[@]}"; do
-            out="$WORK/pgbench-$mode-$target-r$round.log"
-            run_one "$target" "$mode" "$DURATION" "$out"
-            log "$mode round $round $target: tps=$RUN_TPS failed=$RUN_FAILED rc=$RUN_RC"
-            if [[ $RUN_RC -ne 0 || $RUN_FAILED != 0 ]] || awk -v t="$RUN_TPS" 'BEGIN { exit !(t <= 0) }'; then
-                FAILED_RUN=1
-                log "pgbench output ($out):"
-                tail -n 25 "$out" >&2
-            fi
-            TPS[$mode,$target]+="$RUN_TPS "
-            CPU_TICKS[$mode,$target]=$((${CPU_TICKS[$mode,$target]:-0} + RUN_CPU))
-            TX[$mode,$target]=$((${TX[$mode,$target]:-0} + RUN_TX))
-            if [[ $RUN_FAILED =~ ^[0-9]+$ ]]; then
-                FAILED[$mode,$target]=$((${FAILED[$mode,$target]:-0} + RUN_FAILED))
+for clients in $CLIENTS; do
+    for mode in $MODES; do
+        for ((round = 1; round <= ROUNDS; round++)); do
+            if ((round % 2 == 1)); then
+                order=(direct pgferry pgbouncer)
             else
-                FAILED[$mode,$target]=unknown
+                order=(pgbouncer pgferry direct)
             fi
+            for target in "${order[@]}"; do
+                out="$WORK/pgbench-c$clients-$mode-$target-r$round.log"
+                run_one "$target" "$mode" "$DURATION" "$out" "$SCRIPT" "$clients"
+                log "-c $clients $mode round $round $target: tps=$RUN_TPS failed=$RUN_FAILED rc=$RUN_RC"
+                if [[ $RUN_RC -ne 0 || $RUN_FAILED != 0 ]] || awk -v t="$RUN_TPS" 'BEGIN { exit !(t <= 0) }'; then
+                    FAILED_RUN=1
+                    log "pgbench output ($out):"
+                    tail -n 25 "$out" >&2
+                fi
+                k="$clients,$mode,$target"
+                TPS[$k]+="$RUN_TPS "
+                CPU_TICKS[$k]=$((${CPU_TICKS[$k]:-0} + RUN_CPU))
+                PG_TICKS[$k]=$((${PG_TICKS[$k]:-0} + RUN_PG))
+                HOST_TICKS[$k]=$((${HOST_TICKS[$k]:-0} + RUN_HOST))
+                TX[$k]=$((${TX[$k]:-0} + RUN_TX))
+                if [[ $RUN_FAILED =~ ^[0-9]+$ ]]; then
+                    FAILED[$k]=$((${FAILED[$k]:-0} + RUN_FAILED))
+                else
+                    FAILED[$k]=unknown
+                fi
+            done
         done
     done
 done
@@ -376,36 +435,42 @@ report=$WORK/report.md
     echo "- machine: $(nproc) CPUs, kernel $(uname -r)"
     echo "- pgferry: commit $commit ($PGFERRY_BIN)"
     echo "- $("$PG_BINDIR/postgres" --version); $("$PGBENCH" --version); $("$PGBOUNCER" --version | head -n 1) (pool_mode=session)"
-    echo "- pgbench -b $SCRIPT -n -c $CLIENTS -j $THREADS -T $DURATION -M <mode>, scale $SCALE, $ROUNDS round(s), warm-up ${WARMUP}s per target"
+    echo "- pgbench -b $SCRIPT -n -c <clients> -j $THREADS -T $DURATION -M <mode>, scale $SCALE, $ROUNDS round(s), warm-up ${WARMUP}s per target"
+    echo "- CPU sets: pgbench ${PGBENCH_CPUS:-any}, PostgreSQL ${PG_CPUS:-any}, proxies ${PROXY_CPUS:-any}"
     echo "- order: odd rounds direct, pgferry, pgbouncer; even rounds pgbouncer, pgferry, direct"
+    echo "- CPU µs/tx: user + system over the target's runs; proxy = its process, PostgreSQL = postmaster + server processes, machine = /proc/stat busy time of all CPUs"
     echo
-    header="| mode | target |"
-    rule="|---|---|"
+    header="| clients | mode | target |"
+    rule="|---:|---|---|"
     for ((round = 1; round <= ROUNDS; round++)); do
         header+=" TPS r$round |"
         rule+="---:|"
     done
-    echo "$header mean TPS | vs direct | vs PgBouncer | failed tx | proxy CPU µs/tx |"
-    echo "$rule---:|---:|---:|---:|---:|"
-    for mode in $MODES; do
-        direct_tps=${TPS[$mode,direct]}
-        bouncer_tps=${TPS[$mode,pgbouncer]}
-        for target in "${TARGETS[@]}"; do
-            awk -v mode="$mode" -v target="$target" -v tps="${TPS[$mode,$target]}" \
-                -v d="$direct_tps" -v b="$bouncer_tps" -v failed="${FAILED[$mode,$target]}" \
-                -v ticks="${CPU_TICKS[$mode,$target]:-0}" -v tx="${TX[$mode,$target]:-0}" '
-                function mean(s,   a, n, i, t) { n = split(s, a, " "); t = 0
-                    for (i = 1; i <= n; i++) t += a[i]; return n ? t / n : 0 }
-                function ratio(x, y) { return y > 0 ? sprintf("%.3f", x / y) : "n/a" }
-                BEGIN {
-                    n = split(tps, a, " "); line = "| " mode " | " target " |"
-                    for (i = 1; i <= n; i++) line = line sprintf(" %.0f |", a[i])
-                    m = mean(tps)
-                    line = line sprintf(" %.0f | %s | %s | %s |", m, ratio(m, mean(d)), ratio(m, mean(b)), failed)
-                    # CPU of the proxy process over its runs, per transaction.
-                    line = line (target == "direct" || tx == 0 ? " - |" : sprintf(" %.1f |", ticks * 10000 / tx))
-                    print line
-                }'
+    echo "$header mean TPS | vs direct | vs PgBouncer | failed tx | proxy CPU µs/tx | PostgreSQL CPU µs/tx | machine CPU µs/tx |"
+    echo "$rule---:|---:|---:|---:|---:|---:|---:|"
+    for clients in $CLIENTS; do
+        for mode in $MODES; do
+            direct_tps=${TPS[$clients,$mode,direct]}
+            bouncer_tps=${TPS[$clients,$mode,pgbouncer]}
+            for target in "${TARGETS[@]}"; do
+                k="$clients,$mode,$target"
+                awk -v clients="$clients" -v mode="$mode" -v target="$target" -v tps="${TPS[$k]}" \
+                    -v d="$direct_tps" -v b="$bouncer_tps" -v failed="${FAILED[$k]}" \
+                    -v ticks="${CPU_TICKS[$k]:-0}" -v pg="${PG_TICKS[$k]:-0}" -v host="${HOST_TICKS[$k]:-0}" \
+                    -v tx="${TX[$k]:-0}" '
+                    function mean(s,   a, n, i, t) { n = split(s, a, " "); t = 0
+                        for (i = 1; i <= n; i++) t += a[i]; return n ? t / n : 0 }
+                    function ratio(x, y) { return y > 0 ? sprintf("%.3f", x / y) : "n/a" }
+                    function per_tx(t) { return tx > 0 ? sprintf(" %.1f |", t * 10000 / tx) : " - |" }
+                    BEGIN {
+                        n = split(tps, a, " "); line = "| " clients " | " mode " | " target " |"
+                        for (i = 1; i <= n; i++) line = line sprintf(" %.0f |", a[i])
+                        m = mean(tps)
+                        line = line sprintf(" %.0f | %s | %s | %s |", m, ratio(m, mean(d)), ratio(m, mean(b)), failed)
+                        line = line (target == "direct" ? " - |" : per_tx(ticks)) per_tx(pg) per_tx(host)
+                        print line
+                    }'
+            done
         done
     done
 } >"$report"

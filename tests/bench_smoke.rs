@@ -1,6 +1,7 @@
 //! The pgbench macro benchmark (`benches/pgbench.sh`) in its smoke mode:
-//! direct, pgferry (this build) and PgBouncer, 2 s each, so that the
-//! script cannot rot. The Rust benchmarks run their own smoke modes as
+//! direct, pgferry (this build) and PgBouncer, 1 s each at two client
+//! counts, every program pinned to CPU 0 (the CPU-set options of the
+//! scaling runs), so that the script cannot rot. The Rust benchmarks run their own smoke modes as
 //! bench targets under `cargo test` (`test = true` in Cargo.toml).
 
 use std::process::Command;
@@ -19,6 +20,11 @@ fn pgbench_macro_benchmark_smoke_run_reports_every_target() {
     let out = Command::new("bash")
         .arg(format!("{root}/benches/pgbench.sh"))
         .env("SMOKE", "1")
+        .env("DURATION", "1")
+        .env("CLIENTS", "2 4")
+        .env("PGBENCH_CPUS", "0")
+        .env("PG_CPUS", "0")
+        .env("PROXY_CPUS", "0")
         .env("PGFERRY_BIN", env!("CARGO_BIN_EXE_pgferry"))
         .env("PG_BINDIR", &bindir)
         .output()
@@ -29,18 +35,32 @@ fn pgbench_macro_benchmark_smoke_run_reports_every_target() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "pgbench.sh failed:\n{text}");
-    for target in ["direct", "pgferry", "pgbouncer"] {
-        for mode in ["simple", "extended"] {
-            let row = text
-                .lines()
-                .find(|l| l.starts_with(&format!("| {mode} | {target} |")))
-                .unwrap_or_else(|| panic!("no {mode}/{target} row:\n{text}"));
-            let tps: f64 = row
-                .split('|')
-                .nth(3)
-                .and_then(|c| c.trim().parse().ok())
-                .unwrap_or_else(|| panic!("no TPS in {row:?}"));
-            assert!(tps > 0.0, "{row}");
+    assert!(
+        text.contains("CPU sets: pgbench 0, PostgreSQL 0, proxies 0"),
+        "{text}"
+    );
+    for clients in [2, 4] {
+        for target in ["direct", "pgferry", "pgbouncer"] {
+            for mode in ["simple", "extended"] {
+                let row = text
+                    .lines()
+                    .find(|l| l.starts_with(&format!("| {clients} | {mode} | {target} |")))
+                    .unwrap_or_else(|| panic!("no {clients}/{mode}/{target} row:\n{text}"));
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                let number = |i: usize| -> f64 {
+                    cells
+                        .get(i)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or_else(|| panic!("no number in column {i} of {row:?}"))
+                };
+                assert!(number(4) > 0.0, "TPS: {row}");
+                // PostgreSQL's and the machine's CPU per transaction.
+                assert!(number(cells.len() - 3) > 0.0, "PostgreSQL CPU: {row}");
+                assert!(number(cells.len() - 2) > 0.0, "machine CPU: {row}");
+                if target != "direct" {
+                    assert!(number(cells.len() - 4) > 0.0, "proxy CPU: {row}");
+                }
+            }
         }
     }
 }
