@@ -5,10 +5,15 @@
 //!   cargo bench --bench drain                          # 1,000 sessions
 //!   SESSIONS=2000 DRAIN_CONCURRENCY=64 cargo bench --bench drain
 //!   WARM_SPARES=1 cargo bench --bench drain            # spares for the targets
+//!   SETUP=none cargo bench --bench drain               # sessions that never spoke
+//!   SETUP="SELECT 1" cargo bench --bench drain         # any one statement per session
 //!   cargo test --bench drain                           # smoke: 20 sessions (in the suite)
 //!
-//! Prints the drain's own duration (as the API reports it), moved/failed/
-//! remaining, and the migration pause percentiles from /metrics.
+//! Each session runs `SETUP` once after its login (default `SET
+//! search_path = public`; `none`: nothing, so its state is what the login
+//! gave and the move needs no capture). Prints the drain's own duration
+//! (as the API reports it), moved/failed/remaining, how many moves
+//! captured, the mean pause from /metrics, and where the CPU went.
 
 mod common;
 
@@ -30,6 +35,12 @@ fn main() {
     };
     let concurrency = env_usize("DRAIN_CONCURRENCY", 32);
     let spares = env_usize("WARM_SPARES", 0);
+    let setup = match std::env::var("SETUP") {
+        Ok(s) if s == "none" || s.is_empty() => None,
+        Ok(s) => Some(s),
+        Err(_) => Some("SET search_path = public".to_owned()),
+    };
+    let setup = &*Box::leak(Box::new(setup));
     // Client sockets, proxy sockets on both sides, and the old backends'
     // sockets while they close.
     raise_fd_limit((sessions as u64) * 4 + 1000);
@@ -80,9 +91,9 @@ fn main() {
                     .await
                     .expect("connect");
                 tokio::spawn(conn);
-                c.simple_query("SET search_path = public")
-                    .await
-                    .expect("session state");
+                if let Some(sql) = setup {
+                    c.simple_query(sql).await.expect("session setup");
+                }
                 c
             });
         }
@@ -105,6 +116,8 @@ fn main() {
             }
         }
 
+        let captures_before =
+            scrape(admin, "pgferry_conn_migration_phase_seconds_count{phase=\"capture\"}").await;
         let body = r#"{"timeout_ms": 60000}"#;
         let cpu_before = (cluster_cpu(pg1_ref), cluster_cpu(pg2_ref), own_cpu());
         let t = Instant::now();
@@ -124,15 +137,25 @@ fn main() {
             let rows = c.simple_query("SELECT 1").await.expect("session works after the drain");
             assert!(!rows.is_empty());
         }
+        let captures =
+            scrape(admin, "pgferry_conn_migration_phase_seconds_count{phase=\"capture\"}").await
+                - captures_before;
+        if setup.is_none() {
+            assert_eq!(captures, 0.0, "sessions that never spoke move on their login state");
+        } else {
+            assert_eq!(captures, sessions as f64, "every session that spoke is captured");
+        }
         let pause_sum = scrape(admin, "pgferry_conn_migration_pause_seconds_sum").await;
         let pause_n = scrape(admin, "pgferry_conn_migration_pause_seconds_count").await;
         println!(
-            "drain of {sessions} idle sessions, concurrency {concurrency}, warm_spares {spares}:"
+            "drain of {sessions} idle sessions, concurrency {concurrency}, warm_spares {spares}, \
+             setup {:?}:",
+            setup.as_deref().unwrap_or("none")
         );
-        println!("| sessions | drain (API duration_ms) | wall (client) | moved | failed | remaining | mean pause |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| sessions | drain (API duration_ms) | wall (client) | moved | failed | remaining | captured | mean pause |");
+        println!("|---|---|---|---|---|---|---|---|");
         println!(
-            "| {sessions} | {:.0} ms | {:.0} ms | {} | {} | {} | {:.2} ms |",
+            "| {sessions} | {:.0} ms | {:.0} ms | {} | {} | {} | {captures} | {:.2} ms |",
             report["duration_ms"].as_f64().unwrap_or(f64::NAN),
             wall.as_secs_f64() * 1000.0,
             report["moved"],

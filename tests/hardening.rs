@@ -54,6 +54,8 @@ fn a_startup_packet_repeating_a_key_is_refused_before_authentication() {
 fn transfer_requests_during_a_move_are_refused_at_once_and_never_carried_out_later() {
     let proxy = ProxyProcess::start(ProxyOptions::default());
     let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "pingpong");
+    // Spoken: its move runs the capture on the (frozen) old backend.
+    assert_eq!(c.value("SELECT 1"), "1");
     let info = proxy.connection_by_app("pingpong");
     let id = info["id"].as_str().expect("id").to_owned();
     let cluster = backend_of(&proxy, "pingpong");
@@ -127,6 +129,8 @@ fn a_slow_source_backend_abandons_the_move_and_keeps_the_session() {
         ..Default::default()
     });
     let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "slow");
+    // Spoken: its move runs the capture on the (frozen) old backend.
+    assert_eq!(c.value("SELECT 1"), "1");
     let info = proxy.connection_by_app("slow");
     let cluster = backend_of(&proxy, "slow");
     let id = info["id"].as_str().expect("id").to_owned();
@@ -446,7 +450,9 @@ fn kept_alive_admin_connections_close_after_the_idle_timeout_and_requests_are_ne
 
     // A request whose handler takes longer than both timeouts (a move held
     // by a frozen backend until capture_timeout) still gets its answer.
-    let _c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "slow-handler");
+    let mut c = raw::RawClient::connect(proxy.addr, USER, PASSWORD, DB, "slow-handler");
+    // Spoken: its move runs the capture on the (frozen) old backend.
+    assert_eq!(c.value("SELECT 1"), "1");
     let info = proxy.connection_by_app("slow-handler");
     let cluster = if info["backend"] == "pg1" {
         &env().pg1

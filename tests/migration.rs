@@ -603,6 +603,110 @@ async fn an_untouched_session_moves_again_on_known_state_until_the_client_speaks
     );
 }
 
+/// A session whose client has sent nothing since it logged in moves on
+/// the state a login gives, without the capture query: the startup
+/// packet's settings and the role's `ALTER ROLE ... SET` come back by the
+/// target's own login. Its first message makes the next move capture.
+#[tokio::test]
+async fn a_session_that_never_spoke_moves_on_its_login_state() {
+    let proxy = migration_proxy();
+    let e = env();
+    for pg in [&e.pg1, &e.pg2] {
+        pg.psql(
+            DB,
+            &format!("ALTER ROLE {USER} IN DATABASE {DB} SET pgferry_test.login = 'yes'"),
+        )
+        .expect("role setting");
+    }
+    let app = "never-spoke";
+    let (c, conn) = tokio_config(&proxy, USER, PASSWORD)
+        .application_name(app)
+        .options("-c search_path=shop")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let reused = || proxy.metric("pgferry_conn_migration_state_reused_total");
+    let captures = || proxy.metric("pgferry_conn_migration_phase_seconds_count{phase=\"capture\"}");
+    let (captured, kept) = (captures(), reused());
+    let (status, out) = transfer(&proxy, app, "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        (captures(), reused()),
+        (captured, kept + 1.0),
+        "moved on its login state"
+    );
+    let (status, out) = transfer(&proxy, app, "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!((captures(), reused()), (captured, kept + 2.0));
+    // What a login gave it is there after two moves.
+    assert_eq!(setting(&c, "search_path").await, "shop");
+    assert_eq!(setting(&c, "pgferry_test.login").await, "yes");
+    assert_eq!(setting(&c, "application_name").await, app);
+    // It has spoken (the queries above): the next move captures, and
+    // finds what a statement made that cannot move.
+    c.batch_execute("SELECT pg_advisory_lock(4343)")
+        .await
+        .expect("lock");
+    let (status, out) = transfer(&proxy, app, "").await;
+    assert_eq!(status, 409, "{out}");
+    assert_eq!(out["reason"], "session holds advisory locks");
+    assert_eq!(captures(), captured + 1.0);
+    c.batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .expect("unlock");
+    for pg in [&e.pg1, &e.pg2] {
+        pg.psql(
+            DB,
+            &format!("ALTER ROLE {USER} IN DATABASE {DB} RESET pgferry_test.login"),
+        )
+        .expect("role setting");
+    }
+}
+
+/// The pending prepared transactions of the session's user are asked
+/// apart, where the server allows them (the test servers have
+/// `max_prepared_transactions = 10`): one pending for the session's role
+/// refuses the move, and once it is resolved the session moves.
+#[tokio::test]
+async fn a_pending_prepared_transaction_of_the_sessions_role_refuses_the_move() {
+    let proxy = migration_proxy();
+    let e = env();
+    // A role of this test's own, so that the pending transaction refuses
+    // no other test's moves.
+    for pg in [&e.pg1, &e.pg2] {
+        pg.psql(
+            DB,
+            &format!(
+                "DO $$BEGIN CREATE ROLE twophase_owner; \
+                 EXCEPTION WHEN duplicate_object THEN NULL; END$$; \
+                 GRANT twophase_owner TO {USER}"
+            ),
+        )
+        .expect("role");
+    }
+    let app = "two-phase";
+    let c = connect_app(&proxy, app).await;
+    let before = server_port(&c).await;
+    c.batch_execute("SET ROLE twophase_owner; BEGIN; PREPARE TRANSACTION 'pgferry-test-2pc'")
+        .await
+        .expect("prepare");
+    let (status, out) = transfer(&proxy, app, "").await;
+    assert_eq!(status, 409, "{out}");
+    assert_eq!(
+        out["reason"],
+        "the session's user has prepared transactions here (two-phase commit pending)"
+    );
+    assert_eq!(server_port(&c).await, before);
+    c.batch_execute("ROLLBACK PREPARED 'pgferry-test-2pc'")
+        .await
+        .expect("resolve");
+    let (status, out) = transfer(&proxy, app, "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(server_port(&c).await, other_port(before));
+    assert_eq!(setting(&c, "role").await, "twophase_owner");
+}
+
 /// `pg_prepared_statements` shows an SQL PREPARE with the whole query
 /// string it came in; a move replays only the PREPARE, never the other
 /// statements of that string (here an INSERT and a SET).

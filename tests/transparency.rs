@@ -44,7 +44,11 @@ fn client_and_server_pid(
     proxy: &ProxyProcess,
     app: &str,
 ) -> (RawClient, &'static pgferry_pgcluster::Cluster, i32) {
-    let c = raw_client(proxy, app);
+    let mut c = raw_client(proxy, app);
+    // A session that has spoken: its move runs the capture on the old
+    // backend (one that never did moves on its login state, without a
+    // word to the old backend).
+    assert_eq!(c.value("SELECT 1"), "1");
     let cluster = backend_of(proxy, app);
     let pid = server_pid(cluster, app);
     (c, cluster, pid)
@@ -208,6 +212,8 @@ fn a_kill_while_the_move_is_in_flight_ends_the_session_with_the_servers_error() 
             .expect("mover");
         assert_eq!(status, 200, "{body}");
     }
+    // Spoken: the move captures.
+    assert_eq!(c.value("SELECT 1"), "1");
     let pid = server_pid(&env().pg1, "inflight");
     let captures = || proxy.metric("pgferry_conn_migration_phase_seconds_count{phase=\"capture\"}");
     let before = captures();

@@ -7,8 +7,9 @@
 //! while no client message has passed since the state was captured (or
 //! replayed onto a new backend), the next migration can reuse it instead
 //! of running the capture query again. Any client message at all, even a
-//! lone Sync, makes it unknown; the first migration of every session
-//! always captures.
+//! lone Sync, makes it unknown. A session whose client has sent nothing
+//! since its login has the state a login gives (`login_state`): the first
+//! migration of every other session captures.
 
 use super::capture::SessionState;
 use crate::forwarder::tracker::Stamp;
@@ -55,6 +56,19 @@ impl KnownState {
     }
 }
 
+/// The state of a session whose client has sent nothing since it logged
+/// in (`last_request` is `None`; the tracker keeps its clock across moves
+/// and hand-offs): what a login with the same startup packet gives, so
+/// nothing to replay on a target that logs in the same way. Settings from
+/// the startup packet, `ALTER ROLE/DATABASE ... SET` and login-time hooks
+/// are not session state (`pg_settings.source` is not `session`): the
+/// target's own login applies them, as the capture's replay would leave
+/// them. Everything a capture refuses a move for (temporary tables,
+/// advisory locks, LISTEN, WITH HOLD cursors) needs a client statement.
+pub fn login_state(last_request: Option<Stamp>) -> Option<SessionState> {
+    last_request.is_none().then(SessionState::default)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +96,12 @@ mod tests {
         assert_eq!(k.still_holds(at, &names), None, "first message after login");
         let k = KnownState::keep(at, &names, &state(), false).unwrap();
         assert_eq!(k.still_holds(at, &[]), None, "other custom names");
+    }
+
+    #[test]
+    fn a_session_that_sent_nothing_has_its_login_state() {
+        assert_eq!(login_state(None), Some(SessionState::default()));
+        assert_eq!(login_state(Some(Stamp { tag: b'S', tick: 1 })), None);
     }
 
     #[test]

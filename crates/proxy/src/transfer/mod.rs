@@ -177,6 +177,7 @@ pub async fn transfer(
         .known
         .take()
         .and_then(|k| k.still_holds(last_request, &custom))
+        .or_else(|| known_state::login_state(last_request))
         .filter(|_| old_may_end || fwd.server.is_silent());
     let reused = known.is_some();
     let connect = timed(
@@ -325,11 +326,14 @@ pub async fn remember(
 ) -> Result<Remembered, TransferError> {
     let custom = custom_setting_names(ctx, fwd);
     let last_request = fwd.tracker.last_request();
-    if let Some(k) = server.known.take() {
-        if let Some(state) = k.still_holds(last_request, &custom) {
-            server.known = KnownState::keep(last_request, &custom, &state, true);
-            return Ok(Remembered::AlreadyKnown);
-        }
+    let known = server
+        .known
+        .take()
+        .and_then(|k| k.still_holds(last_request, &custom))
+        .or_else(|| known_state::login_state(last_request));
+    if let Some(state) = known {
+        server.known = KnownState::keep(last_request, &custom, &state, true);
+        return Ok(Remembered::AlreadyKnown);
     }
     let unnamed = match fwd.tracker.unnamed_statement() {
         Unnamed::None => None,
@@ -504,19 +508,34 @@ async fn capture(
     if let Some(schema) = state.temp_schema {
         let row =
             query_old_backend(ctx, fwd, current, &capture::temp_relations_query(schema)).await?;
-        let cols = pgferry_wire::messages::decode_data_row(&row)
-            .map_err(|e| Recoverable(e.to_string()))?;
-        let count = cols
-            .first()
-            .copied()
-            .flatten()
-            .and_then(|c| std::str::from_utf8(c).ok()?.parse::<i64>().ok())
-            .ok_or_else(|| Recoverable("temporary relation count unreadable".into()))?;
-        if count > 0 {
+        if count_of(&row)? > 0 {
             return Err(Recoverable(capture::Blocker::TempTables.reason().into()));
         }
     }
+    // PREPARE TRANSACTION leaves the transaction on this server, for this
+    // session (or its transaction manager) to COMMIT PREPARED here: not on
+    // another backend. Only a server that allows them can have any.
+    if state.two_phase {
+        let row =
+            query_old_backend(ctx, fwd, current, capture::prepared_transactions_query()).await?;
+        if count_of(&row)? > 0 {
+            return Err(Recoverable(
+                capture::Blocker::PreparedTransactions.reason().into(),
+            ));
+        }
+    }
     Ok(state)
+}
+
+/// The one number of a one-column count row.
+fn count_of(row: &[u8]) -> Result<i64, TransferError> {
+    let cols =
+        pgferry_wire::messages::decode_data_row(row).map_err(|e| Recoverable(e.to_string()))?;
+    cols.first()
+        .copied()
+        .flatten()
+        .and_then(|c| std::str::from_utf8(c).ok()?.parse::<i64>().ok())
+        .ok_or_else(|| Recoverable("count row unreadable".into()))
 }
 
 /// How long a late capture answer is waited for before the backend counts
