@@ -381,6 +381,13 @@ pub struct ProxySection {
     pub admin_listen: Option<SocketAddr>,
     #[serde(default = "defaults::max_client_connections")]
     pub max_client_connections: usize,
+    /// Sessions run on this many threads of their own, each a
+    /// single-threaded runtime a session never leaves (accepted
+    /// connections are dealt out in turn); 0 (the default): on the
+    /// process's shared multi-threaded runtime, with work stealing.
+    /// docs/performance.md compares the two.
+    #[serde(default)]
+    pub session_threads: usize,
     /// Deadline for a client to finish TLS, startup and authentication.
     #[serde(default = "defaults::startup_timeout", deserialize_with = "duration")]
     pub startup_timeout: Duration,

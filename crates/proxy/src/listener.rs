@@ -1,5 +1,6 @@
 //! Accepting clients: binding the listener with its backlog, the
-//! connection limit, one task per connection, and graceful shutdown.
+//! connection limit, one task per connection (on the shared runtime, or on
+//! a session thread of its own: `SessionThreads`), and graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -110,6 +111,16 @@ pub async fn accept_loop(
     let slots = ctx.slots.clone();
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let mut accepting = ctx.handoff.accepting();
+    let threads = match ctx.config.proxy.session_threads {
+        0 => None,
+        n => match SessionThreads::start(n) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(error = %e, "session threads could not start; sessions run on the shared runtime");
+                None
+            }
+        },
+    };
     tokio::pin!(shutdown);
     loop {
         // Paused while a new process holds the listener (`handoff`):
@@ -127,9 +138,12 @@ pub async fn accept_loop(
         let Some((tcp, peer)) = accepted else { break };
         ctx.metrics.client_connections_accepted.inc();
         match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(session::serve(ctx.clone(), tcp, peer, permit));
-            }
+            Ok(permit) => match &threads {
+                Some(threads) => threads.serve(ctx.clone(), tcp, peer, permit),
+                None => {
+                    tokio::spawn(session::serve(ctx.clone(), tcp, peer, permit));
+                }
+            },
             Err(_) => {
                 ctx.metrics.client_connections_rejected.inc();
                 if let Ok(permit) = refusals.clone().try_acquire_owned() {
@@ -190,5 +204,71 @@ mod tests {
         let (s, peer) = l.accept().await.unwrap();
         assert_eq!(peer, c.local_addr().unwrap());
         drop(s);
+    }
+}
+
+/// `[proxy] session_threads`: threads that each run a single-threaded
+/// runtime for the sessions dealt to them. A session never leaves its
+/// thread, so its wake-ups never cross threads (no work stealing, no
+/// futex or eventfd hand-offs between workers); the price is no balancing
+/// once a session is placed. The threads end when this is dropped (after
+/// the accept loop has waited for the sessions).
+struct SessionThreads {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::cell::Cell<usize>,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl SessionThreads {
+    fn start(n: usize) -> std::io::Result<Self> {
+        let mut handles = Vec::with_capacity(n);
+        let mut stops = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name(format!("pgferry-sessions-{i}"))
+                .spawn(move || {
+                    // Ends when the sender is dropped or sends.
+                    let _ = rt.block_on(stopped);
+                })?;
+        }
+        Ok(Self {
+            handles,
+            next: std::cell::Cell::new(0),
+            _stop: stops,
+        })
+    }
+
+    /// Hands the connection to the next thread in turn; its socket is
+    /// registered with that thread's reactor.
+    fn serve(
+        &self,
+        ctx: Arc<ProxyContext>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let i = self.next.get();
+        self.next.set((i + 1) % self.handles.len());
+        let tcp = match tcp.into_std() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "could not hand a connection to a session thread");
+                return;
+            }
+        };
+        self.handles[i].spawn(async move {
+            match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => session::serve(ctx, tcp, peer, permit).await,
+                Err(e) => {
+                    warn!(error = %e, "could not register a connection on its session thread")
+                }
+            }
+        });
     }
 }
