@@ -13,12 +13,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgferry_wire::{CancelKey, CancelSecret};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
+
+use crate::parameters::shared_name;
 
 /// Where a cancel for one session must go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,9 +31,12 @@ pub struct CancelTarget {
     pub key: CancelKey,
 }
 
+/// Boxed in the map, with the backend's name shared: the table keeps
+/// room for about twice the live sessions, so a 96-byte bucket (and a name
+/// of its own) cost ~250 bytes per session where a pointer costs ~50.
 #[derive(Debug)]
 struct Entry {
-    target: CancelTarget,
+    target: Target,
     /// The session is being moved: its current backend runs pgferry's own
     /// capture and replay, which a client's cancel must never hit.
     moving: bool,
@@ -56,9 +61,37 @@ pub enum CancelRoute {
     NothingToCancel,
 }
 
+/// `CancelTarget` as the map keeps it.
+#[derive(Debug)]
+struct Target {
+    backend: Arc<str>,
+    address: SocketAddr,
+    key: CancelKey,
+}
+
+impl From<CancelTarget> for Target {
+    fn from(t: CancelTarget) -> Self {
+        Target {
+            backend: shared_name(&t.backend),
+            address: t.address,
+            key: t.key,
+        }
+    }
+}
+
+impl Target {
+    fn to_target(&self) -> CancelTarget {
+        CancelTarget {
+            backend: self.backend.to_string(),
+            address: self.address,
+            key: self.key.clone(),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct CancelMap {
-    inner: Mutex<HashMap<CancelKey, Entry>>,
+    inner: Mutex<HashMap<CancelKey, Box<Entry>>>,
     /// Woken whenever a move ends or a key goes.
     changed: Notify,
 }
@@ -90,12 +123,12 @@ impl CancelMap {
                 secret,
             };
             if let std::collections::hash_map::Entry::Vacant(v) = map.entry(key.clone()) {
-                v.insert(Entry {
-                    target,
+                v.insert(Box::new(Entry {
+                    target: target.into(),
                     moving: false,
                     moves_ended: 0,
                     last_move_held_requests: true,
-                });
+                }));
                 return key;
             }
         }
@@ -106,12 +139,12 @@ impl CancelMap {
     pub fn register_existing(&self, key: CancelKey, target: CancelTarget) -> bool {
         match self.lock().entry(key) {
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(Entry {
-                    target,
+                v.insert(Box::new(Entry {
+                    target: target.into(),
                     moving: false,
                     moves_ended: 0,
                     last_move_held_requests: true,
-                });
+                }));
                 true
             }
             std::collections::hash_map::Entry::Occupied(_) => false,
@@ -134,7 +167,7 @@ impl CancelMap {
     /// Points an existing key at a new backend (after a migration).
     pub fn retarget(&self, key: &CancelKey, target: CancelTarget) {
         if let Some(e) = self.lock().get_mut(key) {
-            e.target = target;
+            e.target = target.into();
         }
     }
 
@@ -145,7 +178,7 @@ impl CancelMap {
 
     /// Where the session holding `key` runs now, moving or not.
     pub fn lookup(&self, key: &CancelKey) -> Option<CancelTarget> {
-        self.lock().get(key).map(|e| e.target.clone())
+        self.lock().get(key).map(|e| e.target.to_target())
     }
 
     /// Where a cancel for `key` should go, waiting up to `wait` while the
@@ -167,7 +200,7 @@ impl CancelMap {
                     if waited_out_a_move && !e.last_move_held_requests {
                         return CancelRoute::NothingToCancel;
                     }
-                    return CancelRoute::Send(e.target.clone());
+                    return CancelRoute::Send(e.target.to_target());
                 }
                 Some(e) => {
                     held_since.get_or_insert(e.moves_ended);
@@ -188,7 +221,7 @@ impl CancelMap {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, Box<Entry>>> {
         // A panic while holding this lock cannot leave the map inconsistent
         // (single inserts/removes), so a poisoned lock is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())

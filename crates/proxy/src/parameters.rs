@@ -6,12 +6,60 @@
 //! cannot contain one). A list of `(String, String)` pairs costed about 28
 //! small allocations, over 1 KiB per session with the allocator's overhead.
 //! Changes are rare (a `SET` of a reported setting), so they rebuild it.
+//!
+//! And it is shared: sessions of one application on one backend are told
+//! the same parameters, so equal lists are one interned `Arc<str>` (a few
+//! hundred bytes saved per session; a lookup under a lock when a list is
+//! built, at login or on a change, never while forwarding).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// ParameterStatus name/value pairs, in the order first reported.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ParameterList {
-    /// `name\0value\0name\0value\0...`
-    packed: Box<str>,
+    /// `name\0value\0name\0value\0...`, interned (`intern`); `None`: empty.
+    packed: Option<Arc<str>>,
+}
+
+/// One shared copy of a short string used by many sessions (a backend's
+/// name, say). Shares `intern`'s table: a packed list ends with a NUL and a
+/// name never holds one, so the two cannot collide.
+pub(crate) fn shared_name(name: &str) -> Arc<str> {
+    intern(name.to_owned()).unwrap_or_else(|| Arc::from(""))
+}
+
+/// The lists in use, by content. Entries whose sessions have all gone are
+/// swept when the table has doubled since the last sweep.
+struct Interned {
+    lists: HashMap<Box<str>, Weak<str>>,
+    sweep_at: usize,
+}
+
+fn intern(packed: String) -> Option<Arc<str>> {
+    if packed.is_empty() {
+        return None;
+    }
+    static TABLE: OnceLock<Mutex<Interned>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        Mutex::new(Interned {
+            lists: HashMap::new(),
+            sweep_at: 64,
+        })
+    });
+    // Each change is one insert or one sweep: a panic cannot leave it torn.
+    let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(live) = t.lists.get(packed.as_str()).and_then(Weak::upgrade) {
+        return Some(live);
+    }
+    if t.lists.len() >= t.sweep_at {
+        t.lists.retain(|_, w| w.strong_count() > 0);
+        t.sweep_at = (t.lists.len() * 2).max(64);
+    }
+    let list: Arc<str> = Arc::from(packed.as_str());
+    t.lists
+        .insert(packed.into_boxed_str(), Arc::downgrade(&list));
+    Some(list)
 }
 
 impl ParameterList {
@@ -25,12 +73,16 @@ impl ParameterList {
             }
         }
         Self {
-            packed: packed.into_boxed_str(),
+            packed: intern(packed),
         }
     }
 
+    fn text(&self) -> &str {
+        self.packed.as_deref().unwrap_or_default()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        let mut parts = self.packed.split_terminator('\0');
+        let mut parts = self.text().split_terminator('\0');
         std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
     }
 
@@ -43,7 +95,7 @@ impl ParameterList {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.packed.is_empty()
+        self.packed.is_none()
     }
 
     /// Sets `name` to `value`, appending it when new.
@@ -51,7 +103,7 @@ impl ParameterList {
         if self.contains(name, value) || name.contains('\0') || value.contains('\0') {
             return;
         }
-        let mut packed = String::with_capacity(self.packed.len() + value.len() + name.len() + 2);
+        let mut packed = String::with_capacity(self.text().len() + value.len() + name.len() + 2);
         let mut found = false;
         for (n, v) in self.iter() {
             if n == name {
@@ -64,7 +116,7 @@ impl ParameterList {
         if !found {
             push_pair(&mut packed, name, value);
         }
-        self.packed = packed.into_boxed_str();
+        self.packed = intern(packed);
     }
 }
 
@@ -110,5 +162,25 @@ mod tests {
         assert_eq!(p.iter().collect::<Vec<_>>(), [("a", ""), ("c", "y")]);
         assert!(ParameterList::default().is_empty());
         assert_eq!(ParameterList::default().iter().count(), 0);
+    }
+
+    #[test]
+    fn equal_lists_share_one_allocation_until_one_changes() {
+        let pairs = [
+            ("server_version", "18.1"),
+            ("TimeZone", "UTC"),
+            ("x_shared", "1"),
+        ];
+        let a = ParameterList::from_pairs(pairs);
+        let mut b = ParameterList::from_pairs(pairs);
+        let (pa, pb) = (a.packed.clone().unwrap(), b.packed.clone().unwrap());
+        assert!(Arc::ptr_eq(&pa, &pb));
+        b.set("TimeZone", "Europe/Paris");
+        assert_eq!(a.get("TimeZone"), Some("UTC"));
+        assert_eq!(b.get("TimeZone"), Some("Europe/Paris"));
+        assert!(!Arc::ptr_eq(&pa, b.packed.as_ref().unwrap()));
+        // Setting it back finds the shared list again.
+        b.set("TimeZone", "UTC");
+        assert!(Arc::ptr_eq(&pa, b.packed.as_ref().unwrap()));
     }
 }
