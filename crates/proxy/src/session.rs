@@ -1,8 +1,11 @@
 //! One client session from accept to close: negotiate, authenticate, pick
 //! and dial a backend, forward, and say goodbye properly on every path.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
@@ -29,6 +32,7 @@ use crate::forwarder::{
     TransferRequest,
 };
 use crate::metrics::MigrationResult;
+use crate::parameters::ParameterList;
 use crate::registry::{Registration, SessionInfo};
 use crate::stream::{tune_socket, Stream};
 use crate::transfer::{self, Remembered, ServerSide, SessionIdentity, TransferError};
@@ -141,24 +145,21 @@ pub async fn serve(
             return;
         }
     };
-    // The session goes on in a task of its own, sized for forwarding only:
-    // this task's state (its setup steps, and its slots for what they
-    // handed over) is freed now rather than carried for the session's life.
-    let (id, accepted_at) = (trail.id, trail.accepted_at);
-    tokio::spawn(run_session(
-        ctx,
-        client,
-        server,
-        SessionBasics {
-            startup,
-            credentials,
-            attrs,
-            id,
-            accepted_at,
-            peer,
-        },
-        (gauge, slot),
-    ));
+    // The session goes on in a task of its own, whose future holds only
+    // what forwarding needs (`SessionTask`): this task, with its setup
+    // steps and its slots for what they handed over, ends now.
+    let basics = SessionBasics {
+        startup,
+        credentials,
+        attrs,
+        id: trail.id,
+        accepted_at: trail.accepted_at,
+        peer,
+    };
+    let established = Box::pin(establish(&ctx, client, server, basics, (gauge, slot))).await;
+    if let Some((session, parts)) = established {
+        start(session, parts);
+    }
 }
 
 /// Who a session is, handed from its setup to its own task.
@@ -431,14 +432,15 @@ async fn connect_backend(
     Err(err.kind())
 }
 
-async fn run_session(
-    ctx: Arc<ProxyContext>,
+/// Registers the session (cancel map, registry) and tells the client it
+/// may start: the last setup step, boxed by its caller like the others.
+async fn establish(
+    ctx: &Arc<ProxyContext>,
     mut client: Stream,
     (server, relay): (ServerConnection, BytesMut),
     basics: SessionBasics,
-    (gauge, slot): (ClientGauge, OwnedSemaphorePermit),
-) {
-    let ctx = &ctx;
+    held: (ClientGauge, OwnedSemaphorePermit),
+) -> Option<(Session, ForwarderParts)> {
     if let Some(a) = &ctx.audit {
         a.backend(basics.id, &server.backend().name);
     }
@@ -450,7 +452,10 @@ async fn run_session(
         },
         SecretLen::for_minor_version(basics.startup.minor_version),
     );
-    let cancel_guard = CancelGuard(ctx, cancel_key);
+    let keys = SessionKeys {
+        ctx: ctx.clone(),
+        cancel_key,
+    };
 
     // Listed before the client hears ReadyForQuery: a client that asks the
     // admin API about itself right after connecting must find itself.
@@ -471,15 +476,12 @@ async fn run_session(
         control_tx,
     );
     let mut hello = relay;
-    if encode_backend_key_data(&mut hello, &cancel_guard.1).is_err()
+    if encode_backend_key_data(&mut hello, &keys.cancel_key).is_err()
         || encode_ready_for_query(&mut hello, server.ready_status).is_err()
     {
-        return;
+        return None;
     }
-    // Boxed like the other one-off steps: the task is sized for forwarding.
-    if Box::pin(send_all(&mut client, hello)).await.is_err() {
-        return;
-    }
+    send_all(&mut client, hello).await.ok()?;
 
     debug!(id = %basics.id, peer = %basics.peer, user = basics.startup.user(), backend = %server.backend().name, "session started");
 
@@ -507,18 +509,8 @@ async fn run_session(
         bytes_from_client: 0,
         bytes_to_client: 0,
     };
-    live(
-        ctx,
-        Established {
-            basics,
-            server,
-            cancel_guard,
-            registration,
-            _held: (gauge, slot),
-        },
-        parts,
-    )
-    .await;
+    let session = Session::new(keys, basics, server, registration, held)?;
+    Some((session, parts))
 }
 
 /// A session with its own backend and its place in the registry and the
@@ -532,199 +524,437 @@ pub(crate) struct Established<'c> {
     pub _held: (ClientGauge, OwnedSemaphorePermit),
 }
 
-/// Forwards until the session ends (then says goodbye properly) or is
-/// handed over to a new pgferry process (then says nothing: its sockets
-/// live on there).
+/// Starts forwarding an established session in a task of its own and
+/// returns at once; the session ends (with a goodbye) or is handed over to
+/// a new pgferry process there.
 pub(crate) async fn live(ctx: &Arc<ProxyContext>, est: Established<'_>, parts: ForwarderParts) {
-    // Every line about this session says whose it is (and, after a move,
-    // where it is now: `migrate` records the new backend).
-    let span = tracing::info_span!(
-        "session",
-        id = %est.basics.id,
-        user = est.basics.startup.user(),
-        database = est.basics.startup.database(),
-        backend = %est.server.backend().name,
-    );
-    live_in_span(ctx, est, parts).instrument(span).await
-}
-
-async fn live_in_span(ctx: &Arc<ProxyContext>, est: Established<'_>, parts: ForwarderParts) {
     let Established {
         basics,
-        mut server,
+        server,
         cancel_guard,
         registration,
         _held,
     } = est;
-    let SessionBasics {
+    let keys = SessionKeys {
+        ctx: ctx.clone(),
+        cancel_key: cancel_guard.into_key(),
+    };
+    if let Some(session) = Session::new(keys, basics, server, registration, _held) {
+        start(session, parts);
+    }
+}
+
+/// Spawns the session's task.
+fn start(session: Session, parts: ForwarderParts) {
+    let max_len = session.keys.ctx.config.proxy.max_message_length;
+    let metrics = session.keys.ctx.metrics.clone();
+    if let Ok(fwd) = Forwarder::from_parts(parts, max_len, metrics) {
+        tokio::spawn(SessionTask(TaskState::Forwarding(Box::new(Live {
+            session,
+            fwd,
+        }))));
+    }
+}
+
+/// The session's cancel key, removed from the map when the session ends;
+/// its `ctx` is the session's handle on the proxy.
+struct SessionKeys {
+    ctx: Arc<ProxyContext>,
+    cancel_key: CancelKey,
+}
+
+impl Drop for SessionKeys {
+    fn drop(&mut self) {
+        self.ctx.cancel_map.remove(&self.cancel_key);
+    }
+}
+
+/// Everything pgferry holds for one live session besides its forwarder,
+/// owned by the session's task (`Live`). Kept lean: an idle session is this,
+/// its forwarder, its registry entry (which is its control channel) and
+/// tokio's two socket registrations. No tracing span is held while it
+/// forwards (the subscriber's registry kept ~0.5 KiB per live span); the
+/// `session` span is made afresh for each event worth a line.
+pub(crate) struct Session {
+    keys: SessionKeys,
+    server: ServerSide,
+    /// Startup parameters packed into one allocation (a `StartupMessage`
+    /// is two allocations per parameter); rebuilt when a move needs one.
+    startup: ParameterList,
+    minor_version: u16,
+    protocol_options: Box<[String]>,
+    credentials: BackendCredentials,
+    attrs: TargetSessionAttrs,
+    id: Uuid,
+    accepted_at: SystemTime,
+    peer: SocketAddr,
+    /// Its warm-spare key and the holder of its demand (when spares are on).
+    spares: Option<Box<SpareHold>>,
+    _registration: Registration,
+    _held: (ClientGauge, OwnedSemaphorePermit),
+}
+
+/// A session's demand for warm spares, held by a small task of its own
+/// (the pool's handle borrows the context) until the session drops it.
+struct SpareHold {
+    params: transfer::spares::Params,
+    _release: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Session {
+    fn new(
+        keys: SessionKeys,
+        basics: SessionBasics,
+        server: ServerSide,
+        registration: Registration,
+        held: (ClientGauge, OwnedSemaphorePermit),
+    ) -> Option<Self> {
+        let SessionBasics {
+            startup,
+            credentials,
+            attrs,
+            id,
+            accepted_at,
+            peer,
+        } = basics;
+        let spares = keys.ctx.spares.enabled().then(|| {
+            let params: transfer::spares::Params =
+                Arc::new((startup.minor_version, startup.params.clone()));
+            let (release, released) = tokio::sync::oneshot::channel::<()>();
+            let (ctx, startup, credentials) =
+                (keys.ctx.clone(), startup.clone(), credentials.clone());
+            tokio::spawn(async move {
+                // Spares for this session's parameters, on every backend,
+                // until it ends.
+                let demand = ctx.spares.register(&startup, &credentials);
+                drop((startup, credentials));
+                transfer::spares::refill(&ctx, demand.params());
+                let _ = released.await;
+            });
+            Box::new(SpareHold {
+                params,
+                _release: release,
+            })
+        });
+        Some(Session {
+            keys,
+            server,
+            startup: ParameterList::from_pairs(
+                startup.params.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            ),
+            minor_version: startup.minor_version,
+            protocol_options: startup.protocol_options.into_boxed_slice(),
+            credentials,
+            attrs,
+            id,
+            accepted_at,
+            peer,
+            spares,
+            _registration: registration,
+            _held: held,
+        })
+    }
+
+    /// The client's StartupMessage again (for a move's dial, a hand-off).
+    fn startup_message(&self) -> StartupMessage {
+        StartupMessage {
+            minor_version: self.minor_version,
+            params: self
+                .startup
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
+            protocol_options: self.protocol_options.to_vec(),
+        }
+    }
+
+    /// The `session` span for lines about this session now.
+    fn span(&self, startup: &StartupMessage) -> tracing::Span {
+        tracing::info_span!(
+            "session",
+            id = %self.id,
+            user = startup.user(),
+            database = startup.database(),
+            backend = %self.server.backend().name,
+        )
+    }
+}
+
+/// A forwarding session: what its task owns.
+struct Live {
+    session: Session,
+    fwd: Forwarder<'static>,
+}
+
+/// The session's task. While it forwards, the task's future is one box
+/// pointer and the forwarder is polled in place: nothing else is kept per
+/// idle session. Anything else (a move, a failover, a state sweep, the
+/// end) runs as a boxed future that owns the session and gives it back.
+struct SessionTask(TaskState);
+
+enum TaskState {
+    Forwarding(Box<Live>),
+    Busy(Pin<Box<dyn Future<Output = Option<Box<Live>>> + Send>>),
+    Done,
+}
+
+impl Future for SessionTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let state = &mut self.get_mut().0;
+        loop {
+            match state {
+                TaskState::Forwarding(live) => {
+                    let interrupt = match live.fwd.poll_session(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(i) => i,
+                    };
+                    let TaskState::Forwarding(live) = std::mem::replace(state, TaskState::Done)
+                    else {
+                        return Poll::Ready(());
+                    };
+                    *state = TaskState::Busy(Box::pin(interrupted(live, interrupt)));
+                }
+                TaskState::Busy(busy) => match busy.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(live)) => *state = TaskState::Forwarding(live),
+                    Poll::Ready(None) => {
+                        *state = TaskState::Done;
+                        return Poll::Ready(());
+                    }
+                },
+                TaskState::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// Handles what stopped the forwarder, in the session's span. `Some`:
+/// forwarding goes on.
+async fn interrupted(mut live: Box<Live>, interrupt: Interrupt) -> Option<Box<Live>> {
+    let startup = live.session.startup_message();
+    let span = live.session.span(&startup);
+    async move {
+        let stop = {
+            let Live { session, fwd } = &mut *live;
+            let s = &mut *session;
+            let identity = SessionIdentity {
+                id: s.id,
+                startup: &startup,
+                credentials: &s.credentials,
+                cancel_key: &s.keys.cancel_key,
+                spare_params: s.spares.as_ref().map(|h| &h.params),
+                attrs: s.attrs,
+            };
+            let trail = AuditTrail {
+                audit: s.keys.ctx.audit.as_ref(),
+                id: s.id,
+                accepted_at: s.accepted_at,
+                peer: s.peer,
+            };
+            on_interrupt(
+                &s.keys.ctx,
+                fwd,
+                &mut s.server,
+                &identity,
+                &trail,
+                interrupt,
+            )
+            .await
+        };
+        match stop {
+            None => Some(live),
+            Some(Stop::Ended(end)) => {
+                let Live { session: s, fwd } = &mut *live;
+                let reason = finish(fwd, end, &s.server.backend().name, s.id).await;
+                let trail = AuditTrail {
+                    audit: s.keys.ctx.audit.as_ref(),
+                    id: s.id,
+                    accepted_at: s.accepted_at,
+                    peer: s.peer,
+                };
+                trail.ended(reason, fwd.bytes_from_client, fwd.bytes_to_client);
+                None
+            }
+            Some(Stop::HandOff(request)) => hand_off(live, startup, request).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// At a safe point, asked to go to a new pgferry process: offers it there.
+async fn hand_off(
+    live: Box<Live>,
+    startup: StartupMessage,
+    request: TransferRequest,
+) -> Option<Box<Live>> {
+    let Live { session: s, fwd } = *live;
+    let Session {
+        keys,
+        server,
+        startup: packed,
+        minor_version,
+        protocol_options,
+        credentials,
+        attrs,
+        id,
+        accepted_at,
+        peer,
+        spares,
+        _registration,
+        _held,
+    } = s;
+    let basics = SessionBasics {
         startup,
         credentials,
         attrs,
         id,
         accepted_at,
         peer,
-    } = &basics;
-    let id = *id;
-    let trail = &AuditTrail {
-        audit: ctx.audit.as_ref(),
-        id,
-        accepted_at: *accepted_at,
-        peer: *peer,
     };
-    // Spares for this session's parameters, on every backend, from now on.
-    let spare_demand = ctx
-        .spares
-        .enabled()
-        .then(|| ctx.spares.register(startup, credentials));
-    if let Some(demand) = &spare_demand {
-        transfer::spares::refill(ctx, demand.params());
-    }
+    let ctx = &keys.ctx;
     let identity = SessionIdentity {
         id,
-        startup,
-        credentials,
-        cancel_key: &cancel_guard.1,
-        spare_params: spare_demand.as_ref().map(|d| d.params()),
-        attrs: *attrs,
+        startup: &basics.startup,
+        credentials: &basics.credentials,
+        cancel_key: &keys.cancel_key,
+        spare_params: spares.as_ref().map(|h| &h.params),
+        attrs,
     };
-    let max_len = ctx.config.proxy.max_message_length;
-    let mut fwd = match Forwarder::from_parts(parts, max_len, &ctx.metrics) {
-        Ok(f) => f,
-        Err(_) => return,
-    };
-    let end = loop {
-        match forward(ctx, &mut fwd, &mut server, &identity, trail).await {
-            Stop::Ended(end) => break end,
-            Stop::HandOff(request) => {
-                let given = Box::pin(crate::handoff::give::offer(
-                    ctx,
-                    &basics,
-                    &server,
-                    &identity,
-                    fwd.into_parts(),
-                    request,
-                ))
-                .await;
-                match given {
-                    crate::handoff::give::Offered::Given => {
-                        // Its sockets, cancel key, audit row and slot in the
-                        // registry are the new process's now: no goodbye.
-                        drop(registration);
-                        return;
-                    }
-                    crate::handoff::give::Offered::Kept(parts) => {
-                        fwd = match Forwarder::from_parts(*parts, max_len, &ctx.metrics) {
-                            Ok(f) => f,
-                            Err(_) => return,
-                        };
-                        fwd.resume_after_transfer();
-                    }
-                    crate::handoff::give::Offered::Lost(why) => {
-                        // Frozen and then not resumable here (cannot happen
-                        // short of a broken runtime): the client hears why.
-                        warn!(%id, %why, "session lost in a failed hand-off");
-                        if let Some(a) = &ctx.audit {
-                            a.disconnect(id, SystemTime::now(), "handoff_failed", 0, 0);
-                        }
-                        return;
-                    }
-                }
-            }
+    let given =
+        crate::handoff::give::offer(ctx, &basics, &server, &identity, fwd.into_parts(), request)
+            .await;
+    match given {
+        // Its sockets, cancel key, audit row and slot in the registry are
+        // the new process's now: no goodbye.
+        crate::handoff::give::Offered::Given => None,
+        crate::handoff::give::Offered::Kept(parts) => {
+            let max_len = ctx.config.proxy.max_message_length;
+            let mut fwd = Forwarder::from_parts(*parts, max_len, ctx.metrics.clone()).ok()?;
+            fwd.resume_after_transfer();
+            let SessionBasics { credentials, .. } = basics;
+            Some(Box::new(Live {
+                session: Session {
+                    keys,
+                    server,
+                    startup: packed,
+                    minor_version,
+                    protocol_options,
+                    credentials,
+                    attrs,
+                    id,
+                    accepted_at,
+                    peer,
+                    spares,
+                    _registration,
+                    _held,
+                },
+                fwd,
+            }))
         }
-    };
-    let reason = Box::pin(finish(&mut fwd, end, &server.backend().name, id)).await;
-    trail.ended(reason, fwd.bytes_from_client, fwd.bytes_to_client);
-    drop(registration);
+        crate::handoff::give::Offered::Lost(why) => {
+            // Frozen and then not resumable here (cannot happen short of a
+            // broken runtime): the client hears why.
+            warn!(%id, %why, "session lost in a failed hand-off");
+            if let Some(a) = &ctx.audit {
+                a.disconnect(id, SystemTime::now(), "handoff_failed", 0, 0);
+            }
+            None
+        }
+    }
 }
 
-/// Why `forward` returned.
+/// Why forwarding stopped for good.
 enum Stop {
     Ended(ForwardEnd),
     /// At a safe point, asked to go to a new pgferry process.
     HandOff(TransferRequest),
 }
 
-/// The forwarding loop: migrations, failover and state sweeps happen here,
-/// inside the session's own task.
-async fn forward(
+/// Migrations, failover and state sweeps happen here, inside the
+/// session's own task. `None`: forwarding goes on.
+async fn on_interrupt(
     ctx: &Arc<ProxyContext>,
     fwd: &mut Forwarder<'_>,
     server: &mut ServerSide,
     identity: &SessionIdentity<'_>,
     trail: &AuditTrail<'_>,
-) -> Stop {
+    interrupt: Interrupt,
+) -> Option<Stop> {
     let id = identity.id;
-    loop {
-        match fwd.run().await {
-            Interrupt::Ended(end @ (ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_))) => {
-                let from = server.backend().name.clone();
-                let lost_at = SystemTime::now();
-                let started = Instant::now();
-                let after = Box::pin(failover::after_server_loss(ctx, fwd, server, identity)).await;
-                match after {
-                    None => return Stop::Ended(end),
-                    Some(failover::AfterLoss::Close(err)) => {
-                        return Stop::Ended(ForwardEnd::Terminated(err))
-                    }
-                    Some(failover::AfterLoss::Rehomed(to)) => {
-                        ctx.registry.record_migration(id, &to);
-                        trail.migrated(pgferry_audit::MigrationRecord {
-                            id: Uuid::new_v4(),
-                            connection_id: id,
-                            from_backend: from,
-                            to_backend: Some(to),
-                            started_at: lost_at,
-                            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-                            outcome: "rehomed".to_owned(),
-                            reason: Some("its primary went away".to_owned()),
-                        });
-                    }
+    match interrupt {
+        Interrupt::Ended(end @ (ForwardEnd::ServerClosed | ForwardEnd::ServerIo(_))) => {
+            let from = server.backend().name.clone();
+            let lost_at = SystemTime::now();
+            let started = Instant::now();
+            let after = Box::pin(failover::after_server_loss(ctx, fwd, server, identity)).await;
+            match after {
+                None => Some(Stop::Ended(end)),
+                Some(failover::AfterLoss::Close(err)) => {
+                    Some(Stop::Ended(ForwardEnd::Terminated(err)))
+                }
+                Some(failover::AfterLoss::Rehomed(to)) => {
+                    ctx.registry.record_migration(id, &to);
+                    trail.migrated(pgferry_audit::MigrationRecord {
+                        id: Uuid::new_v4(),
+                        connection_id: id,
+                        from_backend: from,
+                        to_backend: Some(to),
+                        started_at: lost_at,
+                        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                        outcome: "rehomed".to_owned(),
+                        reason: Some("its primary went away".to_owned()),
+                    });
+                    None
                 }
             }
-            Interrupt::Ended(end) => return Stop::Ended(end),
-            Interrupt::Remember => {
-                // Cancels wait, as during a move: they must not hit the capture.
-                let moving = ctx.cancel_map.moving(identity.cancel_key);
-                let r = Box::pin(transfer::remember(ctx, fwd, server, identity, false)).await;
-                moving.end(fwd.client_sent_during_hold());
-                match r {
-                    Ok(transfer::Remembered::Captured) => ctx.metrics.state_remembered.inc(),
-                    Ok(_) => {}
-                    Err(TransferError::BackendEnded { .. }) => {
-                        return Stop::Ended(ForwardEnd::ServerClosed)
-                    }
-                    Err(TransferError::Fatal(reason) | TransferError::Recoverable(reason)) => {
-                        return Stop::Ended(ForwardEnd::Terminated(SessionError::MigrationFailed(
-                            reason,
-                        )))
-                    }
+        }
+        Interrupt::Ended(end) => Some(Stop::Ended(end)),
+        Interrupt::Remember => {
+            // Cancels wait, as during a move: they must not hit the capture.
+            let moving = ctx.cancel_map.moving(identity.cancel_key);
+            let r = transfer::remember(ctx, fwd, server, identity, false).await;
+            moving.end(fwd.client_sent_during_hold());
+            match r {
+                Ok(transfer::Remembered::Captured) => ctx.metrics.state_remembered.inc(),
+                Ok(_) => {}
+                Err(TransferError::BackendEnded { .. }) => {
+                    return Some(Stop::Ended(ForwardEnd::ServerClosed))
                 }
-                fwd.resume_after_transfer();
-            }
-            Interrupt::SafePoint(request) if request.hand_off => return Stop::HandOff(request),
-            Interrupt::SafePoint(TransferRequest {
-                pause: Some(mut pause),
-                reply,
-                ..
-            }) => {
-                // An admin's PAUSE: the client's next request waits here.
-                let _ = pause.held.send(());
-                tokio::select! {
-                    _ = pause.release.wait_for(|go| *go) => {}
-                    _ = tokio::time::sleep_until(pause.until.into()) => {}
+                Err(TransferError::Fatal(reason) | TransferError::Recoverable(reason)) => {
+                    return Some(Stop::Ended(ForwardEnd::Terminated(
+                        SessionError::MigrationFailed(reason),
+                    )))
                 }
-                let _ = reply.send(TransferOutcome::RecoverableError("paused".into()));
-                fwd.resume_after_transfer();
             }
-            Interrupt::SafePoint(request) => {
-                // Boxed: its state is big, and an idle session's task should
-                // not carry room for it.
-                let fatal = Box::pin(migrate(ctx, fwd, server, identity, request, trail)).await;
-                if let Some(end) = fatal {
-                    return Stop::Ended(end);
-                }
-                fwd.settle_queued_commands();
+            fwd.resume_after_transfer();
+            None
+        }
+        Interrupt::SafePoint(request) if request.hand_off => Some(Stop::HandOff(request)),
+        Interrupt::SafePoint(TransferRequest {
+            pause: Some(mut pause),
+            reply,
+            ..
+        }) => {
+            // An admin's PAUSE: the client's next request waits here.
+            let _ = pause.held.send(());
+            tokio::select! {
+                _ = pause.release.wait_for(|go| *go) => {}
+                _ = tokio::time::sleep_until(pause.until.into()) => {}
             }
+            let _ = reply.send(TransferOutcome::RecoverableError("paused".into()));
+            fwd.resume_after_transfer();
+            None
+        }
+        Interrupt::SafePoint(request) => {
+            let fatal = migrate(ctx, fwd, server, identity, request, trail).await;
+            if let Some(end) = fatal {
+                return Some(Stop::Ended(end));
+            }
+            fwd.settle_queued_commands();
+            None
         }
     }
 }
@@ -968,6 +1198,23 @@ async fn finish(fwd: &mut Forwarder<'_>, end: ForwardEnd, backend: &str, id: Uui
 
 /// Removes the session's cancel key from the map when the session ends.
 pub(crate) struct CancelGuard<'a>(pub &'a ProxyContext, pub CancelKey);
+
+impl CancelGuard<'_> {
+    /// The key, no longer removed by this guard (a `SessionKeys` takes
+    /// that over).
+    fn into_key(self) -> CancelKey {
+        let mut guard = std::mem::ManuallyDrop::new(self);
+        // What is left behind owns nothing and is never dropped.
+        std::mem::replace(
+            &mut guard.1,
+            CancelKey {
+                pid: 0,
+                secret: pgferry_wire::CancelSecret::from_i32(0),
+            },
+        )
+    }
+}
+
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         self.0.cancel_map.remove(&self.1);

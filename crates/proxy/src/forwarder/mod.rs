@@ -13,12 +13,15 @@ pub mod pump;
 pub mod setting_names;
 pub mod tracker;
 
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
+use std::marker::PhantomData;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 use crate::errors::SessionError;
 use crate::metrics::{Metrics, MigrationResult};
@@ -27,32 +30,201 @@ use careful::{Careful, Deferred};
 use pump::{Pump, PumpError};
 use tracker::{CopyState, SessionTracker, Stamp, TxStatus};
 
-/// The sending end of a session's control channel. Commands travel boxed:
-/// tokio's channel allocates a block of slots up front, and a session spends
-/// its life with an empty queue, so the slots are kept pointer-sized.
-#[derive(Clone, Debug)]
-pub struct ControlSender(mpsc::Sender<Box<ControlCommand>>);
+/// The sending end of a session's control channel.
+///
+/// The channel is a short queue behind a lock in one small allocation,
+/// which also holds the session's registry record (`registry.rs`): one
+/// allocation per session for both. tokio's bounded mpsc cost ~800 bytes
+/// per idle session (a 512-byte cache-padded channel and a 32-slot block)
+/// for a queue that is empty nearly all its life.
+pub struct ControlSender(Arc<ControlShared>);
 
 /// The forwarder's end of the control channel.
-#[derive(Debug)]
-pub struct ControlReceiver(mpsc::Receiver<Box<ControlCommand>>);
+pub struct ControlReceiver(Arc<ControlShared>);
+
+/// Commands that may queue before `send` waits.
+const CONTROL_CAPACITY: usize = 8;
+
+pub(crate) struct ControlShared {
+    queue: Mutex<ControlQueue>,
+    /// Senders waiting for room.
+    room: Notify,
+    /// The registry's record of this session (`None` until registered).
+    pub(crate) info: Mutex<Option<crate::registry::Record>>,
+}
+
+struct ControlQueue {
+    /// Freed whenever it empties: a queue that once held a command must not
+    /// keep its slots for the session's life.
+    commands: VecDeque<Box<ControlCommand>>,
+    receiver: Option<Waker>,
+    senders: usize,
+    receiver_gone: bool,
+}
+
+impl ControlShared {
+    fn queue(&self) -> MutexGuard<'_, ControlQueue> {
+        // Every update is a single push, pop or flag: a panic elsewhere
+        // cannot leave the queue half-changed.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn info(&self) -> MutexGuard<'_, Option<crate::registry::Record>> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// A session's control channel (a few commands may queue).
 pub fn control_channel() -> (ControlSender, ControlReceiver) {
-    let (tx, rx) = mpsc::channel(8);
-    (ControlSender(tx), ControlReceiver(rx))
+    let shared = Arc::new(ControlShared {
+        queue: Mutex::new(ControlQueue {
+            commands: VecDeque::new(),
+            receiver: None,
+            senders: 1,
+            receiver_gone: false,
+        }),
+        room: Notify::new(),
+        info: Mutex::new(None),
+    });
+    (ControlSender(shared.clone()), ControlReceiver(shared))
+}
+
+enum PushError {
+    Full(ControlCommand),
+    Gone,
 }
 
 impl ControlSender {
     /// Waits for room in the queue; fails if the session is gone.
     pub async fn send(&self, cmd: ControlCommand) -> Result<(), SessionGone> {
-        self.0.send(Box::new(cmd)).await.map_err(|_| SessionGone)
+        let mut cmd = cmd;
+        loop {
+            // Registered before trying, so a pop in between is not missed.
+            let room = self.0.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.push(cmd) {
+                Ok(()) => return Ok(()),
+                Err(PushError::Gone) => return Err(SessionGone),
+                Err(PushError::Full(back)) => cmd = back,
+            }
+            room.await;
+        }
     }
 
     /// Queues without waiting; fails if the session is gone or its queue
     /// is full.
     pub fn try_send(&self, cmd: ControlCommand) -> Result<(), SessionGone> {
-        self.0.try_send(Box::new(cmd)).map_err(|_| SessionGone)
+        self.push(cmd).map_err(|_| SessionGone)
+    }
+
+    fn push(&self, cmd: ControlCommand) -> Result<(), PushError> {
+        let waker = {
+            let mut q = self.0.queue();
+            if q.receiver_gone {
+                return Err(PushError::Gone);
+            }
+            if q.commands.len() >= CONTROL_CAPACITY {
+                return Err(PushError::Full(cmd));
+            }
+            q.commands.push_back(Box::new(cmd));
+            q.receiver.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// The shared allocation (the registry keeps its record there).
+    pub(crate) fn shared(&self) -> &ControlShared {
+        &self.0
+    }
+}
+
+impl Clone for ControlSender {
+    fn clone(&self) -> Self {
+        self.0.queue().senders += 1;
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for ControlSender {
+    fn drop(&mut self) {
+        let waker = {
+            let mut q = self.0.queue();
+            q.senders -= 1;
+            if q.senders == 0 {
+                q.receiver.take()
+            } else {
+                None
+            }
+        };
+        // The last sender gone: the receiver sees the channel closed.
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl std::fmt::Debug for ControlSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlSender")
+    }
+}
+
+impl ControlReceiver {
+    /// The next command; `Ready(None)` once every sender is gone.
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Box<ControlCommand>>> {
+        let mut q = self.0.queue();
+        if let Some(cmd) = q.commands.pop_front() {
+            if q.commands.is_empty() {
+                q.commands = VecDeque::new();
+            }
+            drop(q);
+            self.0.room.notify_one();
+            return Poll::Ready(Some(cmd));
+        }
+        if q.senders == 0 {
+            return Poll::Ready(None);
+        }
+        if !q.receiver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            q.receiver = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// The next command if one is queued.
+    fn try_recv(&mut self) -> Option<Box<ControlCommand>> {
+        let mut q = self.0.queue();
+        let cmd = q.commands.pop_front()?;
+        if q.commands.is_empty() {
+            q.commands = VecDeque::new();
+        }
+        drop(q);
+        self.0.room.notify_one();
+        Some(cmd)
+    }
+}
+
+impl Drop for ControlReceiver {
+    fn drop(&mut self) {
+        // Queued commands are dropped: their requesters see their reply
+        // channels close, as with any session that ended.
+        let dropped = {
+            let mut q = self.0.queue();
+            q.receiver_gone = true;
+            q.receiver = None;
+            std::mem::take(&mut q.commands)
+        };
+        drop(dropped);
+        self.0.room.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for ControlReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlReceiver")
     }
 }
 
@@ -183,12 +355,15 @@ pub enum Interrupt {
 }
 
 /// A transfer waiting for its safe point (an explicit state, not flags).
+/// Boxed: a 136-byte slot every idle session would otherwise carry.
 enum TransferWait {
     None,
-    Waiting {
-        request: TransferRequest,
-        deadline: Pin<Box<tokio::time::Sleep>>,
-    },
+    Waiting(Box<Waiting>),
+}
+
+struct Waiting {
+    request: TransferRequest,
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 #[derive(Debug, Clone)]
@@ -247,7 +422,8 @@ pub struct Forwarder<'m> {
     pub tracker: SessionTracker,
     control: ControlReceiver,
     control_open: bool,
-    pending_terminate: Option<SessionError>,
+    /// Boxed, like `transfer`: rare, and every idle session carries the slot.
+    pending_terminate: Option<Box<SessionError>>,
     transfer: TransferWait,
     /// The client's last message as the previous `Remember` sweep saw it.
     remember_seen: Option<Option<Stamp>>,
@@ -256,10 +432,14 @@ pub struct Forwarder<'m> {
     /// client holds (boxed: almost no session ever has it).
     careful: Option<Box<Careful>>,
     max_message_len: u32,
-    metrics: &'m Metrics,
+    /// Owned, so that a session's one struct can hold its forwarder.
+    metrics: Arc<Metrics>,
     /// Bytes forwarded in this session, per direction.
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
+    /// Vestigial (the forwarder once borrowed its metrics); kept so the
+    /// `Forwarder<'_>` in other modules' signatures need not change.
+    _metrics_borrow: PhantomData<&'m Metrics>,
 }
 
 impl<'m> Forwarder<'m> {
@@ -269,7 +449,7 @@ impl<'m> Forwarder<'m> {
         tracker: SessionTracker,
         control: ControlReceiver,
         max_message_len: u32,
-        metrics: &'m Metrics,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             client,
@@ -288,6 +468,7 @@ impl<'m> Forwarder<'m> {
             metrics,
             bytes_from_client: 0,
             bytes_to_client: 0,
+            _metrics_borrow: PhantomData,
         }
     }
 
@@ -317,7 +498,7 @@ impl<'m> Forwarder<'m> {
     pub fn from_parts(
         parts: ForwarderParts,
         max_message_len: u32,
-        metrics: &'m Metrics,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, Box<ForwarderParts>> {
         let mut fwd = Self::new(
             parts.client,
@@ -386,7 +567,7 @@ impl<'m> Forwarder<'m> {
     /// again (ten concurrent requests made four moves in a row), so it is
     /// refused like one that finds a transfer waiting.
     pub fn settle_queued_commands(&mut self) {
-        while let Ok(cmd) = self.control.0.try_recv() {
+        while let Some(cmd) = self.control.try_recv() {
             match *cmd {
                 ControlCommand::Transfer { reply, .. } => self.refuse(reply, TRANSFER_IN_PROGRESS),
                 ControlCommand::HandOff { reply, .. } | ControlCommand::Pause { reply, .. } => {
@@ -503,16 +684,16 @@ impl<'m> Forwarder<'m> {
             at_message_boundary: self.request.at_boundary() && self.response.at_boundary(),
             request_buffer_held: self.request.holds_buffer(),
             response_buffer_held: self.response.holds_buffer(),
-            transfer_pending: matches!(self.transfer, TransferWait::Waiting { .. }),
+            transfer_pending: matches!(self.transfer, TransferWait::Waiting(_)),
         }
     }
 
     fn wait_for_safe_point(&mut self, request: TransferRequest, timeout: Duration) {
         self.tracker.set_hold_at_sync(true);
-        self.transfer = TransferWait::Waiting {
+        self.transfer = TransferWait::Waiting(Box::new(Waiting {
             request,
             deadline: Box::pin(tokio::time::sleep(timeout)),
-        };
+        }));
     }
 
     /// `refuse` for a request that was waiting; a hand-off's refusal is not
@@ -530,7 +711,7 @@ impl<'m> Forwarder<'m> {
     /// A hand-off or a pause: refused while a move waits or the client is
     /// leaving, else waiting for the safe point.
     fn ask_for_safe_point(&mut self, request: TransferRequest, timeout: Duration) {
-        if matches!(self.transfer, TransferWait::Waiting { .. }) {
+        if matches!(self.transfer, TransferWait::Waiting(_)) {
             self.refuse_request(request, TRANSFER_IN_PROGRESS);
         } else if self.tracker.client_terminated() {
             self.refuse_request(request, SESSION_CLOSING);
@@ -550,7 +731,7 @@ impl<'m> Forwarder<'m> {
                 reply,
                 hold,
             } => {
-                if matches!(self.transfer, TransferWait::Waiting { .. }) {
+                if matches!(self.transfer, TransferWait::Waiting(_)) {
                     self.refuse(reply, TRANSFER_IN_PROGRESS);
                     return;
                 }
@@ -596,7 +777,7 @@ impl<'m> Forwarder<'m> {
                 };
                 self.ask_for_safe_point(request, timeout);
             }
-            ControlCommand::Terminate(err) => self.pending_terminate = Some(err),
+            ControlCommand::Terminate(err) => self.pending_terminate = Some(Box::new(err)),
             ControlCommand::Remember => {
                 let now = self.tracker.last_request();
                 self.remember_due = self.remember_seen == Some(now);
@@ -605,9 +786,10 @@ impl<'m> Forwarder<'m> {
         }
     }
 
-    fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<Interrupt> {
+    /// One poll of the session (the session task's own `Future` calls it).
+    pub fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<Interrupt> {
         while self.control_open {
-            match self.control.0.poll_recv(cx) {
+            match self.control.poll_recv(cx) {
                 Poll::Ready(Some(cmd)) => self.handle(*cmd),
                 Poll::Ready(None) => self.control_open = false,
                 Poll::Pending => break,
@@ -621,16 +803,16 @@ impl<'m> Forwarder<'m> {
             self.metrics.bytes_client_to_server.inc_by(up);
             self.metrics.bytes_server_to_client.inc_by(down);
             if let Poll::Ready(end) = end {
-                if let TransferWait::Waiting { request, .. } =
+                if let TransferWait::Waiting(w) =
                     std::mem::replace(&mut self.transfer, TransferWait::None)
                 {
-                    self.refuse_request(request, "session ended before a safe point");
+                    self.refuse_request(w.request, "session ended before a safe point");
                 }
                 return Poll::Ready(Interrupt::Ended(end));
             }
             if self.response_at_boundary() {
                 if let Some(err) = self.pending_terminate.take() {
-                    return Poll::Ready(Interrupt::Ended(ForwardEnd::Terminated(err)));
+                    return Poll::Ready(Interrupt::Ended(ForwardEnd::Terminated(*err)));
                 }
             }
             if std::mem::take(&mut self.remember_due)
@@ -649,36 +831,36 @@ impl<'m> Forwarder<'m> {
     }
 
     fn poll_transfer_wait(&mut self, cx: &mut Context<'_>) -> WaitStep {
-        if !matches!(self.transfer, TransferWait::Waiting { .. }) {
+        if !matches!(self.transfer, TransferWait::Waiting(_)) {
             return WaitStep::Waiting;
         }
         // A client that sent Terminate is leaving: never move it (its
         // backend is closing the session, a capture would only fail).
         if self.tracker.client_terminated() {
-            if let TransferWait::Waiting { request, .. } =
+            if let TransferWait::Waiting(w) =
                 std::mem::replace(&mut self.transfer, TransferWait::None)
             {
-                self.refuse_request(request, SESSION_CLOSING);
+                self.refuse_request(w.request, SESSION_CLOSING);
             }
             self.resume_after_transfer();
             return WaitStep::Resumed;
         }
         if self.at_safe_point() {
-            if let TransferWait::Waiting { request, .. } =
+            if let TransferWait::Waiting(w) =
                 std::mem::replace(&mut self.transfer, TransferWait::None)
             {
-                return WaitStep::Ready(request);
+                return WaitStep::Ready(w.request);
             }
         }
         let expired = match &mut self.transfer {
-            TransferWait::Waiting { deadline, .. } => deadline.as_mut().poll(cx).is_ready(),
+            TransferWait::Waiting(w) => w.deadline.as_mut().poll(cx).is_ready(),
             TransferWait::None => false,
         };
         if expired {
-            if let TransferWait::Waiting { request, .. } =
+            if let TransferWait::Waiting(w) =
                 std::mem::replace(&mut self.transfer, TransferWait::None)
             {
-                self.refuse_request(request, "no safe point before deadline");
+                self.refuse_request(w.request, "no safe point before deadline");
             }
             self.resume_after_transfer();
             return WaitStep::Resumed;
@@ -764,9 +946,9 @@ mod tests {
     /// A forwarder between two loopback socket pairs: (forwarder, the
     /// application's end, the database's end, the control sender).
     async fn session(
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         status: u8,
-    ) -> (Forwarder<'_>, TcpStream, TcpStream, ControlSender) {
+    ) -> (Forwarder<'static>, TcpStream, TcpStream, ControlSender) {
         let (app, proxy_client) = pair().await;
         let (proxy_server, db) = pair().await;
         let (tx, rx) = control_channel();
@@ -776,7 +958,7 @@ mod tests {
             SessionTracker::new(status, Default::default()),
             rx,
             1 << 20,
-            metrics,
+            metrics.clone(),
         );
         (fwd, app, db, tx)
     }
@@ -790,7 +972,7 @@ mod tests {
 
     #[tokio::test]
     async fn control_channel_inspect_transfer_stub_and_terminate() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let (mut fwd, mut app, mut db, tx) = session(&metrics, b'I').await;
         let driver = async {
             // A query and its answer pass through; then the session is idle.
@@ -856,7 +1038,7 @@ mod tests {
 
     #[tokio::test]
     async fn terminate_waits_for_a_message_boundary() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let (mut fwd, mut app, mut db, tx) = session(&metrics, b'I').await;
         let row = msg(b'D', &[7u8; 100]);
         let driver = async {
@@ -889,7 +1071,7 @@ mod tests {
 
     #[tokio::test]
     async fn transfer_waits_for_commit_and_held_bytes_go_to_the_new_server() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let (mut fwd, mut app, mut db, tx) = session(&metrics, b'I').await;
         let (ttx, trx) = oneshot::channel();
         let driver = async {
@@ -955,7 +1137,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_safe_point_before_deadline_is_recoverable_and_the_session_goes_on() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(Metrics::new());
         let (mut fwd, mut app, mut db, tx) = session(&metrics, b'T').await;
         let driver = async {
             let (ttx, trx) = oneshot::channel();
