@@ -189,7 +189,7 @@ pub struct KernelForwarder {
     cookies: OwnedFd,
     state: OwnedFd,
     // Kept open for as long as the maps: the sockmap holds references.
-    _parser: OwnedFd,
+    _parser: Option<OwnedFd>,
     _verdict: OwnedFd,
     capacity: u32,
     free: Mutex<Vec<u32>>,
@@ -203,6 +203,18 @@ impl std::fmt::Debug for KernelForwarder {
     }
 }
 
+/// How the programs see the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// Stream parser + verdict: one verdict per PostgreSQL message (up to
+    /// [`CHUNK`] bytes), counters and hold work. The default.
+    Messages,
+    /// Verdict only (no parser): one verdict per received skb, redirected
+    /// unread. No counters, no hold, no safe detach: an upper bound for
+    /// benchmarks, not for sessions that may have to move.
+    Segments,
+}
+
 /// How long `detach` waits for both directions to be quiet.
 const DETACH_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -212,8 +224,14 @@ impl KernelForwarder {
         Self::with_capacity(4096)
     }
 
-    /// Creates the maps, loads and attaches the programs.
+    /// Creates the maps, loads and attaches the programs
+    /// ([`Framing::Messages`]).
     pub fn with_capacity(pairs: u32) -> Result<Self> {
+        Self::with_framing(pairs, Framing::Messages)
+    }
+
+    /// As [`with_capacity`](Self::with_capacity), with the given framing.
+    pub fn with_framing(pairs: u32, framing: Framing) -> Result<Self> {
         let entries = pairs.max(1) * 2;
         let sockmap = sys::map_create(sys::BPF_MAP_TYPE_SOCKMAP, 4, 4, entries, "pgf_sockmap")
             .map_err(|e| KernelError::setup("create the sockmap", e))?;
@@ -232,22 +250,32 @@ impl KernelForwarder {
                 },
             )
         };
-        let parser = load(
-            "pgf_parser",
-            parser(cookies.as_raw_fd(), state.as_raw_fd()),
-            sys::BPF_SK_SKB_STREAM_PARSER,
-        )?;
-        let verdict = load(
-            "pgf_verdict",
-            verdict(cookies.as_raw_fd(), state.as_raw_fd(), sockmap.as_raw_fd()),
-            sys::BPF_SK_SKB_STREAM_VERDICT,
-        )?;
-        sys::prog_attach(
-            sockmap.as_raw_fd(),
-            parser.as_raw_fd(),
-            sys::BPF_SK_SKB_STREAM_PARSER,
-        )
-        .map_err(|e| KernelError::setup("attach the stream parser", e))?;
+        let verdict_insns = match framing {
+            Framing::Messages => {
+                verdict(cookies.as_raw_fd(), state.as_raw_fd(), sockmap.as_raw_fd())
+            }
+            Framing::Segments => {
+                verdict_segments(cookies.as_raw_fd(), state.as_raw_fd(), sockmap.as_raw_fd())
+            }
+        };
+        let verdict = load("pgf_verdict", verdict_insns, sys::BPF_SK_SKB_STREAM_VERDICT)?;
+        let parser = match framing {
+            Framing::Messages => {
+                let parser = load(
+                    "pgf_parser",
+                    parser(cookies.as_raw_fd(), state.as_raw_fd()),
+                    sys::BPF_SK_SKB_STREAM_PARSER,
+                )?;
+                sys::prog_attach(
+                    sockmap.as_raw_fd(),
+                    parser.as_raw_fd(),
+                    sys::BPF_SK_SKB_STREAM_PARSER,
+                )
+                .map_err(|e| KernelError::setup("attach the stream parser", e))?;
+                Some(parser)
+            }
+            Framing::Segments => None,
+        };
         sys::prog_attach(
             sockmap.as_raw_fd(),
             verdict.as_raw_fd(),

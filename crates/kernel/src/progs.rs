@@ -267,6 +267,29 @@ pub fn verdict(cookies: i32, state: i32, sockmap: i32) -> Vec<Insn> {
     p.finish()
 }
 
+/// Verdict for [`crate::Framing::Segments`] (no stream parser): redirects
+/// each received skb (a TCP segment, or several coalesced) to the peer
+/// without looking at it. Counts nothing: the upper bound of what the
+/// sockmap can buy, for the benchmark.
+pub fn verdict_segments(cookies: i32, state: i32, sockmap: i32) -> Vec<Insn> {
+    let mut p = Program::default();
+    p.push(mov(R6, R1));
+    lookup_slot(&mut p, cookies, state, "pass");
+    p.push(ldx(W, R1, R6, SKB_LEN))
+        .push(atomic_add64(R9, ST_FWD_BYTES, R1))
+        .push(mov(R1, R6))
+        .extend(ld_map_fd(R2, sockmap))
+        .push(mov(R3, R7))
+        .push(alu64_imm(XOR, R3, 1))
+        .push(mov_imm(R4, 0))
+        .push(call(HELPER_SK_REDIRECT_MAP))
+        .push(exit())
+        .label("pass")
+        .push(mov_imm(R0, SK_PASS))
+        .push(exit());
+    p.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
