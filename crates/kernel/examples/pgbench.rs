@@ -1,6 +1,9 @@
 //! What kernel forwarding buys: `pgbench -S` directly against PostgreSQL,
 //! through a thread-per-session relay that forwards in userspace, and
-//! through the same relay with the sockmap attached after login; modes and
+//! through the same relay with the sockmap attached after login (three
+//! framings: `sockmap` = stream parser per message, `sockmap-segments` =
+//! verdict per skb unread, `sockmap-counted` = verdict per skb walking the
+//! headers); modes and
 //! targets in alternating order. Reports TPS, the relay process's CPU per
 //! transaction (from /proc/self/stat) and the whole machine's CPU per
 //! transaction (from /proc/stat: redirected bytes are processed in the
@@ -237,6 +240,7 @@ fn main() {
     for (name, framing) in [
         ("sockmap", Framing::Messages),
         ("sockmap-segments", Framing::Segments),
+        ("sockmap-counted", Framing::SegmentsCounted),
     ] {
         match KernelForwarder::with_framing(4096, framing) {
             Ok(f) => {

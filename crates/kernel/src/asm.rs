@@ -192,6 +192,12 @@ impl Program {
         self.push(jmp_imm(op, dst, imm, 0))
     }
 
+    /// A conditional jump (`op` on `dst` and register `src`) to `label`.
+    pub fn jmp_to_reg(&mut self, op: u8, dst: u8, src: u8, label: &'static str) -> &mut Self {
+        self.fixups.push((self.insns.len(), label));
+        self.push(Insn::new(JMP | op | X, dst, src, 0, 0))
+    }
+
     /// An unconditional jump to `label`.
     pub fn goto(&mut self, label: &'static str) -> &mut Self {
         self.fixups.push((self.insns.len(), label));

@@ -213,6 +213,11 @@ pub enum Framing {
     /// unread. No counters, no hold, no safe detach: an upper bound for
     /// benchmarks, not for sessions that may have to move.
     Segments,
+    /// Verdict only, walking the message headers inside each skb with a
+    /// bounded loop: counters without strparser. Prototype: a header split
+    /// across skbs is not handled yet (counted in `bad_headers`); no hold,
+    /// no safe detach.
+    SegmentsCounted,
 }
 
 /// How long `detach` waits for both directions to be quiet.
@@ -257,6 +262,11 @@ impl KernelForwarder {
             Framing::Segments => {
                 verdict_segments(cookies.as_raw_fd(), state.as_raw_fd(), sockmap.as_raw_fd())
             }
+            Framing::SegmentsCounted => verdict_segments_counted(
+                cookies.as_raw_fd(),
+                state.as_raw_fd(),
+                sockmap.as_raw_fd(),
+            ),
         };
         let verdict = load("pgf_verdict", verdict_insns, sys::BPF_SK_SKB_STREAM_VERDICT)?;
         let parser = match framing {
@@ -274,7 +284,7 @@ impl KernelForwarder {
                 .map_err(|e| KernelError::setup("attach the stream parser", e))?;
                 Some(parser)
             }
-            Framing::Segments => None,
+            Framing::Segments | Framing::SegmentsCounted => None,
         };
         sys::prog_attach(
             sockmap.as_raw_fd(),

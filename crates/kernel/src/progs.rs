@@ -290,6 +290,115 @@ pub fn verdict_segments(cookies: i32, state: i32, sockmap: i32) -> Vec<Insn> {
     p.finish()
 }
 
+/// Most headers walked per skb by [`verdict_segments_counted`].
+pub const WALK_MAX: i32 = 256;
+
+/// Verdict for [`crate::Framing::SegmentsCounted`] (no stream parser):
+/// walks the PostgreSQL headers inside each received skb with a bounded
+/// loop, counting as [`verdict`] does, then redirects the whole skb.
+/// `ST_REMAINING` carries the bytes of a message that continue into the
+/// next skb. A header split across two skbs, or more than [`WALK_MAX`]
+/// headers in one skb, is not handled yet: it bumps `ST_BAD_HDR` and the
+/// counters of that socket are unreliable from then on (forwarding is not
+/// affected). A prototype to measure the cost of counting without strparser.
+pub fn verdict_segments_counted(cookies: i32, state: i32, sockmap: i32) -> Vec<Insn> {
+    const POS: i16 = -48;
+    const ITER: i16 = -56;
+    const JGE: u8 = 0x30;
+    let mut p = Program::default();
+    p.push(mov(R6, R1));
+    lookup_slot(&mut p, cookies, state, "pass");
+    // r8 = skb->len (flags are not used in this mode).
+    p.push(ldx(W, R8, R6, SKB_LEN))
+        .push(ldx(DW, R1, R9, ST_REMAINING))
+        // The whole skb continues the previous message.
+        .push(mov(R2, R8))
+        .push(alu64_reg(SUB, R2, R1))
+        .jmp_to(JEQ, R1, 0, "start")
+        .push(mov(R3, R1))
+        .push(alu64_reg(SUB, R3, R8))
+        // if remaining >= len: remaining -= len, done
+        .jmp_to_reg(JGE, R1, R8, "all_cont")
+        .goto("start")
+        .label("all_cont")
+        .push(stx(DW, R9, ST_REMAINING, R3))
+        .goto("route")
+        .label("start")
+        .push(stx(DW, R10, POS, R1))
+        .push(st_imm(DW, R9, ST_REMAINING, 0))
+        .push(st_imm(DW, R10, ITER, 0))
+        .label("loop")
+        .push(ldx(DW, R1, R10, ITER))
+        .jmp_to(JGE, R1, WALK_MAX, "bad")
+        .push(alu64_imm(ADD, R1, 1))
+        .push(stx(DW, R10, ITER, R1))
+        .push(ldx(DW, R2, R10, POS))
+        .jmp_to_reg(JGE, R2, R8, "route")
+        // 5 header bytes at pos.
+        .push(mov(R1, R6))
+        .push(mov(R3, R10))
+        .push(alu64_imm(ADD, R3, STK_HDR))
+        .push(mov_imm(R4, 5))
+        .push(call(HELPER_SKB_LOAD_BYTES))
+        .jmp_to(JNE, R0, 0, "bad");
+    inc(&mut p, ST_MSGS);
+    p.push(ldx(B, R2, R10, STK_HDR as i16))
+        .push(mov(R3, R7))
+        .push(alu64_imm(AND, R3, 1))
+        .jmp_to(JNE, R3, 0, "backend")
+        .jmp_to(JEQ, R2, i32::from(b'Q'), "sync")
+        .jmp_to(JEQ, R2, i32::from(b'S'), "sync")
+        .jmp_to(JEQ, R2, i32::from(b'F'), "sync")
+        .goto("next")
+        .label("sync");
+    inc(&mut p, ST_SYNCS);
+    p.goto("next")
+        .label("backend")
+        .jmp_to(JNE, R2, i32::from(b'Z'), "next");
+    inc(&mut p, ST_SYNCS);
+    p.push(mov(R1, R6))
+        .push(ldx(DW, R2, R10, POS))
+        .push(alu64_imm(ADD, R2, 5))
+        .push(mov(R3, R10))
+        .push(alu64_imm(ADD, R3, i32::from(STK_STATUS)))
+        .push(mov_imm(R4, 1))
+        .push(call(HELPER_SKB_LOAD_BYTES))
+        .jmp_to(JNE, R0, 0, "next")
+        .push(ldx(B, R1, R10, STK_STATUS))
+        .push(stx(DW, R9, ST_LAST_STATUS, R1))
+        .label("next")
+        // pos += 1 + len
+        .push(ldx(W, R1, R10, STK_LEN))
+        .push(be32(R1))
+        .push(alu64_imm(ADD, R1, 1))
+        .push(ldx(DW, R2, R10, POS))
+        .push(alu64_reg(ADD, R2, R1))
+        .push(stx(DW, R10, POS, R2))
+        .jmp_to_reg(JGE, R2, R8, "tail")
+        .goto("loop")
+        // The message runs past this skb: carry the rest.
+        .label("tail")
+        .push(alu64_reg(SUB, R2, R8))
+        .push(stx(DW, R9, ST_REMAINING, R2))
+        .goto("route")
+        .label("bad");
+    inc(&mut p, ST_BAD_HDR);
+    p.label("route")
+        .push(ldx(W, R1, R6, SKB_LEN))
+        .push(atomic_add64(R9, ST_FWD_BYTES, R1))
+        .push(mov(R1, R6))
+        .extend(ld_map_fd(R2, sockmap))
+        .push(mov(R3, R7))
+        .push(alu64_imm(XOR, R3, 1))
+        .push(mov_imm(R4, 0))
+        .push(call(HELPER_SK_REDIRECT_MAP))
+        .push(exit())
+        .label("pass")
+        .push(mov_imm(R0, SK_PASS))
+        .push(exit());
+    p.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

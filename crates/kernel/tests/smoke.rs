@@ -164,3 +164,51 @@ fn hold_at_a_safe_point_then_detach() {
     server.read_exact(&mut got).expect("server reads q");
     assert_eq!(got, q);
 }
+
+#[test]
+fn segments_counted_walks_headers_inside_skbs() {
+    let fwd = match KernelForwarder::with_framing(4, pgferry_kernel::Framing::SegmentsCounted) {
+        Ok(f) => f,
+        Err(e) if e.is_unavailable() => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let (mut app, relay_client) = pair();
+    let (relay_backend, mut server) = pair();
+    let slot = fwd
+        .attach(relay_client.as_raw_fd(), relay_backend.as_raw_fd())
+        .expect("attach");
+    let mut req = msg(b'Q', b"select 1\0");
+    req.extend(msg(b'P', b"\0select 2\0\0\0"));
+    req.extend(msg(b'S', b""));
+    app.write_all(&req).expect("write");
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("t");
+    let mut got = vec![0u8; req.len()];
+    server.read_exact(&mut got).expect("server reads");
+    assert_eq!(got, req);
+    let mut resp = msg(b'T', &[0; 30]);
+    resp.extend(msg(b'D', &[7; 100_000]));
+    resp.extend(msg(b'Z', b"T"));
+    server.write_all(&resp).expect("write");
+    // A second write: the message after a long one, in a later skb.
+    std::thread::sleep(Duration::from_millis(20));
+    let tail = msg(b'Z', b"I");
+    server.write_all(&tail).expect("write");
+    app.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("t");
+    let mut got = vec![0u8; resp.len() + tail.len()];
+    app.read_exact(&mut got).expect("app reads");
+    std::thread::sleep(Duration::from_millis(20));
+    let st = fwd.state(&slot).expect("state");
+    eprintln!("{st:?}");
+    assert_eq!(st.client_syncs, 2);
+    assert_eq!(st.server_ready, 2);
+    assert_eq!(st.last_status, b'I');
+    assert_eq!(st.client_msgs, 3);
+    assert_eq!(st.server_msgs, 4);
+    assert_eq!(st.bad_headers, 0);
+}
