@@ -178,35 +178,6 @@ pub async fn accept_loop(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backlog_defaults_like_postgresql_and_is_capped_by_somaxconn() {
-        let b = Backlog::from_parts(None, 10_000, Some(4096));
-        assert_eq!((b.requested, b.effective()), (20_000, 4096));
-        let b = Backlog::from_parts(None, 100, Some(4096));
-        assert_eq!(b.effective(), 1024);
-        let b = Backlog::from_parts(None, 100, Some(512));
-        assert_eq!(b.effective(), 512);
-        let b = Backlog::from_parts(Some(700), 10_000, None);
-        assert_eq!((b.effective(), b.somaxconn_read), (700, false));
-        let b = Backlog::from_parts(None, 10_000, None);
-        assert_eq!(b.effective(), SOMAXCONN_FALLBACK);
-    }
-
-    #[tokio::test]
-    async fn a_bound_listener_accepts() {
-        let l = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 700).unwrap();
-        let addr = l.local_addr().unwrap();
-        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (s, peer) = l.accept().await.unwrap();
-        assert_eq!(peer, c.local_addr().unwrap());
-        drop(s);
-    }
-}
-
 /// `[proxy] session_threads`: threads that each run a single-threaded
 /// runtime for the sessions dealt to them. A session never leaves its
 /// thread, so its wake-ups never cross threads (no work stealing, no
@@ -270,5 +241,34 @@ impl SessionThreads {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backlog_defaults_like_postgresql_and_is_capped_by_somaxconn() {
+        let b = Backlog::from_parts(None, 10_000, Some(4096));
+        assert_eq!((b.requested, b.effective()), (20_000, 4096));
+        let b = Backlog::from_parts(None, 100, Some(4096));
+        assert_eq!(b.effective(), 1024);
+        let b = Backlog::from_parts(None, 100, Some(512));
+        assert_eq!(b.effective(), 512);
+        let b = Backlog::from_parts(Some(700), 10_000, None);
+        assert_eq!((b.effective(), b.somaxconn_read), (700, false));
+        let b = Backlog::from_parts(None, 10_000, None);
+        assert_eq!(b.effective(), SOMAXCONN_FALLBACK);
+    }
+
+    #[tokio::test]
+    async fn a_bound_listener_accepts() {
+        let l = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 700).unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        drop(s);
     }
 }

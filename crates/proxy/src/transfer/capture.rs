@@ -35,7 +35,7 @@ pub struct SessionState {
     /// (`temp_relations_query`).
     pub temp_schema: Option<u32>,
     /// The server allows prepared transactions (`max_prepared_transactions`
-    /// > 0): whether the session's user has any pending is asked apart
+    /// is not 0): whether the session's user has any pending is asked apart
     /// (`prepared_transactions_query`). With 0 (PostgreSQL's default)
     /// `PREPARE TRANSACTION` fails, so there can be none.
     pub two_phase: bool,
