@@ -7,6 +7,7 @@
 //!   WARM_SPARES=1 cargo bench --bench drain            # spares for the targets
 //!   SETUP=none cargo bench --bench drain               # sessions that never spoke
 //!   SETUP="SELECT 1" cargo bench --bench drain         # any one statement per session
+//!   PROFILE=drain.perf cargo bench --bench drain       # `perf record -a -g` of the drain alone
 //!   cargo test --bench drain                           # smoke: 20 sessions (in the suite)
 //!
 //! Each session runs `SETUP` once after its login (default `SET
@@ -120,9 +121,13 @@ fn main() {
             scrape(admin, "pgferry_conn_migration_phase_seconds_count{phase=\"capture\"}").await;
         let body = r#"{"timeout_ms": 60000}"#;
         let cpu_before = (cluster_cpu(pg1_ref), cluster_cpu(pg2_ref), own_cpu());
+        let profiler = std::env::var("PROFILE").ok().map(start_profiler);
         let t = Instant::now();
         let (status, report) = http(admin, "POST", "/v1/backends/pg1/drain", body).await;
         let wall = t.elapsed();
+        if let Some(p) = profiler {
+            stop_profiler(p);
+        }
         let cpu = (
             cluster_cpu(pg1_ref).saturating_sub(cpu_before.0),
             cluster_cpu(pg2_ref).saturating_sub(cpu_before.1),
@@ -181,4 +186,26 @@ fn main() {
     });
     drop(pg1);
     drop(pg2);
+}
+
+/// `perf record -a -g` (whole machine: PostgreSQL's processes are where
+/// a drain's time goes) into `path`, started before the drain.
+fn start_profiler(path: String) -> std::process::Child {
+    let child = std::process::Command::new("perf")
+        .args(["record", "-a", "-g", "-F", "999", "-o", &path])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("perf record (apt-get install -y linux-perf)");
+    // perf needs a moment to set up its buffers on every CPU.
+    std::thread::sleep(Duration::from_millis(500));
+    child
+}
+
+fn stop_profiler(mut child: std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = child.wait();
 }
