@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -40,13 +41,23 @@ use tracker::{CopyState, SessionTracker, Stamp, TxStatus};
 pub struct ControlSender(Arc<ControlShared>);
 
 /// The forwarder's end of the control channel.
-pub struct ControlReceiver(Arc<ControlShared>);
+pub struct ControlReceiver {
+    shared: Arc<ControlShared>,
+    /// The waker left in the queue by the last `Pending`, while no sender
+    /// has signalled since: a data wake-up then checks `signal` alone and
+    /// takes no lock (the forwarder polls its control channel on every
+    /// wake-up).
+    armed: Option<Waker>,
+}
 
 /// Commands that may queue before `send` waits.
 const CONTROL_CAPACITY: usize = 8;
 
 pub(crate) struct ControlShared {
     queue: Mutex<ControlQueue>,
+    /// Set (under the queue's lock) when a command is queued or the last
+    /// sender leaves; cleared by the receiver under the lock as it looks.
+    signal: AtomicBool,
     /// Senders waiting for room.
     room: Notify,
     /// The registry's record of this session (`None` until registered).
@@ -83,10 +94,17 @@ pub fn control_channel() -> (ControlSender, ControlReceiver) {
             senders: 1,
             receiver_gone: false,
         }),
+        signal: AtomicBool::new(false),
         room: Notify::new(),
         info: Mutex::new(None),
     });
-    (ControlSender(shared.clone()), ControlReceiver(shared))
+    (
+        ControlSender(shared.clone()),
+        ControlReceiver {
+            shared,
+            armed: None,
+        },
+    )
 }
 
 enum PushError {
@@ -128,6 +146,7 @@ impl ControlSender {
                 return Err(PushError::Full(cmd));
             }
             q.commands.push_back(Box::new(cmd));
+            self.0.signal.store(true, Ordering::Release);
             q.receiver.take()
         };
         if let Some(w) = waker {
@@ -155,6 +174,7 @@ impl Drop for ControlSender {
             let mut q = self.0.queue();
             q.senders -= 1;
             if q.senders == 0 {
+                self.0.signal.store(true, Ordering::Release);
                 q.receiver.take()
             } else {
                 None
@@ -176,33 +196,48 @@ impl std::fmt::Debug for ControlSender {
 impl ControlReceiver {
     /// The next command; `Ready(None)` once every sender is gone.
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Box<ControlCommand>>> {
-        let mut q = self.0.queue();
+        // Fast path: this task's waker is in the queue and nothing was
+        // signalled since it was left there. A sender signals under the
+        // lock and then wakes that waker, so nothing is missed.
+        if !self.shared.signal.load(Ordering::Acquire)
+            && self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        self.armed = None;
+        let mut q = self.shared.queue();
+        self.shared.signal.store(false, Ordering::Relaxed);
         if let Some(cmd) = q.commands.pop_front() {
             if q.commands.is_empty() {
                 q.commands = VecDeque::new();
+            } else {
+                // More to take: the next poll must look again.
+                self.shared.signal.store(true, Ordering::Relaxed);
             }
             drop(q);
-            self.0.room.notify_one();
+            self.shared.room.notify_one();
             return Poll::Ready(Some(cmd));
         }
         if q.senders == 0 {
+            self.shared.signal.store(true, Ordering::Relaxed);
             return Poll::Ready(None);
         }
         if !q.receiver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             q.receiver = Some(cx.waker().clone());
         }
+        self.armed = q.receiver.clone();
         Poll::Pending
     }
 
     /// The next command if one is queued.
     fn try_recv(&mut self) -> Option<Box<ControlCommand>> {
-        let mut q = self.0.queue();
+        let mut q = self.shared.queue();
         let cmd = q.commands.pop_front()?;
         if q.commands.is_empty() {
             q.commands = VecDeque::new();
         }
         drop(q);
-        self.0.room.notify_one();
+        self.shared.room.notify_one();
         Some(cmd)
     }
 }
@@ -212,13 +247,13 @@ impl Drop for ControlReceiver {
         // Queued commands are dropped: their requesters see their reply
         // channels close, as with any session that ended.
         let dropped = {
-            let mut q = self.0.queue();
+            let mut q = self.shared.queue();
             q.receiver_gone = true;
             q.receiver = None;
             std::mem::take(&mut q.commands)
         };
         drop(dropped);
-        self.0.room.notify_waiters();
+        self.shared.room.notify_waiters();
     }
 }
 
