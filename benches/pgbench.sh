@@ -18,9 +18,10 @@
 #                   (0 = none)
 #   SMOKE    [0]    1 = DURATION=2 ROUNDS=1 SCALE=1 WARMUP=0
 #   PGFERRY_BIN     use this binary instead of `cargo build --release`
-#   SESSION_THREADS [0]  pgferry's `[proxy] session_threads` (0: sessions on
-#                   the shared multi-threaded runtime; N: N single-threaded
-#                   session threads)
+#   SESSION_THREADS pgferry's `[proxy] session_threads` (unset: not written,
+#                   so older builds run too; 0: sessions on the shared
+#                   multi-threaded runtime; N: N single-threaded session
+#                   threads)
 #   PG_BINDIR       PostgreSQL server binaries (else pg_config --bindir,
 #                   else the newest /usr/lib/postgresql/*/bin)
 #   PGBOUNCER       pgbouncer binary (else from PATH or /usr/sbin)
@@ -279,7 +280,7 @@ cat >"$WORK/pgferry.toml" <<EOF
 listen = "127.0.0.1:$FERRY_PORT"
 shutdown_timeout = "1s"
 max_client_connections = $((MAX_CLIENTS * 2 + 20))
-session_threads = ${SESSION_THREADS:-0}
+${SESSION_THREADS:+session_threads = $SESSION_THREADS}
 
 [auth]
 userlist = "pgferry-users.txt"
@@ -437,7 +438,7 @@ report=$WORK/report.md
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "- machine: $(nproc) CPUs, kernel $(uname -r)"
-    echo "- pgferry: commit $commit ($PGFERRY_BIN), session_threads = ${SESSION_THREADS:-0}"
+    echo "- pgferry: commit $commit ($PGFERRY_BIN), session_threads = ${SESSION_THREADS:-default}"
     echo "- $("$PG_BINDIR/postgres" --version); $("$PGBENCH" --version); $("$PGBOUNCER" --version | head -n 1) (pool_mode=session)"
     echo "- pgbench -b $SCRIPT -n -c <clients> -j $THREADS -T $DURATION -M <mode>, scale $SCALE, $ROUNDS round(s), warm-up ${WARMUP}s per target"
     echo "- CPU sets: pgbench ${PGBENCH_CPUS:-any}, PostgreSQL ${PG_CPUS:-any}, proxies ${PROXY_CPUS:-any}"
