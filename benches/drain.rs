@@ -122,12 +122,19 @@ fn main() {
         let body = r#"{"timeout_ms": 60000}"#;
         let cpu_before = (cluster_cpu(pg1_ref), cluster_cpu(pg2_ref), own_cpu());
         let profiler = std::env::var("PROFILE").ok().map(start_profiler);
+        // /proc shows a live server process's CPU only partly until it
+        // exits (its whole life then lands in the postmaster's reaped
+        // total), which skews the /proc split between the two clusters;
+        // `perf stat` on each cluster's processes (new children included)
+        // counts what each spends during the drain.
+        let meters = (CpuMeter::start(pg1_ref), CpuMeter::start(pg2_ref));
         let t = Instant::now();
         let (status, report) = http(admin, "POST", "/v1/backends/pg1/drain", body).await;
         let wall = t.elapsed();
         if let Some(p) = profiler {
             stop_profiler(p);
         }
+        let measured = (meters.0.and_then(CpuMeter::stop), meters.1.and_then(CpuMeter::stop));
         let cpu = (
             cluster_cpu(pg1_ref).saturating_sub(cpu_before.0),
             cluster_cpu(pg2_ref).saturating_sub(cpu_before.1),
@@ -182,6 +189,18 @@ fn main() {
             cpu.1.as_secs_f64() * 1000.0 / sessions as f64,
             cpu.2.as_secs_f64(),
         );
+        if let (Some(pg1_ms), Some(pg2_ms)) = measured {
+            println!(
+                "CPU during the drain by perf stat (task-clock of each cluster's processes): \
+                 pg1 {:.2} s ({:.2} ms per session), pg2 {:.2} s ({:.2} ms per session)",
+                pg1_ms / 1000.0,
+                pg1_ms / sessions as f64,
+                pg2_ms / 1000.0,
+                pg2_ms / sessions as f64,
+            );
+        } else {
+            println!("(perf stat not available: no per-cluster CPU from it)");
+        }
         drop(clients);
     });
     drop(pg1);
@@ -208,4 +227,63 @@ fn stop_profiler(mut child: std::process::Child) {
         nix::sys::signal::Signal::SIGINT,
     );
     let _ = child.wait();
+}
+
+/// `perf stat -e task-clock` on a cluster's postmaster and every server
+/// process it has now (children it forks meanwhile are inherited).
+struct CpuMeter {
+    child: std::process::Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl CpuMeter {
+    fn start(cluster: &pgferry_pgcluster::Cluster) -> Option<Self> {
+        let postmaster: u32 = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()?;
+        let mut pids = vec![postmaster.to_string()];
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let out = tempfile::NamedTempFile::new().ok()?;
+        let child = std::process::Command::new("perf")
+            .args(["stat", "-x,", "-e", "task-clock", "-o"])
+            .arg(out.path())
+            .args(["-p", &pids.join(",")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        // Attaching to a thousand processes takes a moment.
+        std::thread::sleep(Duration::from_millis(500));
+        Some(Self { child, out })
+    }
+
+    /// Milliseconds of CPU counted.
+    fn stop(mut self) -> Option<f64> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(self.out.path()).ok()?;
+        text.lines()
+            .find(|l| l.contains("task-clock"))?
+            .split(',')
+            .next()?
+            .parse()
+            .ok()
+    }
 }
