@@ -22,7 +22,7 @@
 //! allowed (no `CAP_BPF`, no `CONFIG_BPF_STREAM_PARSER`, a seccomp filter)
 //! [`KernelForwarder::new`] fails with an error for which
 //! [`KernelError::is_unavailable`] is true, and the caller keeps forwarding
-//! in userspace. See `docs/perf-notes/kernel-forwarding.md`.
+//! in userspace. See `docs/kernel-forwarding.md`.
 
 pub mod asm;
 mod progs;
