@@ -765,3 +765,85 @@ async fn a_prepare_sent_with_other_statements_moves_without_running_them_again()
     assert_eq!(rows(before), "1");
     assert_eq!(rows(other_port(before)), "0");
 }
+
+/// `[proxy] session_threads`: sessions run on threads of their own
+/// (single-threaded runtimes), and what a session does works there:
+/// queries from several clients, a move (capture, dial, replay, swap), a
+/// cancel after the move.
+#[tokio::test]
+async fn sessions_on_session_threads_run_queries_move_and_cancel() {
+    let proxy = ProxyProcess::start(ProxyOptions {
+        proxy_extra: "session_threads = 2".into(),
+        ..Default::default()
+    });
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(connect_app(&proxy, &format!("threaded-{i}")).await);
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let row = c
+            .query_one("select $1::int * 2", &[&(i as i32)])
+            .await
+            .expect("query");
+        assert_eq!(row.get::<_, i32>(0), 2 * i as i32);
+    }
+    // The two threads exist (thread names are cut to 15 bytes).
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", proxy.pid()))
+        .expect("task dir")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|n| n.starts_with("pgferry-session"))
+        .collect();
+    assert_eq!(threads.len(), 2, "{threads:?}");
+
+    let c = clients.pop().expect("client");
+    c.batch_execute("SET search_path = shop")
+        .await
+        .expect("set");
+    let before = server_port(&c).await;
+    let (status, out) = transfer(&proxy, "threaded-3", "").await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(server_port(&c).await, other_port(before));
+    assert_eq!(setting(&c, "search_path").await, "shop");
+
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let r = c.simple_query("select pg_sleep(61)").await.map(|_| ());
+        (r, c)
+    });
+    let cluster = cluster_by_port(other_port(before));
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            Duration::from_secs(10),
+            "pg_sleep on the new backend",
+            || {
+                cluster
+                    .psql(
+                        "postgres",
+                        "select count(*) from pg_stat_activity where query = 'select pg_sleep(61)'",
+                    )
+                    .map(|n| n.trim() == "1")
+                    .unwrap_or(false)
+            },
+        )
+    })
+    .await
+    .expect("join");
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let (result, _c) = sleeper.await.expect("join");
+    let e = result.expect_err("not cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"));
+    // The other sessions were not disturbed.
+    for c in &clients {
+        assert_eq!(
+            c.query_one("select 1", &[])
+                .await
+                .expect("still works")
+                .get::<_, i32>(0),
+            1
+        );
+    }
+}
