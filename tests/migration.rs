@@ -31,6 +31,44 @@ async fn setting(c: &tokio_postgres::Client, name: &str) -> String {
         .get(0)
 }
 
+/// Runs `sleep` (a `pg_sleep` query unique to the test) on `c`, waits until
+/// `cluster` shows it running, cancels it with the client's key and
+/// checks that it ended with 57014. Returns when the cancel was sent.
+async fn cancel_a_sleep(
+    c: tokio_postgres::Client,
+    cluster: &'static pgferry_pgcluster::Cluster,
+    sleep: &'static str,
+) -> Instant {
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move { (c.simple_query(sleep).await.map(|_| ()), c) });
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            Duration::from_secs(10),
+            "pg_sleep on the new backend",
+            || {
+                cluster
+                    .psql(
+                        "postgres",
+                        &format!("select count(*) from pg_stat_activity where query = '{sleep}'"),
+                    )
+                    .map(|n| n.trim() == "1")
+                    .unwrap_or(false)
+            },
+        )
+    })
+    .await
+    .expect("join");
+    let sent = Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let (result, _c) = sleeper.await.expect("join");
+    let e = result.expect_err("not cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"));
+    sent
+}
+
 fn migration_proxy() -> ProxyProcess {
     ProxyProcess::start(ProxyOptions {
         proxy_extra: String::new(),
@@ -123,37 +161,7 @@ async fn idle_session_moves_with_settings_role_prepared_statements_and_cancel_ke
     assert_eq!(row.get::<_, i32>(0), 42);
 
     // The client's cancel key now cancels on the new backend.
-    let token = c.cancel_token();
-    let sleeper = {
-        let c = c;
-        tokio::spawn(async move { (c.simple_query("select pg_sleep(60)").await.map(|_| ()), c) })
-    };
-    let cluster = cluster_by_port(after);
-    tokio::task::spawn_blocking(move || {
-        wait_until(
-            Duration::from_secs(10),
-            "pg_sleep on the new backend",
-            || {
-                cluster
-                    .psql(
-                        "postgres",
-                        "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)'",
-                    )
-                    .map(|n| n.trim() == "1")
-                    .unwrap_or(false)
-            },
-        )
-    })
-    .await
-    .expect("join");
-    let sent = Instant::now();
-    token
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("cancel");
-    let (result, _c) = sleeper.await.expect("join");
-    let e = result.expect_err("not cancelled");
-    assert_eq!(sqlstate(&e).as_deref(), Some("57014"));
+    let sent = cancel_a_sleep(c, cluster_by_port(after), "select pg_sleep(60)").await;
     assert!(sent.elapsed() < Duration::from_secs(1));
 
     let view = proxy.connection_by_app("mover");
@@ -806,36 +814,12 @@ async fn sessions_on_session_threads_run_queries_move_and_cancel() {
     assert_eq!(server_port(&c).await, other_port(before));
     assert_eq!(setting(&c, "search_path").await, "shop");
 
-    let token = c.cancel_token();
-    let sleeper = tokio::spawn(async move {
-        let r = c.simple_query("select pg_sleep(61)").await.map(|_| ());
-        (r, c)
-    });
-    let cluster = cluster_by_port(other_port(before));
-    tokio::task::spawn_blocking(move || {
-        wait_until(
-            Duration::from_secs(10),
-            "pg_sleep on the new backend",
-            || {
-                cluster
-                    .psql(
-                        "postgres",
-                        "select count(*) from pg_stat_activity where query = 'select pg_sleep(61)'",
-                    )
-                    .map(|n| n.trim() == "1")
-                    .unwrap_or(false)
-            },
-        )
-    })
-    .await
-    .expect("join");
-    token
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("cancel");
-    let (result, _c) = sleeper.await.expect("join");
-    let e = result.expect_err("not cancelled");
-    assert_eq!(sqlstate(&e).as_deref(), Some("57014"));
+    cancel_a_sleep(
+        c,
+        cluster_by_port(other_port(before)),
+        "select pg_sleep(61)",
+    )
+    .await;
     // The other sessions were not disturbed.
     for c in &clients {
         assert_eq!(
