@@ -338,13 +338,12 @@ port_of() {
 # ---------------------------------------------------------------- the runs
 
 declare -A TPS FAILED CPU_TICKS HOST_TICKS TX
-# proc_ticks PID [WITH_REAPED]: user + system CPU of a process so far, in
-# USER_HZ (1/100 s); WITH_REAPED=1 adds its reaped children's.
+# proc_ticks PID: user + system CPU of a process so far, in USER_HZ (1/100 s).
 proc_ticks() {
     local rest
     [[ -n $1 && -r /proc/$1/stat ]] || { echo 0; return; }
     rest=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-    awk -v reaped="${2:-0}" '{ print $12 + $13 + (reaped ? $14 + $15 : 0) }' <<<"$rest"
+    awk '{ print $12 + $13 }' <<<"$rest"
 }
 # host_ticks: busy CPU of the whole machine so far (/proc/stat, all CPUs:
 # everything but idle and iowait), in USER_HZ.
