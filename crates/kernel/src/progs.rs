@@ -122,6 +122,23 @@ fn load_bytes(p: &mut Program, off: i32, at: i32, len: i32) {
         .push(call(HELPER_SKB_LOAD_BYTES));
 }
 
+/// The verdicts' common end: adds r1 (bytes) to the slot's forwarded
+/// count and redirects the skb to the peer's egress (slot key ^ 1); the
+/// `pass` label (an unregistered socket) lets it through unredirected.
+fn redirect_to_peer(p: &mut Program, sockmap: i32) {
+    p.push(atomic_add64(R9, ST_FWD_BYTES, R1))
+        .push(mov(R1, R6))
+        .extend(ld_map_fd(R2, sockmap))
+        .push(mov(R3, R7))
+        .push(alu64_imm(XOR, R3, 1))
+        .push(mov_imm(R4, 0))
+        .push(call(HELPER_SK_REDIRECT_MAP))
+        .push(exit())
+        .label("pass")
+        .push(mov_imm(R0, SK_PASS))
+        .push(exit());
+}
+
 /// `lock state[off] += 1`.
 fn inc(p: &mut Program, off: i16) {
     p.push(mov_imm(R1, 1)).push(atomic_add64(R9, off, R1));
@@ -251,19 +268,8 @@ pub fn verdict(cookies: i32, state: i32, sockmap: i32) -> Vec<Insn> {
         .goto("route")
         .label("bad");
     inc(&mut p, ST_BAD_HDR);
-    p.label("route")
-        .push(ldx(DW, R1, R9, ST_FRAME_LEN))
-        .push(atomic_add64(R9, ST_FWD_BYTES, R1))
-        .push(mov(R1, R6))
-        .extend(ld_map_fd(R2, sockmap))
-        .push(mov(R3, R7))
-        .push(alu64_imm(XOR, R3, 1))
-        .push(mov_imm(R4, 0))
-        .push(call(HELPER_SK_REDIRECT_MAP))
-        .push(exit())
-        .label("pass")
-        .push(mov_imm(R0, SK_PASS))
-        .push(exit());
+    p.label("route").push(ldx(DW, R1, R9, ST_FRAME_LEN));
+    redirect_to_peer(&mut p, sockmap);
     p.finish()
 }
 
@@ -275,18 +281,8 @@ pub fn verdict_segments(cookies: i32, state: i32, sockmap: i32) -> Vec<Insn> {
     let mut p = Program::default();
     p.push(mov(R6, R1));
     lookup_slot(&mut p, cookies, state, "pass");
-    p.push(ldx(W, R1, R6, SKB_LEN))
-        .push(atomic_add64(R9, ST_FWD_BYTES, R1))
-        .push(mov(R1, R6))
-        .extend(ld_map_fd(R2, sockmap))
-        .push(mov(R3, R7))
-        .push(alu64_imm(XOR, R3, 1))
-        .push(mov_imm(R4, 0))
-        .push(call(HELPER_SK_REDIRECT_MAP))
-        .push(exit())
-        .label("pass")
-        .push(mov_imm(R0, SK_PASS))
-        .push(exit());
+    p.push(ldx(W, R1, R6, SKB_LEN));
+    redirect_to_peer(&mut p, sockmap);
     p.finish()
 }
 
@@ -383,19 +379,8 @@ pub fn verdict_segments_counted(cookies: i32, state: i32, sockmap: i32) -> Vec<I
         .goto("route")
         .label("bad");
     inc(&mut p, ST_BAD_HDR);
-    p.label("route")
-        .push(ldx(W, R1, R6, SKB_LEN))
-        .push(atomic_add64(R9, ST_FWD_BYTES, R1))
-        .push(mov(R1, R6))
-        .extend(ld_map_fd(R2, sockmap))
-        .push(mov(R3, R7))
-        .push(alu64_imm(XOR, R3, 1))
-        .push(mov_imm(R4, 0))
-        .push(call(HELPER_SK_REDIRECT_MAP))
-        .push(exit())
-        .label("pass")
-        .push(mov_imm(R0, SK_PASS))
-        .push(exit());
+    p.label("route").push(ldx(W, R1, R6, SKB_LEN));
+    redirect_to_peer(&mut p, sockmap);
     p.finish()
 }
 
