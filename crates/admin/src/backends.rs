@@ -8,6 +8,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use pgferry_proxy::backend::dialect::DialectSetting;
 use pgferry_proxy::backend::{AddBackendError, Backend, BackendMode, BackendOrigin};
 use pgferry_proxy::balancer::rebalance::rebalance as run_rebalance;
 use pgferry_proxy::errors::SessionError;
@@ -59,6 +60,9 @@ struct AddBody {
     address: String,
     #[serde(default)]
     cluster: Option<String>,
+    /// "auto" (the default), "postgres" or "cockroachdb".
+    #[serde(default)]
+    dialect: Option<String>,
 }
 
 pub async fn add(State(state): State<AdminState>, body: Bytes) -> Response {
@@ -71,10 +75,16 @@ pub async fn add(State(state): State<AdminState>, body: Bytes) -> Response {
             )
         }
     };
+    let dialect = match body.dialect.as_deref().map(DialectSetting::parse) {
+        None => DialectSetting::Auto,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
+    };
     match state.proxy.backends.add(
         &body.name,
         &body.address,
         body.cluster.as_deref(),
+        dialect,
         BackendOrigin::Api,
     ) {
         Ok(b) => {

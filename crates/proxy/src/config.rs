@@ -551,6 +551,9 @@ pub struct BackendConfig {
     /// Backends of one cluster are a primary and its streaming standbys.
     #[serde(default)]
     pub cluster: Option<String>,
+    /// `auto` (detected at the first login), `postgres` or `cockroachdb`.
+    #[serde(default)]
+    pub dialect: crate::backend::dialect::DialectSetting,
 }
 
 mod defaults {

@@ -30,6 +30,11 @@ pub enum SessionError {
     BackendError(ErrorFields),
     #[error("invalid frontend message: {0}")]
     ClientProtocol(String),
+    /// A startup parameter only pgferry may send to a backend (CockroachDB's
+    /// `crdb:` ones: a revival token would make the backend login skip its
+    /// authentication rules). CockroachDB's sqlproxy refuses it alike.
+    #[error("parameter {0} is not allowed")]
+    ForbiddenParameter(String),
     #[error("{0}")]
     UnsupportedProtocol(String),
     #[error("no PostgreSQL user name specified in startup packet")]
@@ -122,7 +127,9 @@ impl SessionError {
             SessionError::BackendUnreachable { .. }
             | SessionError::BackendClosed { .. }
             | SessionError::MigrationFailed(_) => "08006",
-            SessionError::BackendProtocol { .. } | SessionError::ClientProtocol(_) => "08P01",
+            SessionError::BackendProtocol { .. }
+            | SessionError::ClientProtocol(_)
+            | SessionError::ForbiddenParameter(_) => "08P01",
             SessionError::BackendLogin { .. } => "08004",
             SessionError::BackendError(f) => match f.sqlstate() {
                 Some(s) if s.len() == 5 => s,
@@ -174,6 +181,7 @@ impl SessionError {
             SessionError::BackendLogin { .. } => "backend_login",
             SessionError::BackendError(_) => "backend_error",
             SessionError::ClientProtocol(_) => "client_protocol",
+            SessionError::ForbiddenParameter(_) => "forbidden_parameter",
             SessionError::UnsupportedProtocol(_) => "unsupported_protocol",
             SessionError::NoUser => "no_user",
             SessionError::AuthFailed { .. } => "auth_failed",
@@ -257,6 +265,7 @@ mod tests {
         );
         for (e, code) in [
             (SessionError::InvalidStartupOption("bad".into()), "22023"),
+            (SessionError::ForbiddenParameter("crdb:x".into()), "08P01"),
             (
                 SessionError::FailoverOutcomeUnknown {
                     cluster: "main".into(),

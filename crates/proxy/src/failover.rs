@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::backend::dial;
+use crate::backend::login::LoginAuth;
 use crate::backend::BackendLease;
 use crate::errors::SessionError;
 use crate::forwarder::tracker::TxStatus;
@@ -75,7 +76,7 @@ pub async fn after_server_loss(
         };
         return close(err);
     }
-    let custom = transfer::custom_setting_names(ctx, fwd);
+    let custom = transfer::postgres::custom_setting_names(ctx, fwd);
     let last_request = fwd.tracker.last_request();
     let known = server
         .known
@@ -141,7 +142,7 @@ async fn rehome_on(
         BackendLease::new(b.clone()),
         &ctx.dial,
         session.startup,
-        session.credentials,
+        LoginAuth::Credentials(session.credentials),
         &mut chatter,
     )
     .await

@@ -60,11 +60,17 @@ pub async fn apply(ctx: &Arc<ProxyContext>, new: &Config) -> Result<ReloadSummar
                 &b.name,
                 &b.address,
                 b.cluster.as_deref(),
+                b.dialect,
                 BackendOrigin::Config,
             ) {
                 Ok(_) => summary.added.push(b.name.clone()),
                 Err(e) => warn!(backend = %b.name, error = %e, "config reload: cannot add backend"),
             },
+            Some(c) if c.dialect_setting != b.dialect => warn!(
+                backend = %b.name,
+                "config reload: a backend's dialect cannot change in place; \
+                 remove it and add it under another name"
+            ),
             Some(c) if c.cluster != b.cluster => warn!(
                 backend = %b.name,
                 "config reload: a backend's cluster cannot change in place; \

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::backend::dial::{self, DialError, ServerConnection};
-use crate::backend::login::BackendCredentials;
+use crate::backend::login::{BackendCredentials, LoginAuth};
 use crate::backend::role::TargetSessionAttrs;
 use crate::backend::BackendLease;
 use crate::cancel::{send_cancel, CancelRoute, CancelTarget, SecretLen};
@@ -380,7 +380,7 @@ async fn connect_backend(
             BackendLease::new(backend),
             &ctx.dial,
             startup,
-            credentials,
+            LoginAuth::Credentials(credentials),
             &mut relay,
         )
         .await

@@ -145,6 +145,9 @@ pub struct BackendView {
     /// checked yet).
     pub role: &'static str,
     pub cluster: Option<String>,
+    /// `postgres`, `cockroachdb`, or `unknown` (`dialect = "auto"` and no
+    /// login yet).
+    pub dialect: &'static str,
 }
 
 impl BackendView {
@@ -157,6 +160,7 @@ impl BackendView {
             sessions: b.sessions(),
             role: b.role().as_str(),
             cluster: b.cluster.clone(),
+            dialect: b.dialect().map_or("unknown", |d| d.as_str()),
         }
     }
 }

@@ -148,16 +148,22 @@ impl StartupMessage {
     /// Encodes a StartupMessage with the same parameters and protocol
     /// version, for the backend (protocol options are not passed on).
     pub fn encode_for_backend(&self, buf: &mut BytesMut) {
-        let body_len: usize = 4
-            + self
-                .params
+        self.encode_for_backend_with(buf, &[]);
+    }
+
+    /// Same, with `extra` parameters added at the end (a login credential
+    /// that must not be kept in the message itself).
+    pub fn encode_for_backend_with(&self, buf: &mut BytesMut, extra: &[(&str, &str)]) {
+        let pairs = || {
+            self.params
                 .iter()
-                .map(|(k, v)| k.len() + v.len() + 2)
-                .sum::<usize>()
-            + 1;
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain(extra.iter().copied())
+        };
+        let body_len: usize = 4 + pairs().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>() + 1;
         buf.put_u32((body_len + 4) as u32);
         buf.put_u32(self.protocol());
-        for (k, v) in &self.params {
+        for (k, v) in pairs() {
             buf.put_slice(k.as_bytes());
             buf.put_u8(0);
             buf.put_slice(v.as_bytes());

@@ -23,7 +23,7 @@ use tokio::io::AsyncWriteExt;
 use zeroize::Zeroizing;
 
 use super::dial::{self, read_message, DialError, DialSettings, ServerConnection};
-use super::login::BackendCredentials;
+use super::login::{BackendCredentials, LoginAuth};
 use super::{Backend, BackendLease};
 use crate::config::BackendAdminSection;
 
@@ -125,7 +125,7 @@ impl AdminConn {
             BackendLease::idle(backend),
             dial_settings,
             &login.startup,
-            &login.credentials,
+            LoginAuth::Credentials(&login.credentials),
             &mut chatter,
         )
         .await?;

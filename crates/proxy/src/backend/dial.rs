@@ -16,7 +16,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::login::{BackendCredentials, Login, LoginStep};
+use super::dialect::Dialect;
+use super::login::{Login, LoginAuth, LoginStep, REVIVAL_TOKEN_PARAM};
 use super::{Backend, BackendLease};
 use crate::config::BackendTlsMode;
 use crate::parameters::ParameterList;
@@ -103,14 +104,15 @@ impl ServerConnection {
 
 /// Dials the lease's backend and logs in as the client. ParameterStatus
 /// and NoticeResponse messages are appended, raw, to `relay` for the client.
+/// The login tells what kind of server the backend is (`Backend::note_login`).
 pub async fn connect(
     lease: BackendLease,
     settings: &DialSettings,
     startup: &StartupMessage,
-    credentials: &BackendCredentials,
+    auth: LoginAuth<'_>,
     relay: &mut BytesMut,
 ) -> Result<ServerConnection, DialError> {
-    let fut = connect_inner(lease, settings, startup, credentials, relay);
+    let fut = connect_inner(lease, settings, startup, auth, relay);
     match tokio::time::timeout(settings.connect_timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Unreachable(format!(
@@ -124,7 +126,7 @@ async fn connect_inner(
     lease: BackendLease,
     settings: &DialSettings,
     startup: &StartupMessage,
-    credentials: &BackendCredentials,
+    auth: LoginAuth<'_>,
     relay: &mut BytesMut,
 ) -> Result<ServerConnection, DialError> {
     let backend = lease.backend();
@@ -146,10 +148,23 @@ async fn connect_inner(
     };
 
     let mut out = BytesMut::with_capacity(256);
-    startup.encode_for_backend(&mut out);
-    write(&mut stream, &mut out).await?;
+    match auth {
+        LoginAuth::Credentials(_) => startup.encode_for_backend(&mut out),
+        // Added at encoding time only: the token is kept in no message.
+        LoginAuth::RevivalToken(token) => {
+            startup.encode_for_backend_with(&mut out, &[(REVIVAL_TOKEN_PARAM, token.expose())]);
+        }
+    }
+    let written = write(&mut stream, &mut out).await;
+    if matches!(auth, LoginAuth::RevivalToken(_)) {
+        // The buffer held the token; clearing only resets the length.
+        out.clear();
+        out.resize(out.capacity(), 0);
+        out.clear();
+    }
+    written?;
 
-    let mut login = Login::new(startup.user(), credentials);
+    let mut login = Login::new(startup.user(), auth);
     let mut inbuf = BytesMut::with_capacity(1024);
     let mut key = None;
     let mut parameters = Vec::new();
@@ -222,17 +237,19 @@ async fn connect_inner(
                         "data after the first ReadyForQuery".into(),
                     ));
                 }
+                // Kept for the session's life: one allocation.
+                let parameters = ParameterList::from_pairs(
+                    parameters
+                        .iter()
+                        .map(|(n, v): &(String, String)| (n.as_str(), v.as_str())),
+                );
+                backend.note_login(Dialect::detect(&parameters));
                 return Ok(ServerConnection {
                     stream,
                     lease,
                     peer,
                     key,
-                    // Kept for the session's life: one allocation.
-                    parameters: ParameterList::from_pairs(
-                        parameters
-                            .iter()
-                            .map(|(n, v): &(String, String)| (n.as_str(), v.as_str())),
-                    ),
+                    parameters,
                     ready_status,
                 });
             }

@@ -8,6 +8,7 @@
 
 pub mod admin_conn;
 pub mod dial;
+pub mod dialect;
 pub mod login;
 pub mod role;
 
@@ -19,6 +20,7 @@ use thiserror::Error;
 
 use crate::config::{split_host_port, BackendConfig};
 use crate::metrics::Metrics;
+use dialect::{Dialect, DialectSetting};
 use role::{Role, TargetSessionAttrs};
 
 /// What the operator asked of a backend; health is tracked apart.
@@ -81,10 +83,15 @@ pub struct Backend {
     pub origin: BackendOrigin,
     /// Backends of one cluster are a primary and its standbys.
     pub cluster: Option<String>,
+    /// As configured; `Auto` is resolved by the first login.
+    pub dialect_setting: DialectSetting,
+    /// `Dialect as u8`, 0 while unknown.
+    dialect: AtomicU8,
     sessions: AtomicUsize,
     role: AtomicU8,
     mode: AtomicU8,
     healthy: AtomicBool,
+    dialect_warned: AtomicBool,
     removed: AtomicBool,
     /// Consecutive health-check results of the current streak.
     check_failures: AtomicU32,
@@ -122,6 +129,49 @@ impl Backend {
 
     pub fn role(&self) -> Role {
         Role::from_u8(self.role.load(Ordering::Relaxed))
+    }
+
+    /// The server kind, if configured or seen at a login.
+    pub fn dialect(&self) -> Option<Dialect> {
+        Dialect::from_u8(self.dialect.load(Ordering::Relaxed))
+    }
+
+    /// What a session's moves must speak here; a backend no one has logged
+    /// in to yet (impossible for a live session's own) counts as PostgreSQL.
+    pub fn move_dialect(&self) -> Dialect {
+        self.dialect().unwrap_or(Dialect::Postgres)
+    }
+
+    /// Notes what a login found the server to be. A configured dialect
+    /// wins; a contradiction is logged once.
+    pub fn note_login(&self, seen: Dialect) {
+        match self.dialect_setting.fixed() {
+            None => {
+                let _ = self.dialect.compare_exchange(
+                    0,
+                    seen as u8,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            Some(fixed) if fixed != seen => {
+                if !self.dialect_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        backend = %self.name,
+                        configured = fixed.as_str(),
+                        seen = seen.as_str(),
+                        "backend's configured dialect differs from what its login reports; the configured one is used"
+                    );
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Whether a session of `dialect` may move here: the same dialect, or
+    /// not known yet (the move's own login then tells, and refuses).
+    pub fn speaks(&self, dialect: Dialect) -> bool {
+        self.dialect().is_none_or(|d| d == dialect)
     }
 
     /// Records the role a check (or a promotion) found; the old one.
@@ -296,6 +346,7 @@ impl BackendSet {
                 &c.name,
                 &c.address,
                 c.cluster.as_deref(),
+                c.dialect,
                 BackendOrigin::Config,
             )
             .map_err(|e| e.to_string())?;
@@ -318,6 +369,7 @@ impl BackendSet {
         name: &str,
         address: &str,
         cluster: Option<&str>,
+        dialect: DialectSetting,
         origin: BackendOrigin,
     ) -> Result<Arc<Backend>, AddBackendError> {
         if cluster.is_some_and(|c| c.is_empty() || c.len() > 63) {
@@ -350,6 +402,9 @@ impl BackendSet {
             port,
             origin,
             cluster: cluster.map(str::to_owned),
+            dialect_setting: dialect,
+            dialect: AtomicU8::new(dialect.fixed().map_or(0, |d| d as u8)),
+            dialect_warned: AtomicBool::new(false),
             sessions: AtomicUsize::new(0),
             role: AtomicU8::new(Role::Unknown as u8),
             mode: AtomicU8::new(BackendMode::Active as u8),
@@ -424,11 +479,18 @@ impl BackendSet {
 
     /// Where a session with `attrs` on `current` may be moved: active,
     /// healthy, other, of a role it may run on.
-    pub fn migration_targets(&self, current: &str, attrs: TargetSessionAttrs) -> Vec<Arc<Backend>> {
+    pub fn migration_targets(
+        &self,
+        current: &Backend,
+        attrs: TargetSessionAttrs,
+    ) -> Vec<Arc<Backend>> {
         let all = self.all();
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
         least_loaded(&all, start, |b| {
-            b.accepts_sessions() && b.name != current && attrs.allows(b.role())
+            b.accepts_sessions()
+                && b.name != current.name
+                && attrs.allows(b.role())
+                && b.speaks(current.move_dialect())
         })
     }
 
@@ -479,6 +541,7 @@ mod tests {
                 name: format!("pg{i}"),
                 address: format!("127.0.0.1:{}", 5000 + i),
                 cluster: None,
+                dialect: DialectSetting::Auto,
             })
             .collect();
         BackendSet::new(&cfgs, Arc::new(Metrics::new())).unwrap()
@@ -533,7 +596,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["pg2", "pg1"]);
         assert_eq!(
-            s.migration_targets("pg0", TargetSessionAttrs::ReadWrite)
+            s.migration_targets(&s.get("pg0").unwrap(), TargetSessionAttrs::ReadWrite)
                 .len(),
             1
         );
@@ -545,7 +608,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["pg1"]);
         assert!(s
-            .migration_targets("pg0", TargetSessionAttrs::ReadWrite)
+            .migration_targets(&s.get("pg0").unwrap(), TargetSessionAttrs::ReadWrite)
             .is_empty());
         // Two successes bring it back.
         assert_eq!(pg1.record_check(true, 3, 2), None);
@@ -568,7 +631,7 @@ mod tests {
         );
         assert_eq!(s.candidates(TargetSessionAttrs::Any).len(), 3);
         assert!(
-            !names(s.migration_targets("pg0", TargetSessionAttrs::ReadWrite))
+            !names(s.migration_targets(&s.get("pg0").unwrap(), TargetSessionAttrs::ReadWrite))
                 .contains(&"pg1".to_owned())
         );
     }
@@ -594,20 +657,44 @@ mod tests {
     fn add_rejects_duplicates_and_bad_addresses() {
         let s = set(1);
         assert_eq!(
-            s.add("pg0", "127.0.0.1:1", None, BackendOrigin::Api)
-                .unwrap_err(),
+            s.add(
+                "pg0",
+                "127.0.0.1:1",
+                None,
+                DialectSetting::Auto,
+                BackendOrigin::Api
+            )
+            .unwrap_err(),
             AddBackendError::Exists("pg0".into())
         );
         assert!(matches!(
-            s.add("pg9", "nope", None, BackendOrigin::Api),
+            s.add(
+                "pg9",
+                "nope",
+                None,
+                DialectSetting::Auto,
+                BackendOrigin::Api
+            ),
             Err(AddBackendError::Invalid(_))
         ));
         assert!(matches!(
-            s.add("", "127.0.0.1:1", None, BackendOrigin::Api),
+            s.add(
+                "",
+                "127.0.0.1:1",
+                None,
+                DialectSetting::Auto,
+                BackendOrigin::Api
+            ),
             Err(AddBackendError::Invalid(_))
         ));
         let b = s
-            .add("pg9", "127.0.0.1:9", None, BackendOrigin::Api)
+            .add(
+                "pg9",
+                "127.0.0.1:9",
+                None,
+                DialectSetting::Auto,
+                BackendOrigin::Api,
+            )
             .unwrap();
         assert_eq!(b.state(), BackendState::Active);
         assert_eq!(s.all().len(), 2);

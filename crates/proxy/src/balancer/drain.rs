@@ -127,7 +127,7 @@ pub async fn drain(
             }
             no_target = ctx
                 .backends
-                .migration_targets(name, TargetSessionAttrs::Any)
+                .migration_targets(&backend, TargetSessionAttrs::Any)
                 .is_empty();
             if no_target {
                 for (info, _) in &sessions {

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::mover::request_transfer;
+use crate::backend::dialect::Dialect;
 use crate::backend::role::Role;
 use crate::forwarder::{ControlSender, TransferOutcome};
 use crate::ProxyContext;
@@ -110,16 +111,20 @@ pub async fn rebalance(ctx: &ProxyContext, timeout: Duration) -> RebalanceReport
     let _one = ctx.balancer.rebalancing.lock().await;
     let cooldown = ctx.config.balancer.cooldown;
     let mut controls: Vec<(Uuid, ControlSender)> = Vec::new();
-    // Standbys and the others are evened out apart: a read-write session
-    // never moves to a standby.
-    let mut loads = Vec::new();
-    let mut standby_loads = Vec::new();
+    // Standbys and the others are evened out apart (a read-write session
+    // never moves to a standby), and so are the dialects (a session moves
+    // only between backends of its own).
+    let mut groups: Vec<((Dialect, bool), Vec<Load>)> = Vec::new();
     for b in ctx.backends.all().iter().filter(|b| b.accepts_sessions()) {
-        let loads = if b.role() == Role::Standby {
-            &mut standby_loads
-        } else {
-            &mut loads
+        let group = (b.move_dialect(), b.role() == Role::Standby);
+        let at = match groups.iter().position(|(g, _)| *g == group) {
+            Some(at) => at,
+            None => {
+                groups.push((group, Vec::new()));
+                groups.len() - 1
+            }
         };
+        let loads = &mut groups[at].1;
         let mut sessions = ctx.registry.on_backend(&b.name);
         // Never-moved sessions first, then the longest-settled ones.
         sessions.sort_by_key(|(i, _)| (i.last_migrated.is_some(), i.last_migrated));
@@ -138,8 +143,10 @@ pub async fn rebalance(ctx: &ProxyContext, timeout: Duration) -> RebalanceReport
             movable,
         });
     }
-    let mut planned = plan(loads);
-    planned.extend(plan(standby_loads));
+    let planned: Vec<PlannedMove> = groups
+        .into_iter()
+        .flat_map(|(_, loads)| plan(loads))
+        .collect();
     if planned.is_empty() {
         return RebalanceReport::default();
     }

@@ -147,6 +147,13 @@ pub async fn negotiate(
                 if tls.require && !stream.is_tls() {
                     return Err(NegotiationFailure::Reply(stream, SessionError::TlsRequired));
                 }
+                // Startup parameters are passed on to the backend; these
+                // are pgferry's own to send (a revival token login).
+                if let Some((name, _)) = startup.params.iter().find(|(k, _)| k.starts_with("crdb:"))
+                {
+                    let e = SessionError::ForbiddenParameter(name.clone());
+                    return Err(NegotiationFailure::Reply(stream, e));
+                }
                 let requested = startup.minor_version;
                 startup.minor_version = max.session_minor(requested);
                 // As PostgreSQL: a NegotiateProtocolVersion only when the

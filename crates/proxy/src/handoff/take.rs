@@ -20,6 +20,7 @@ use super::channel::{Channel, HandoffListener};
 use super::protocol::{offered_state_versions, Frame, MAGIC, PROTOCOL_VERSIONS};
 use super::state::{CredentialsCarry, SessionState};
 use super::{lock, Status};
+use crate::backend::dialect::Dialect;
 use crate::backend::login::BackendCredentials;
 use crate::backend::role::TargetSessionAttrs;
 use crate::backend::BackendLease;
@@ -500,10 +501,14 @@ fn adopt(
     if let (Some(a), Some(row)) = (ctx.audit.as_ref(), state.audit.take()) {
         a.adopt(row);
     }
+    let tracker = SessionTracker::from_carry(state.tracker);
+    // What the session's own login reported tells this process, too, what
+    // kind of server its backend is (no login of its own may have yet).
+    backend.note_login(Dialect::detect(tracker.parameters()));
     let parts = ForwarderParts {
         client,
         server: server_stream,
-        tracker: SessionTracker::from_carry(state.tracker),
+        tracker,
         control: control_rx,
         held_from_client: std::mem::take(&mut state.held_from_client),
         deferred: std::mem::take(&mut state.deferred)

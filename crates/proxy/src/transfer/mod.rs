@@ -1,15 +1,20 @@
-//! Moving a live session to another backend (PostgreSQL dialect).
+//! Moving a live session to another backend.
 //!
 //! Runs inside the session's own task, at a safe point the forwarder
-//! found, with exclusive ownership of both sockets: capture the state on
-//! the old backend (one query), dial and log in to the target exactly as
-//! for a new session, replay the state, tell the client about changed
-//! parameters, swap the server socket, and close the old one. Anything
-//! that fails before the swap leaves the session untouched (recoverable);
-//! losing the old backend mid-capture is fatal.
+//! found, with exclusive ownership of both sockets: the backend's dialect
+//! takes the state on the old backend and puts it on a new connection to
+//! the target (`postgres`: a catalog query and a replay; `cockroach`: SHOW
+//! TRANSFER STATE, a revival-token login and `deserialize_session`); then,
+//! for both, the old backend's last words reach the client, changed
+//! parameters are told, the server socket is swapped and the old one
+//! closed. Anything that fails before the swap leaves the session
+//! untouched (recoverable); losing the old backend in the middle of its
+//! answer is fatal.
 
 pub mod capture;
+pub mod cockroach;
 pub mod known_state;
+pub mod postgres;
 pub mod prepare_text;
 pub mod replay;
 pub mod spares;
@@ -17,24 +22,21 @@ pub mod spares;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use pgferry_wire::messages::{
-    encode_parameter_status, encode_parse, encode_sync, encode_terminate,
-};
+use bytes::{Bytes, BytesMut};
+use pgferry_wire::messages::{encode_parameter_status, encode_terminate};
 use pgferry_wire::{tag, CancelKey, ErrorFields, StartupMessage};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use crate::backend::dial::{self, put_raw, read_message, DialError};
+use crate::backend::dialect::Dialect;
 use crate::backend::login::BackendCredentials;
 use crate::backend::role::TargetSessionAttrs;
 use crate::backend::{Backend, BackendLease};
 use crate::cancel::CancelTarget;
 use crate::forwarder::careful::Deferred;
-use crate::forwarder::extended::{decode_unnamed_parse, Unnamed, MAX_UNNAMED_STATEMENT};
 use crate::forwarder::Forwarder;
 use crate::ProxyContext;
-use capture::{capture_query, parse_capture, UnnamedStatement, OWN_STATEMENT};
 use known_state::KnownState;
 
 /// Who the session is, for dialing a target as the client.
@@ -90,18 +92,27 @@ use TransferError::{BackendEnded, Fatal, Recoverable};
 /// other one; either must be taking sessions.
 pub fn choose_target(
     ctx: &ProxyContext,
-    current: &str,
+    current: &Backend,
     to: Option<&str>,
     attrs: TargetSessionAttrs,
 ) -> Result<Arc<Backend>, TransferError> {
+    let dialect = current.move_dialect();
     match to {
-        Some(name) if name == current => Err(Recoverable(format!("session is already on {name}"))),
+        Some(name) if name == current.name => {
+            Err(Recoverable(format!("session is already on {name}")))
+        }
         Some(name) => {
             let b = ctx
                 .backends
                 .get(name)
                 .ok_or_else(|| Recoverable(format!("unknown backend {name:?}")))?;
-            if b.accepts_sessions() && !attrs.allows(b.role()) {
+            if !b.speaks(dialect) {
+                Err(Recoverable(format!(
+                    "backend {name} is {} and this session is on {}",
+                    b.move_dialect().as_str(),
+                    dialect.as_str()
+                )))
+            } else if b.accepts_sessions() && !attrs.allows(b.role()) {
                 Err(Recoverable(format!(
                     "backend {name} is a {} and this session is {}",
                     b.role().as_str(),
@@ -141,132 +152,39 @@ pub async fn transfer(
     old_may_end: bool,
 ) -> Result<String, TransferError> {
     let max_len = ctx.config.proxy.max_message_length;
-    let current = server.backend().name.clone();
+    let current = server.backend().clone();
+    let dialect = current.move_dialect();
     let target = choose_target(ctx, &current, to, session.attrs)?;
 
-    // 1. Capture on the old backend while dialing the target: the two are
-    //    independent, and the session's traffic is held during both.
-    let mut startup_chatter = BytesMut::new();
-    let phase = |name: &str| ctx.metrics.migration_phase.with_label_values(&[name]);
-    let custom = custom_setting_names(ctx, fwd);
-    let last_request = fwd.tracker.last_request();
-    let unnamed = match fwd.tracker.unnamed_statement() {
-        Unnamed::None => None,
-        Unnamed::Known(body) => Some(decode_unnamed_parse(body).ok_or_else(|| {
-            Recoverable("the session's unnamed prepared statement is unreadable".into())
-        })?),
-        Unnamed::TooLarge => {
-            return Err(Recoverable(format!(
-                "the session's unnamed prepared statement is over {MAX_UNNAMED_STATEMENT} bytes"
-            )))
+    // 1–2. The dialect's own capture, dial and replay; the session's
+    //      traffic is held throughout.
+    let prepared = match dialect {
+        Dialect::Postgres => {
+            postgres::prepare(ctx, fwd, server, session, &target, old_may_end).await?
         }
-        Unnamed::Unknown => {
-            return Err(Recoverable(
-                "the session's unnamed prepared statement is not known".into(),
-            ))
-        }
+        Dialect::Cockroach => cockroach::prepare(ctx, fwd, &current.name, session, &target).await?,
     };
-    let unnamed = unnamed.map(|(query, oids)| (query.to_owned(), oids));
-    let unnamed = unnamed.as_ref().map(|(query, oids)| UnnamedStatement {
-        query,
-        parameter_oids: oids,
-    });
-    // Reused only while the old backend has nothing unread to say: the
-    // capture would relay that to the client; a swap would drop it.
-    let known = server
-        .known
-        .take()
-        .and_then(|k| k.still_holds(last_request, &custom))
-        .or_else(|| known_state::login_state(last_request))
-        .filter(|_| old_may_end || fwd.server.is_silent());
-    let reused = known.is_some();
-    let connect = timed(
-        phase("connect"),
-        target_connection(ctx, &target, session, &mut startup_chatter),
-    );
-    let (captured, dialed) = match known {
-        Some(state) => {
-            ctx.metrics.migration_state_reused.inc();
-            (Ok(state), connect.await)
-        }
-        None => {
-            let captured = timed(
-                phase("capture"),
-                capture(ctx, fwd, &current, session, &custom, unnamed),
-            );
-            let (captured, dialed) = tokio::join!(captured, connect);
-            if let Ok(state) = &captured {
-                ctx.metrics.migration_state_bytes.observe(state.size as f64);
-            }
-            (captured, dialed)
-        }
-    };
-    // A failed capture drops the new connection, whatever its state.
-    let mut state = captured?;
-    let backslash_escapes = fwd
-        .tracker
-        .parameters()
-        .contains("standard_conforming_strings", "off");
-    prepare_text::isolate_prepares(&mut state, backslash_escapes).map_err(Recoverable)?;
-    // True here whatever happens next, and on the target after a replay.
-    server.known = KnownState::keep(last_request, &custom, &state, false);
-    let mut conn = match dialed {
-        Ok(c) => c,
-        Err(e) => {
-            if matches!(e, DialError::Unreachable(_)) {
-                ctx.metrics
-                    .backend_dial_errors
-                    .with_label_values(&[target.name.as_str()])
-                    .inc();
-            }
-            return Err(Recoverable(format!(
-                "could not connect to {}: {e}",
-                target.name
-            )));
-        }
-    };
-
-    // 2. Replay; any error drops the new connection.
-    let replayed = timed(
-        phase("replay"),
-        tokio::time::timeout(
-            ctx.config.proxy.connect_timeout,
-            replay::replay(&mut conn, &state, max_len),
-        ),
-    )
-    .await
-    .map_err(|_| Recoverable(format!("replay on {} timed out", target.name)))?
-    .map_err(|e| Recoverable(format!("{} on {}", e, target.name)))?;
-    let params = replayed.parameters;
-    let mut deferred = Vec::new();
-    for u in replayed.unparsed {
-        if !broken_on_old_backend(ctx, fwd, &current, &u).await? {
-            return Err(Recoverable(format!(
-                "prepared statement {:?} cannot be re-created on {}: {}",
-                u.statement.name,
-                target.name,
-                replay::describe(&u.error)
-            )));
-        }
-        let mut parse = BytesMut::new();
-        pgferry_wire::messages::encode_parse(
-            &mut parse,
-            &u.statement.name,
-            &u.statement.statement,
-            &u.oids,
-        )
-        .map_err(|e| Recoverable(e.to_string()))?;
-        // The body: what follows the 5-byte header.
-        deferred.push(Deferred {
-            name: u.statement.name,
-            parse: parse.get(5..).unwrap_or_default().into(),
-        });
+    // A target no one had logged in to is known now.
+    if target.move_dialect() != dialect {
+        return Err(Recoverable(format!(
+            "backend {} is {} and this session is on {}",
+            target.name,
+            target.move_dialect().as_str(),
+            dialect.as_str()
+        )));
     }
+    let Prepared {
+        conn,
+        params,
+        deferred,
+        old_may_have_ended,
+    } = prepared;
+    let current = current.name.clone();
 
     // 3. Whatever the old backend said meanwhile is the client's to hear;
     //    if it ended the session (an administrator's pg_terminate_backend
     //    during the move), the session ends, as it would have.
-    if old_may_end && reused {
+    if old_may_have_ended {
         farewell_unheard(fwd, &current, max_len).await;
     } else {
         last_words(fwd, max_len).await?;
@@ -299,6 +217,31 @@ pub async fn transfer(
     Ok(target.name.clone())
 }
 
+/// A connection to the target, logged in as the client with the session's
+/// state in place, ready to be swapped in.
+pub struct Prepared {
+    pub conn: dial::ServerConnection,
+    /// The session's parameters on it, as the client must know them.
+    pub params: crate::parameters::ParameterList,
+    /// Prepared statements re-created at their first use.
+    pub deferred: Vec<Deferred>,
+    /// A switchover's move with a state known before its hold: the old
+    /// primary may have gone since, which the client need not hear.
+    pub old_may_have_ended: bool,
+}
+
+/// A failed dial to a move's target: recoverable, counted when the target
+/// could not be reached.
+fn dial_failure(ctx: &ProxyContext, target: &Backend, e: DialError) -> TransferError {
+    if matches!(e, DialError::Unreachable(_)) {
+        ctx.metrics
+            .backend_dial_errors
+            .with_label_values(&[target.name.as_str()])
+            .inc();
+    }
+    Recoverable(format!("could not connect to {}: {e}", target.name))
+}
+
 /// What `remember` found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Remembered {
@@ -324,54 +267,14 @@ pub async fn remember(
     session: &SessionIdentity<'_>,
     any_size: bool,
 ) -> Result<Remembered, TransferError> {
-    let custom = custom_setting_names(ctx, fwd);
-    let last_request = fwd.tracker.last_request();
-    let known = server
-        .known
-        .take()
-        .and_then(|k| k.still_holds(last_request, &custom))
-        .or_else(|| known_state::login_state(last_request));
-    if let Some(state) = known {
-        server.known = KnownState::keep(last_request, &custom, &state, true);
-        return Ok(Remembered::AlreadyKnown);
+    match server.backend().move_dialect() {
+        Dialect::Postgres => postgres::remember(ctx, fwd, server, session, any_size).await,
+        // Its state comes with a token that expires in ten minutes; it is
+        // asked for only when the session moves.
+        Dialect::Cockroach => Ok(Remembered::Unknown(
+            "a cockroachdb session's state is taken only when it moves".into(),
+        )),
     }
-    let unnamed = match fwd.tracker.unnamed_statement() {
-        Unnamed::None => None,
-        Unnamed::Known(body) => decode_unnamed_parse(body).map(|(q, o)| (q.to_owned(), o)),
-        Unnamed::TooLarge => {
-            return Ok(Remembered::Unknown(format!(
-                "the session's unnamed prepared statement is over {MAX_UNNAMED_STATEMENT} bytes"
-            )))
-        }
-        Unnamed::Unknown => {
-            return Ok(Remembered::Unknown(
-                "the session's unnamed prepared statement is not known".into(),
-            ))
-        }
-    };
-    let unnamed_ref = unnamed.as_ref().map(|(query, oids)| UnnamedStatement {
-        query,
-        parameter_oids: oids,
-    });
-    let current = server.backend().name.clone();
-    let mut state = match capture(ctx, fwd, &current, session, &custom, unnamed_ref).await {
-        Ok(state) => state,
-        Err(Recoverable(why)) => return Ok(Remembered::Unknown(why)),
-        Err(e) => return Err(e),
-    };
-    let backslash_escapes = fwd
-        .tracker
-        .parameters()
-        .contains("standard_conforming_strings", "off");
-    if let Err(why) = prepare_text::isolate_prepares(&mut state, backslash_escapes) {
-        return Ok(Remembered::Unknown(why));
-    }
-    server.known = KnownState::keep(last_request, &custom, &state, any_size);
-    Ok(if server.known.is_some() {
-        Remembered::Captured
-    } else {
-        Remembered::Unknown("its state is too large to keep".into())
-    })
 }
 
 /// Puts `conn` (logged in and replayed) under the session: the client
@@ -436,106 +339,12 @@ pub async fn swap(
     old_stream
 }
 
-/// Custom settings (placeholders such as `app.tenant`) a capture asks for:
-/// the configured ones and those the client was seen setting.
-pub fn custom_setting_names(ctx: &ProxyContext, fwd: &Forwarder<'_>) -> Vec<String> {
-    let mut custom: Vec<String> = ctx.config.migration.carry_settings.clone();
-    for n in fwd.tracker.custom_settings() {
-        if !custom.contains(n) {
-            custom.push(n.clone());
-        }
-    }
-    custom
-}
-
 /// Runs `fut`, recording how long it took.
 async fn timed<F: std::future::Future>(h: prometheus::Histogram, fut: F) -> F::Output {
     let t = std::time::Instant::now();
     let r = fut.await;
     h.observe(t.elapsed().as_secs_f64());
     r
-}
-
-/// A logged-in connection to `target` as the client: a warm spare when
-/// one is ready, else a fresh dial.
-pub async fn target_connection(
-    ctx: &ProxyContext,
-    target: &Arc<Backend>,
-    session: &SessionIdentity<'_>,
-    chatter: &mut BytesMut,
-) -> Result<dial::ServerConnection, DialError> {
-    // A spare was reset (DISCARD ALL) before it was parked and nothing has
-    // been sent on it since (`take` checks it is still silent), so it is
-    // used as it is: a second reset here would only compete with the
-    // capture for the CPU.
-    if let Some(params) = session.spare_params {
-        if let Some(conn) = ctx.spares.take(&target.name, params) {
-            ctx.metrics.spares_taken.inc();
-            return Ok(conn);
-        }
-    }
-    dial::connect(
-        BackendLease::new(target.clone()),
-        &ctx.dial,
-        session.startup,
-        session.credentials,
-        chatter,
-    )
-    .await
-}
-
-/// Runs the capture query on the old backend and reads the session state.
-/// Messages meant for the client that arrive meanwhile are delivered.
-async fn capture(
-    ctx: &ProxyContext,
-    fwd: &mut Forwarder<'_>,
-    current: &str,
-    session: &SessionIdentity<'_>,
-    custom: &[String],
-    unnamed: Option<UnnamedStatement<'_>>,
-) -> Result<capture::SessionState, TransferError> {
-    let row = query_old_backend(ctx, fwd, current, &capture_query(custom, unnamed)).await?;
-    let cols =
-        pgferry_wire::messages::decode_data_row(&row).map_err(|e| Recoverable(e.to_string()))?;
-    let parsed = parse_capture(&cols, custom, unnamed, session.startup.user());
-    let state = match parsed.map_err(Recoverable)? {
-        Ok(state) => state,
-        Err(blocker) => return Err(Recoverable(blocker.reason().into())),
-    };
-    // Only a session that once made a temporary object has a temporary
-    // schema; whether it still holds any is asked apart, so that other
-    // sessions' captures need not plan a pg_class scan.
-    if let Some(schema) = state.temp_schema {
-        let row =
-            query_old_backend(ctx, fwd, current, &capture::temp_relations_query(schema)).await?;
-        if count_of(&row)? > 0 {
-            return Err(Recoverable(capture::Blocker::TempTables.reason().into()));
-        }
-    }
-    // PREPARE TRANSACTION leaves the transaction on this server, for this
-    // session (or its transaction manager) to COMMIT PREPARED here: not on
-    // another backend. Only a server that allows them can have any.
-    if state.two_phase {
-        let row =
-            query_old_backend(ctx, fwd, current, capture::prepared_transactions_query()).await?;
-        if count_of(&row)? > 0 {
-            return Err(Recoverable(
-                capture::Blocker::PreparedTransactions.reason().into(),
-            ));
-        }
-    }
-    Ok(state)
-}
-
-/// The one number of a one-column count row.
-fn count_of(row: &[u8]) -> Result<i64, TransferError> {
-    let cols =
-        pgferry_wire::messages::decode_data_row(row).map_err(|e| Recoverable(e.to_string()))?;
-    cols.first()
-        .copied()
-        .flatten()
-        .and_then(|c| std::str::from_utf8(c).ok()?.parse::<i64>().ok())
-        .ok_or_else(|| Recoverable("count row unreadable".into()))
 }
 
 /// How long a late capture answer is waited for before the backend counts
@@ -545,58 +354,31 @@ const LATE_CAPTURE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3
 /// Time allowed for a backend's last words once it is known to be leaving.
 const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Runs one query on the session's current backend (its traffic held), as
-/// a named statement of the extended protocol, and returns its one row. Messages meant for the client that
-/// arrive meanwhile are delivered. A backend that ends the session here
-/// (its FATAL relayed) gives `BackendEnded`; one that stops answering is
-/// fatal.
-async fn query_old_backend(
-    ctx: &ProxyContext,
-    fwd: &mut Forwarder<'_>,
-    current: &str,
-    sql: &str,
-) -> Result<bytes::Bytes, TransferError> {
-    let enc = |e: pgferry_wire::EncodeError| Recoverable(e.to_string());
-    let mut out = BytesMut::new();
-    encode_parse(&mut out, OWN_STATEMENT, sql, &[]).map_err(enc)?;
-    let mut bind = vec![0u8];
-    bind.extend_from_slice(OWN_STATEMENT.as_bytes());
-    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
-    put_raw(&mut out, tag::BIND, &bind);
-    put_raw(&mut out, tag::EXECUTE, &[0, 0, 0, 0, 0]);
-    encode_sync(&mut out).map_err(enc)?;
-    // Closed after the Sync, so an error above cannot skip it.
-    close_own_statement(&mut out).map_err(enc)?;
-    let (row, error) = ask_old_backend(ctx, fwd, current, &out, 2).await?;
-    if let Some(e) = error {
-        return Err(Recoverable(format!(
-            "capture failed: {}",
-            e.message().unwrap_or("error")
-        )));
-    }
-    row.ok_or_else(|| Recoverable("capture returned no row".into()))
-}
-
-/// Close of `OWN_STATEMENT` and a Sync (closing one that does not exist
-/// is no error).
-fn close_own_statement(out: &mut BytesMut) -> Result<(), pgferry_wire::EncodeError> {
-    let mut close = vec![b'S'];
-    close.extend_from_slice(OWN_STATEMENT.as_bytes());
-    close.push(0);
-    put_raw(out, tag::CLOSE, &close);
-    encode_sync(out)
+/// What the old backend answered to one of pgferry's own exchanges.
+#[derive(Debug, Default)]
+struct Answer {
+    /// The last RowDescription, DataRow and CommandComplete bodies.
+    description: Option<Bytes>,
+    row: Option<Bytes>,
+    complete: Option<Bytes>,
+    /// How many DataRows came.
+    rows: usize,
+    /// The first error (not a FATAL: that ends the session).
+    error: Option<ErrorFields>,
 }
 
 /// One exchange of pgferry's own with the old backend: sends `out`, reads
-/// until `ready` ReadyForQuery; the last row and the first (non-FATAL)
-/// error.
+/// until `ready` ReadyForQuery. A backend that closes before answering
+/// ended the session (`BackendEnded`); one that closes in the middle of
+/// its answer, or stays silent for `LATE_CAPTURE_LIMIT`, fails the move
+/// (`Fatal`): the session cannot be resumed out of step with it.
 async fn ask_old_backend(
     ctx: &ProxyContext,
     fwd: &mut Forwarder<'_>,
     current: &str,
     out: &[u8],
     ready: usize,
-) -> Result<(Option<bytes::Bytes>, Option<ErrorFields>), TransferError> {
+) -> Result<Answer, TransferError> {
     let max_len = ctx.config.proxy.max_message_length;
     let old_dead =
         |e: &dyn std::fmt::Display| Fatal(format!("backend {current} failed during capture: {e}"));
@@ -615,8 +397,9 @@ async fn ask_old_backend(
         relay(fwd, &mut for_client).await;
         return Err(BackendEnded { said_why });
     }
-    let mut row = None;
-    let mut error = None;
+    let mut answer = Answer::default();
+    // Whether the backend has begun answering pgferry's exchange.
+    let mut answering = false;
     // Past `capture_timeout` the move is abandoned, but the answer is still
     // awaited: it must not reach the client out of turn, and a backend that
     // is only slow keeps the session (the client's own next query would
@@ -643,6 +426,10 @@ async fn ask_old_backend(
                 continue;
             }
             Err(_) => return Err(old_dead(&"no answer to the capture query")),
+            Ok(Err(e)) if answering => {
+                relay(fwd, &mut for_client).await;
+                return Err(old_dead(&format_args!("connection lost mid-answer: {e}")));
+            }
             Ok(Err(_)) => {
                 // Closed or reset: the session is over on that backend.
                 relay(fwd, &mut for_client).await;
@@ -650,8 +437,14 @@ async fn ask_old_backend(
             }
             Ok(Ok(m)) => m,
         };
+        answering |= !meant_for_client(m.tag);
         match m.tag {
-            tag::DATA_ROW => row = Some(m.body),
+            tag::ROW_DESCRIPTION => answer.description = Some(m.body),
+            tag::DATA_ROW => {
+                answer.rows += 1;
+                answer.row = Some(m.body);
+            }
+            tag::COMMAND_COMPLETE => answer.complete = Some(m.body),
             tag::ERROR_RESPONSE => {
                 let f = ErrorFields::decode(&m.body).map_err(|e| old_dead(&e))?;
                 if f.ends_session() {
@@ -660,7 +453,7 @@ async fn ask_old_backend(
                     relay(fwd, &mut for_client).await;
                     return Err(BackendEnded { said_why: true });
                 }
-                error.get_or_insert(f);
+                answer.error.get_or_insert(f);
             }
             tag::READY_FOR_QUERY => {
                 seen += 1;
@@ -681,43 +474,7 @@ async fn ask_old_backend(
             ctx.config.migration.capture_timeout
         )));
     }
-    Ok((row, error))
-}
-
-/// Whether `u` fails to parse on the old backend too, with the same
-/// SQLSTATE: then it is the session's own state (its table was dropped),
-/// which PostgreSQL keeps until the statement is used, and the session may
-/// move with it deferred. Otherwise the backends differ, and it must not.
-async fn broken_on_old_backend(
-    ctx: &ProxyContext,
-    fwd: &mut Forwarder<'_>,
-    current: &str,
-    u: &replay::Unparsed,
-) -> Result<bool, TransferError> {
-    let enc = |e: pgferry_wire::EncodeError| Recoverable(e.to_string());
-    // The parameter types by name, resolved here as the replay resolved
-    // them on the target.
-    let oids = match replay::type_resolution_sql(&[&u.statement]) {
-        Some(sql) => {
-            let row = query_old_backend(ctx, fwd, current, &sql).await?;
-            let cols = pgferry_wire::messages::decode_data_row(&row)
-                .map_err(|e| Recoverable(e.to_string()))?;
-            let text = cols
-                .first()
-                .copied()
-                .flatten()
-                .and_then(|c| std::str::from_utf8(c).ok())
-                .ok_or_else(|| Recoverable("type resolution returned no types".into()))?;
-            replay::parse_oids(text).map_err(Recoverable)?
-        }
-        None => Vec::new(),
-    };
-    let mut out = BytesMut::new();
-    encode_parse(&mut out, OWN_STATEMENT, &u.statement.statement, &oids).map_err(enc)?;
-    encode_sync(&mut out).map_err(enc)?;
-    close_own_statement(&mut out).map_err(enc)?;
-    let (_, error) = ask_old_backend(ctx, fwd, current, &out, 2).await?;
-    Ok(error.is_some_and(|e| e.sqlstate().is_some() && e.sqlstate() == u.error.sqlstate()))
+    Ok(answer)
 }
 
 /// Reads what a closing backend still has to say, until it is gone or

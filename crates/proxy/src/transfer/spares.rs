@@ -25,7 +25,8 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tracing::debug;
 
 use crate::backend::dial::{self, DialError, ServerConnection};
-use crate::backend::login::BackendCredentials;
+use crate::backend::dialect::Dialect;
+use crate::backend::login::{BackendCredentials, LoginAuth};
 use crate::backend::{Backend, BackendLease};
 use crate::metrics::Metrics;
 use crate::stream::Stream;
@@ -217,7 +218,13 @@ pub fn refill(ctx: &Arc<ProxyContext>, params: &Params) {
     if !pool.enabled() {
         return;
     }
-    for backend in ctx.backends.all().iter().filter(|b| b.accepts_sessions()) {
+    // Spares are PostgreSQL's: reset with DISCARD ALL, warmed with the
+    // capture query. A CockroachDB session's state comes with its token.
+    let backends = ctx.backends.all();
+    let postgres = backends
+        .iter()
+        .filter(|b| b.accepts_sessions() && b.speaks(Dialect::Postgres));
+    for backend in postgres {
         let (missing, startup, credentials) = {
             let mut st = pool.lock();
             let Some(d) = st.demands.get(params) else {
@@ -255,7 +262,7 @@ async fn fill_one(
         BackendLease::idle(backend.clone()),
         &ctx.dial,
         startup,
-        credentials,
+        LoginAuth::Credentials(credentials),
         &mut chatter,
     )
     .await
