@@ -15,6 +15,9 @@ pub struct Backend {
     pub role: Option<String>,
     #[serde(default)]
     pub cluster: Option<String>,
+    /// Older servers do not say.
+    #[serde(default)]
+    pub dialect: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

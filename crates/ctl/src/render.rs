@@ -94,7 +94,7 @@ pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
 
 pub fn backends(list: &[Backend]) -> String {
     let mut t = Table::new(&[
-        "NAME", "ADDRESS", "STATE", "HEALTHY", "SESSIONS", "ROLE", "CLUSTER",
+        "NAME", "ADDRESS", "STATE", "HEALTHY", "SESSIONS", "ROLE", "CLUSTER", "DIALECT",
     ]);
     for b in list {
         t.row(vec![
@@ -105,6 +105,7 @@ pub fn backends(list: &[Backend]) -> String {
             b.sessions.to_string(),
             cell(b.role.as_deref().unwrap_or("-")),
             cell(b.cluster.as_deref().unwrap_or("-")),
+            cell(b.dialect.as_deref().unwrap_or("-")),
         ]);
     }
     t.render()
@@ -336,14 +337,14 @@ mod tests {
     fn backends_table_is_aligned() {
         let list: Vec<Backend> = parse(
             r#"[{"name":"pg1","address":"127.0.0.1:5432","state":"active","healthy":true,"sessions":12,
-                 "role":"primary","cluster":"main"},
+                 "role":"primary","cluster":"main","dialect":"postgres"},
                 {"name":"replica-two","address":"10.0.0.2:5432","state":"draining","healthy":false,"sessions":3}]"#,
         );
         assert_eq!(
             backends(&list),
-            "NAME         ADDRESS         STATE     HEALTHY  SESSIONS  ROLE     CLUSTER\n\
-             pg1          127.0.0.1:5432  active    yes      12        primary  main\n\
-             replica-two  10.0.0.2:5432   draining  no       3         -        -\n"
+            "NAME         ADDRESS         STATE     HEALTHY  SESSIONS  ROLE     CLUSTER  DIALECT\n\
+             pg1          127.0.0.1:5432  active    yes      12        primary  main     postgres\n\
+             replica-two  10.0.0.2:5432   draining  no       3         -        -        -\n"
         );
     }
 
@@ -351,7 +352,7 @@ mod tests {
     fn empty_lists_still_show_headers() {
         assert_eq!(
             backends(&[]),
-            "NAME  ADDRESS  STATE  HEALTHY  SESSIONS  ROLE  CLUSTER\n"
+            "NAME  ADDRESS  STATE  HEALTHY  SESSIONS  ROLE  CLUSTER  DIALECT\n"
         );
         assert!(connections(&[]).starts_with("ID  USER  DATABASE  APPLICATION"));
     }
@@ -458,9 +459,9 @@ mod tests {
              a1   pg1   pg2  success            -\n\
              b22  pg1   pg2  recoverable_error  in COPY\n\
              \n\
-             NAME  ADDRESS  STATE   HEALTHY  SESSIONS  ROLE  CLUSTER\n\
-             pg1   h:1      active  yes      5         -     -\n\
-             pg2   h:2      active  yes      4         -     -\n"
+             NAME  ADDRESS  STATE   HEALTHY  SESSIONS  ROLE  CLUSTER  DIALECT\n\
+             pg1   h:1      active  yes      5         -     -        -\n\
+             pg2   h:2      active  yes      4         -     -        -\n"
         );
         let idle: Rebalance = parse(r#"{"moves":[],"moved":0,"failed":0,"backends":[]}"#);
         assert_eq!(rebalance(&idle), "rebalance: nothing to move\n");

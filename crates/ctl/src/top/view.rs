@@ -295,6 +295,7 @@ mod tests {
             sessions,
             role: Some("primary".into()),
             cluster: None,
+            dialect: Some("postgres".into()),
         }
     }
 

@@ -509,6 +509,7 @@ fn backends_table(views: Vec<verbs::BackendView>) -> Answer {
                 text(b.role),
                 b.cluster.clone(),
                 text(b.sessions),
+                text(b.dialect),
             ]
         })
         .collect();
@@ -522,6 +523,7 @@ fn backends_table(views: Vec<verbs::BackendView>) -> Answer {
             ("role", Text),
             ("cluster", Text),
             ("sessions", Int8),
+            ("dialect", Text),
         ],
         rows,
     )
