@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use pgferry_pgcluster::prerequisites::{self, ensure_debian_packages, Need};
 use pgferry_pgcluster::{Cluster, ClusterOptions, ServerBinaries};
 
+pub mod crdb_peer;
 pub mod mover;
 pub mod raw;
 pub mod sandbox;
@@ -217,6 +218,11 @@ pub struct ProxyOptions {
     pub nofile: Option<u64>,
     /// `cluster = "..."` on every [[backend]].
     pub backend_cluster: Option<String>,
+    /// `dialect = "..."` on every [[backend]].
+    pub backend_dialect: Option<String>,
+    /// (backend name, dialect): `dialect = "..."` on that [[backend]]
+    /// instead of `backend_dialect`.
+    pub backend_dialects: Vec<(String, String)>,
 }
 
 impl ProxyOptions {
@@ -235,6 +241,8 @@ impl ProxyOptions {
             soft_nofile: None,
             nofile: None,
             backend_cluster: None,
+            backend_dialect: None,
+            backend_dialects: Vec::new(),
         }
     }
 }
@@ -313,6 +321,15 @@ impl ProxyProcess {
             ));
             if let Some(c) = &opts.backend_cluster {
                 toml.push_str(&format!("cluster = \"{c}\"\n"));
+            }
+            let dialect = opts
+                .backend_dialects
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, d)| d)
+                .or(opts.backend_dialect.as_ref());
+            if let Some(d) = dialect {
+                toml.push_str(&format!("dialect = \"{d}\"\n"));
             }
         }
         let config = dir.path().join("pgferry.toml");
