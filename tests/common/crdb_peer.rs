@@ -774,26 +774,25 @@ impl Conn {
     }
 
     fn cancel_request(&mut self, key: &[u8]) {
-        let matched = if key.len() >= 8 {
+        let target = if key.len() >= 8 {
             let pid = i32::from_be_bytes([key[0], key[1], key[2], key[3]]);
             let secret = &key[4..];
-            let sessions = lock(&self.shared.sessions);
-            let hit = sessions
+            lock(&self.shared.sessions)
                 .values()
-                .find(|s| s.node == self.node && s.pid == pid && s.secret[..] == *secret);
-            if let Some(s) = hit {
-                s.cancel.store(true, Ordering::Relaxed);
-                true
-            } else {
-                false
-            }
+                .find(|s| s.node == self.node && s.pid == pid && s.secret[..] == *secret)
+                .map(|s| s.cancel.clone())
         } else {
-            false
+            None
         };
+        // Recorded before the query is interrupted, so that a test that
+        // has seen the query fail finds the cancel in the log.
         self.shared.record(Event::Cancel {
             node: self.node,
-            matched,
+            matched: target.is_some(),
         });
+        if let Some(flag) = target {
+            flag.store(true, Ordering::Relaxed);
+        }
     }
 
     // ---- queries ----
