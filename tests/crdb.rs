@@ -678,6 +678,79 @@ async fn crdb_old_node_dropping_mid_transfer_gives_08006() {
     assert_eq!(value(&other_client, "SELECT 1").await, "1");
 }
 
+/// A node that closes without a word as the transfer starts has ended the
+/// session (as for PostgreSQL: 410, not a pgferry failure); the client
+/// gets 08006, as from any backend that goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crdb_old_node_closing_before_it_answers_ends_the_session() {
+    let cluster = peer(2);
+    let proxy = crdb_proxy(&cluster);
+    let (client, conn) = tokio_config(&proxy, USER, PASSWORD)
+        .application_name("closed")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let conn = tokio::spawn(conn);
+    let from = node_id(&client).await;
+    cluster.set_fault(from, Fault::CloseOnTransferState);
+    let (status, out) = blocking(|| transfer(&proxy, "closed", &to_body(other(from))));
+    assert_eq!(status, 410, "{out}");
+    assert_eq!(out["outcome"], "session_ended", "{out}");
+    let e = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the session survived");
+    let conn_result = conn.await.expect("join");
+    let code = sqlstate(&e).or_else(|| conn_result.as_ref().err().and_then(sqlstate));
+    assert_eq!(
+        code.as_deref(),
+        Some("08006"),
+        "query: {e}; connection: {conn_result:?}"
+    );
+    assert_eq!(proxy.metric(FATAL), 0.0);
+    assert_eq!(
+        proxy.metric("pgferry_conn_migration_session_ended_total"),
+        1.0
+    );
+    assert_eq!(cluster.logins(other(from), Login::Token), 0);
+}
+
+/// An answer later than `capture_timeout` abandons the move (409) but is
+/// still read to its end by pgferry, so it never reaches the client out of
+/// turn: the session stays where it was, in step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crdb_late_transfer_state_keeps_the_session_in_step() {
+    let cluster = peer(2);
+    let proxy = ProxyProcess::start(ProxyOptions {
+        backend_dialect: Some("cockroachdb".into()),
+        migration_extra: "capture_timeout = \"300ms\"".into(),
+        ..ProxyOptions::bare(cluster.backends())
+    });
+    let c = connect_app(&proxy, "late").await;
+    c.batch_execute("SET timezone = 'America/Lima'")
+        .await
+        .expect("set");
+    let from = node_id(&c).await;
+    cluster.set_fault(from, Fault::SlowTransferState(Duration::from_millis(1500)));
+    let (status, out) = blocking(|| transfer(&proxy, "late", &to_body(other(from))));
+    assert_eq!(status, 409, "{out}");
+    let reason = out["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("later than capture_timeout"), "{out}");
+    // The next answers are the client's own, from the same node.
+    assert_eq!(value(&c, "SELECT 1").await, "1");
+    assert_eq!(node_id(&c).await, from);
+    assert_eq!(value(&c, "SHOW timezone").await, "America/Lima");
+    assert_eq!(cluster.logins(other(from), Login::Token), 0);
+    assert_eq!(proxy.metric(RECOVERABLE), 1.0);
+    assert_eq!(proxy.metric(SUCCESS), 0.0);
+    // Asked again once the node is quick: it moves.
+    cluster.set_fault(from, Fault::None);
+    let (status, out) = blocking(|| transfer(&proxy, "late", &to_body(other(from))));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(node_id(&c).await, other(from));
+    assert_eq!(value(&c, "SHOW timezone").await, "America/Lima");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crdb_cancel_after_move_reaches_the_new_node() {
     let cluster = peer(2);

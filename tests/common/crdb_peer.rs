@@ -94,6 +94,12 @@ pub enum Fault {
     /// Never answer SHOW TRANSFER STATE (nor anything after it); the
     /// connection stays open.
     SilentOnTransferState,
+    /// Answer SHOW TRANSFER STATE as usual, but only after this long (a
+    /// node under load).
+    SlowTransferState(Duration),
+    /// On SHOW TRANSFER STATE: close the connection without a word (a
+    /// node that dies before it answers).
+    CloseOnTransferState,
     /// Refuse every token login: `invalid session revival token`.
     RefuseTokens,
     /// `crdb_internal.deserialize_session` fails with 22023.
@@ -1140,6 +1146,12 @@ impl Conn {
                 return Outcome::Gone;
             }
             Fault::SilentOnTransferState => return Outcome::Gone,
+            Fault::CloseOnTransferState => {
+                let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                return Outcome::Gone;
+            }
+            // The node is slow, not the test waiting on it.
+            Fault::SlowTransferState(d) => std::thread::sleep(d),
             _ => {}
         }
         let failure = if self.txn != Txn::Idle {
