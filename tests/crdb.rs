@@ -433,17 +433,15 @@ async fn crdb_error_row_gives_409_with_cockroachs_reason() {
     assert_eq!(value(&c, "SELECT 1").await, "1");
     assert_eq!(proxy.metric(RECOVERABLE), 1.0);
 
-    // Tokens switched off on the cluster.
+    // Refused before any token question: tokens off change nothing.
     cluster.set_revival_enabled(false);
-    let d = connect_app(&proxy, "disabled").await;
-    let d_from = node_id(&d).await;
-    let (status, out) = blocking(|| transfer(&proxy, "disabled", &to_body(other(d_from))));
+    let (status, out) = blocking(|| transfer(&proxy, "temp", &to_body(other(from))));
     assert_eq!(status, 409, "{out}");
     assert_eq!(
-        out["reason"], "session revival tokens are not supported on this cluster",
+        out["reason"], "cannot serialize session with temporary schemas",
         "{out}"
     );
-    assert_eq!(node_id(&d).await, d_from);
+    assert_eq!(node_id(&c).await, from);
     assert_eq!(proxy.metric(RECOVERABLE), 2.0);
 
     // Nobody logged in with a token anywhere; no token was issued.
@@ -456,8 +454,48 @@ async fn crdb_error_row_gives_409_with_cockroachs_reason() {
     assert_eq!(proxy.metric(SUCCESS), 0.0);
 }
 
+/// A node that serializes the session but issues no token (the system
+/// tenant of every self-hosted cluster, or the setting off): the state is
+/// taken with `serialize_session()` and the target logged in to with the
+/// client's password, as for a new session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crdb_root_session_gets_409_cannot_create_token_for_root_user() {
+async fn crdb_without_revival_tokens_a_session_moves_with_a_password_login() {
+    let cluster = peer(2);
+    cluster.set_revival_enabled(false);
+    let proxy = crdb_proxy(&cluster);
+    let c = connect_app(&proxy, "tokenless").await;
+    c.batch_execute("SET timezone = 'Africa/Nairobi'; SET app.tenant = 'zeta'")
+        .await
+        .expect("settings");
+    let from = node_id(&c).await;
+    let to = other(from);
+    let (status, out) = blocking(|| transfer(&proxy, "tokenless", &to_body(to)));
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(node_id(&c).await, to, "the session did not move");
+    assert_eq!(value(&c, "SHOW timezone").await, "Africa/Nairobi");
+    assert_eq!(value(&c, "SHOW app.tenant").await, "zeta");
+    assert_eq!(value(&c, "SHOW application_name").await, "tokenless");
+    // Asked for the transfer state first, then for the state alone.
+    let asked = cluster.queries_on(from);
+    let show = asked.iter().position(|q| is_transfer_query(q));
+    let serialize = asked
+        .iter()
+        .position(|q| q.contains("crdb_internal.serialize_session()"));
+    assert!(
+        matches!((show, serialize), (Some(a), Some(b)) if a < b),
+        "{asked:?}"
+    );
+    assert_eq!(cluster.logins(to, Login::Password), 1);
+    assert_eq!(cluster.logins(to, Login::Token), 0);
+    assert!(cluster.issued_tokens().is_empty());
+    assert_eq!(proxy.metric(SUCCESS), 1.0);
+    assert_eq!(proxy.metric(STATE_BYTES), 1.0);
+}
+
+/// CockroachDB issues no token for root; root's session moves with its
+/// password, as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crdb_root_session_moves_with_a_password_login() {
     let cluster = peer(2);
     let proxy = ProxyProcess::start(ProxyOptions {
         backend_dialect: Some("cockroachdb".into()),
@@ -467,14 +505,18 @@ async fn crdb_root_session_gets_409_cannot_create_token_for_root_user() {
         ..ProxyOptions::bare(cluster.backends())
     });
     let c = connect_as(&proxy, "root", ROOT_PASSWORD, "rooted").await;
+    c.batch_execute("SET timezone = 'Europe/Oslo'")
+        .await
+        .expect("set");
     let from = node_id(&c).await;
     let (status, out) = blocking(|| transfer(&proxy, "rooted", &to_body(other(from))));
-    assert_eq!(status, 409, "{out}");
-    assert_eq!(out["reason"], "cannot create token for root user", "{out}");
-    assert_eq!(node_id(&c).await, from);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(node_id(&c).await, other(from));
+    assert_eq!(value(&c, "SHOW timezone").await, "Europe/Oslo");
     assert_eq!(cluster.logins(other(from), Login::Token), 0);
-    assert_eq!(cluster.sessions_on(other(from)), 0);
-    assert_eq!(proxy.metric(RECOVERABLE), 1.0);
+    assert_eq!(cluster.logins(other(from), Login::Password), 1);
+    assert!(cluster.issued_tokens().is_empty());
+    assert_eq!(proxy.metric(SUCCESS), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1044,9 +1086,10 @@ fn start_real_cockroach(bin: &std::path::Path) -> Result<RealCockroach, String> 
     if !init.status.success() {
         return Err(format!("cockroach init: {}", stderr(&init)));
     }
+    // The system tenant issues no revival tokens whatever the setting:
+    // the move takes the password path (serialize_session, a login).
     let setup = "CREATE USER IF NOT EXISTS app; CREATE DATABASE IF NOT EXISTS app; \
-                 GRANT ALL ON DATABASE app TO app; \
-                 SET CLUSTER SETTING server.user_login.session_revival_token.enabled = true";
+                 GRANT ALL ON DATABASE app TO app";
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = Command::new(bin)
@@ -1078,14 +1121,6 @@ async fn real_cockroach_session_moves_between_two_nodes() {
     ];
     let proxy = ProxyProcess::start(ProxyOptions::bare(backends));
     let c = connect_app(&proxy, "real").await;
-    let probe = rows(&c, "SHOW TRANSFER STATE").await;
-    if let Some(reason) = probe.first().and_then(|r| r[0].clone()) {
-        if reason == "session revival tokens are not supported on this cluster" {
-            eprintln!("skipped: the node says {reason:?} (the system tenant refuses tokens)");
-            return;
-        }
-        panic!("SHOW TRANSFER STATE: {reason}");
-    }
     c.batch_execute("SET timezone = 'Asia/Tokyo'; SET application_name = 'real'")
         .await
         .expect("settings");

@@ -20,7 +20,9 @@
 //! - `pkg/sql/session_state.go` (`serializeSessionState`,
 //!   `DeserializeSessionState`) and `pkg/sql/session_revival_token.go`
 //!   (`createSessionRevivalToken`): the error texts and the order they are
-//!   checked in; `crdb_internal.deserialize_session`'s refusals.
+//!   checked in; `crdb_internal.deserialize_session`'s refusals;
+//!   `crdb_internal.serialize_session()` (the state alone, for any user on
+//!   any tenant, its refusals as SQL errors).
 //! - `pkg/security/sessionrevival/token.go`: tokens name the session user
 //!   and live 10 minutes; they are not one-shot.
 //! - `pkg/sql/pgwire/pre_serve_options.go` (the
@@ -1019,6 +1021,9 @@ impl Conn {
             ["SELECT", f, ..] if f.starts_with("CRDB_INTERNAL.DESERIALIZE_SESSION(") => {
                 self.deserialize(stmt)
             }
+            ["SELECT", f, ..] if f.starts_with("ENCODE(CRDB_INTERNAL.SERIALIZE_SESSION()") => {
+                self.serialize()
+            }
             _ => Outcome::Error(err(
                 "42601",
                 format!(
@@ -1178,25 +1183,37 @@ impl Conn {
         Outcome::Rows(cols, vec![row], "SHOW TRANSFER STATE 1".into())
     }
 
+    /// `SELECT encode(crdb_internal.serialize_session(), 'base64')`: the
+    /// state alone, no token, so no tenant or root check; the same
+    /// serialization checks as SHOW TRANSFER STATE, as SQL errors
+    /// (`serializeSessionState`, pkg/sql/session_state.go).
+    fn serialize(&mut self) -> Outcome {
+        if self.txn != Txn::Idle {
+            return Outcome::Error(err(
+                "25000",
+                "cannot serialize a session which is inside a transaction",
+            ));
+        }
+        if self.temp_schema {
+            return Outcome::Error(err(
+                "25000",
+                "cannot serialize session with temporary schemas",
+            ));
+        }
+        let state = self.register_state();
+        Outcome::Rows(
+            vec![("encode".into(), TEXT)],
+            vec![vec![Some(state)]],
+            "SELECT 1".into(),
+        )
+    }
+
     /// Registers a state and a token; both base64.
     fn issue(&mut self) -> (String, String) {
-        let mut state = b"scripted-peer-session\0".to_vec();
-        state.extend_from_slice(&random_bytes(16));
-        state.extend_from_slice(
-            serde_json::to_string(&(&self.user, &self.vars))
-                .unwrap_or_default()
-                .as_bytes(),
-        );
+        let s64 = self.register_state();
         let token = random_bytes(32);
-        let (s64, t64) = (B64.encode(&state), B64.encode(&token));
+        let t64 = B64.encode(&token);
         let mut reg = lock(&self.shared.registry);
-        reg.states.insert(
-            state,
-            StateEntry {
-                user: self.user.clone(),
-                vars: self.vars.clone(),
-            },
-        );
         reg.tokens.insert(
             token,
             TokenEntry {
@@ -1206,6 +1223,26 @@ impl Conn {
         );
         reg.issued.push(t64.clone());
         (s64, t64)
+    }
+
+    /// Registers the session's state; base64.
+    fn register_state(&mut self) -> String {
+        let mut state = b"scripted-peer-session\0".to_vec();
+        state.extend_from_slice(&random_bytes(16));
+        state.extend_from_slice(
+            serde_json::to_string(&(&self.user, &self.vars))
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        let s64 = B64.encode(&state);
+        lock(&self.shared.registry).states.insert(
+            state,
+            StateEntry {
+                user: self.user.clone(),
+                vars: self.vars.clone(),
+            },
+        );
+        s64
     }
 
     fn deserialize(&mut self, stmt: &str) -> Outcome {

@@ -11,6 +11,13 @@
 //! (recoverable); only losing the old node in the middle of it is fatal.
 //! The token is a bearer credential: it is kept in a `RevivalToken`, which
 //! nothing prints, and dropped (zeroed) once the login is written.
+//!
+//! Where a node will not issue tokens (the system tenant of every
+//! self-hosted cluster, the setting off, the root user) but has serialized
+//! the session, pgferry, which holds the client's credentials, takes the
+//! state with `crdb_internal.serialize_session()` and logs in to the target
+//! as it would for a new session; `deserialize_session` asks only that the
+//! session user match (`DeserializeSessionState`, pkg/sql/session_state.go).
 
 use std::sync::Arc;
 
@@ -54,6 +61,28 @@ struct TransferState {
     token: RevivalToken,
 }
 
+/// Why SHOW TRANSFER STATE gave no state and token.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    /// The node serialized the session but would not issue a token for it
+    /// (`createSessionRevivalToken`, pkg/sql/session_revival_token.go,
+    /// runs after the serialization's own checks passed).
+    NoToken(String),
+    /// Anything else: CockroachDB's reason, or what was wrong with the
+    /// answer.
+    Other(String),
+}
+
+/// The `error` texts of a node that serialized the session but issues no
+/// token: revival tokens off or the system tenant, and the root user.
+const NO_TOKEN: [&str; 2] = [
+    "session revival tokens are not supported on this cluster",
+    "cannot create token for root user",
+];
+
+/// The state alone, as base64 text.
+const SERIALIZE: &str = "SELECT encode(crdb_internal.serialize_session(), 'base64')";
+
 /// Takes the state on the old node, logs in to `target` with its token and
 /// deserializes it there. Any failure drops the new connection and leaves
 /// the session as it was, except the old node dying mid-answer (`Fatal`,
@@ -79,14 +108,35 @@ pub(super) async fn prepare(
         ask_old_backend(ctx, fwd, current, &out, 1),
     )
     .await?;
-    let state = read_transfer_state(&answer, &key).map_err(Recoverable)?;
-    if let Some(row) = &answer.row {
-        ctx.metrics.migration_state_bytes.observe(row.len() as f64);
-    }
+    let (serialized, token) = match read_transfer_state(&answer, &key) {
+        Ok(TransferState { session, token }) => {
+            observe_state(ctx, &answer);
+            (session, Some(token))
+        }
+        Err(Refused::NoToken(why)) => {
+            tracing::debug!(reason = %why, "no revival token; the state moves with a password login");
+            let mut out = BytesMut::new();
+            encode_query(&mut out, SERIALIZE).map_err(|e| Recoverable(e.to_string()))?;
+            let answer = timed(
+                phase("capture"),
+                ask_old_backend(ctx, fwd, current, &out, 1),
+            )
+            .await?;
+            let state = read_serialized(&answer).map_err(Recoverable)?;
+            observe_state(ctx, &answer);
+            (state, None)
+        }
+        Err(Refused::Other(why)) => return Err(Recoverable(why)),
+    };
     drop(answer);
 
-    // 2. A token login to the target: no password, no HBA rule; the node
-    //    checks the token was issued for this user.
+    // 2. A login to the target: with the token, no password and no HBA
+    //    rule (the node checks the token was issued for this user); without
+    //    one, as for a new session.
+    let auth = match &token {
+        Some(token) => LoginAuth::RevivalToken(token),
+        None => LoginAuth::Credentials(session.credentials),
+    };
     let mut chatter = BytesMut::new();
     let dialed = timed(
         phase("connect"),
@@ -94,15 +144,11 @@ pub(super) async fn prepare(
             BackendLease::new(target.clone()),
             &ctx.dial,
             session.startup,
-            LoginAuth::RevivalToken(&state.token),
+            auth,
             &mut chatter,
         ),
     )
     .await;
-    let TransferState {
-        session: serialized,
-        token,
-    } = state;
     drop(token);
     let mut conn = dialed.map_err(|e| dial_failure(ctx, target, e))?;
 
@@ -133,7 +179,17 @@ pub(super) async fn prepare(
 /// this key, tagged `SHOW TRANSFER STATE 1`. Its `error` column is the
 /// node's refusal (in a transaction, temporary schemas, root, revival
 /// tokens off), given verbatim.
-fn read_transfer_state(answer: &Answer, key: &str) -> Result<TransferState, String> {
+fn read_transfer_state(answer: &Answer, key: &str) -> Result<TransferState, Refused> {
+    read_transfer_answer(answer, key).map_err(|why| {
+        if NO_TOKEN.contains(&why.as_str()) {
+            Refused::NoToken(why)
+        } else {
+            Refused::Other(why)
+        }
+    })
+}
+
+fn read_transfer_answer(answer: &Answer, key: &str) -> Result<TransferState, String> {
     if let Some(e) = &answer.error {
         return Err(format!(
             "SHOW TRANSFER STATE failed: {}",
@@ -177,14 +233,55 @@ fn read_transfer_state(answer: &Answer, key: &str) -> Result<TransferState, Stri
     let (Some(state), Some(token)) = (state, token) else {
         return Err(unexpected("no state or no token"));
     };
-    // Checked before it is put between quotes in the deserialize query.
-    if state.is_empty() || !is_base64(state) {
-        return Err(unexpected("the state is not base64"));
-    }
     Ok(TransferState {
-        session: SerializedSession(String::from_utf8_lossy(state).into_owned()),
+        session: SerializedSession::from_column(state).map_err(|e| unexpected(&e))?,
         token: RevivalToken::from_column(token).map_err(|e| unexpected(&e))?,
     })
+}
+
+/// The one value of `SERIALIZE`'s answer; the node's error as it said it
+/// (the same checks as SHOW TRANSFER STATE's: a transaction, temporary
+/// schemas, portals, the size limit).
+fn read_serialized(answer: &Answer) -> Result<SerializedSession, String> {
+    if let Some(e) = &answer.error {
+        return Err(e.message().unwrap_or("serialize_session failed").to_owned());
+    }
+    let row = answer.row.as_deref().filter(|_| answer.rows == 1);
+    let cols = row
+        .map(decode_data_row)
+        .transpose()
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
+    match cols[..] {
+        [Some(state)] => SerializedSession::from_column(state),
+        _ => Err(format!(
+            "unexpected serialize_session answer: {} rows",
+            answer.rows
+        )),
+    }
+}
+
+impl SerializedSession {
+    /// Base64 (line breaks, which an `encode` may add, dropped), checked
+    /// before it is put between quotes in the deserialize query.
+    fn from_column(b: &[u8]) -> Result<Self, String> {
+        let text: Vec<u8> = b
+            .iter()
+            .copied()
+            .filter(|c| !matches!(c, b'\n' | b'\r'))
+            .collect();
+        if text.is_empty() || !is_base64(&text) {
+            return Err("the state is not base64".into());
+        }
+        Ok(Self(String::from_utf8_lossy(&text).into_owned()))
+    }
+}
+
+/// Records the size of the answer that carried the state.
+fn observe_state(ctx: &ProxyContext, answer: &Answer) {
+    if let Some(row) = &answer.row {
+        ctx.metrics.migration_state_bytes.observe(row.len() as f64);
+    }
 }
 
 /// `crdb_internal.deserialize_session` on `conn`; it must answer `t`.
@@ -275,8 +372,32 @@ mod tests {
         ]);
         assert_eq!(
             read_transfer_state(&a, "k").unwrap_err(),
-            "cannot serialize session with temporary schemas"
+            Refused::Other("cannot serialize session with temporary schemas".into())
         );
+        for why in NO_TOKEN {
+            let a = answer(&[Some(why), None, None, Some("k")]);
+            assert_eq!(
+                read_transfer_state(&a, "k").unwrap_err(),
+                Refused::NoToken(why.into())
+            );
+        }
+    }
+
+    #[test]
+    fn a_serialized_state_loses_its_line_breaks() {
+        let a = Answer {
+            row: Some(row(&[Some("c3Rh\ndGU=")])),
+            rows: 1,
+            ..Answer::default()
+        };
+        assert_eq!(read_serialized(&a).unwrap().0, "c3RhdGU=");
+        let a = Answer {
+            row: Some(row(&[Some("c3'--")])),
+            rows: 1,
+            ..Answer::default()
+        };
+        assert!(read_serialized(&a).is_err());
+        assert!(read_serialized(&Answer::default()).is_err());
     }
 
     #[test]
