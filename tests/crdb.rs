@@ -59,6 +59,53 @@ async fn connect_as(
     c
 }
 
+/// A session named `app` with `timezone` set (for checking that it is kept
+/// or carried), and the node it is on.
+async fn session_with_timezone(
+    proxy: &ProxyProcess,
+    app: &str,
+    timezone: &str,
+) -> (tokio_postgres::Client, usize) {
+    let c = connect_app(proxy, app).await;
+    c.batch_execute(&format!("SET timezone = '{timezone}'"))
+        .await
+        .expect("set timezone");
+    let from = node_id(&c).await;
+    (c, from)
+}
+
+/// A session named `app` whose connection task is kept, to see how it ends.
+async fn watched_session(
+    proxy: &ProxyProcess,
+    app: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, conn) = tokio_config(proxy, USER, PASSWORD)
+        .application_name(app)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    (client, tokio::spawn(conn))
+}
+
+/// The SQLSTATE a session that should be over ended with: its next query's
+/// error, or its connection's.
+async fn ended_with(
+    client: &tokio_postgres::Client,
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) -> Option<String> {
+    let e = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the session survived");
+    let conn_result = conn.await.expect("join");
+    let code = sqlstate(&e).or_else(|| conn_result.as_ref().err().and_then(sqlstate));
+    eprintln!("ended: query {e}; connection {conn_result:?}");
+    code
+}
+
 async fn connect_app(proxy: &ProxyProcess, app: &str) -> tokio_postgres::Client {
     connect_as(proxy, USER, PASSWORD, app).await
 }
@@ -124,6 +171,14 @@ fn other(node: usize) -> usize {
 
 fn is_transfer_query(sql: &str) -> bool {
     sql.to_uppercase().starts_with("SHOW TRANSFER STATE")
+}
+
+/// A 409 whose reason contains `why`.
+fn assert_refused(status: u16, out: &serde_json::Value, why: &str) {
+    assert_eq!(status, 409, "{out}");
+    assert_eq!(out["outcome"], "recoverable_error", "{out}");
+    let reason = out["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(why), "{out}");
 }
 
 const RECOVERABLE: &str = "pgferry_conn_migration_error_recoverable_total";
@@ -594,15 +649,7 @@ async fn crdb_dial_failure_is_recoverable() {
         .await
         .expect("set");
     let (status, out) = blocking(|| transfer(&proxy, "to-dead", r#"{"to": "dead"}"#));
-    assert_eq!(status, 409, "{out}");
-    assert_eq!(out["outcome"], "recoverable_error", "{out}");
-    assert!(
-        out["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("could not connect to dead"),
-        "{out}"
-    );
+    assert_refused(status, &out, "could not connect to dead");
     // The state was asked for (the dial needs the token), then the move
     // given up; the session is as it was.
     assert_eq!(cluster.issued_tokens().len(), 1);
@@ -616,23 +663,11 @@ async fn crdb_dial_failure_is_recoverable() {
 async fn crdb_refused_token_is_recoverable() {
     let cluster = peer(2);
     let proxy = crdb_proxy(&cluster);
-    let c = connect_app(&proxy, "refused").await;
-    c.batch_execute("SET timezone = 'Africa/Nairobi'")
-        .await
-        .expect("set");
-    let from = node_id(&c).await;
+    let (c, from) = session_with_timezone(&proxy, "refused", "Africa/Nairobi").await;
     let to = other(from);
     cluster.set_fault(to, Fault::RefuseTokens);
     let (status, out) = blocking(|| transfer(&proxy, "refused", &to_body(to)));
-    assert_eq!(status, 409, "{out}");
-    assert_eq!(out["outcome"], "recoverable_error", "{out}");
-    assert!(
-        out["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("invalid session revival token"),
-        "{out}"
-    );
+    assert_refused(status, &out, "invalid session revival token");
     assert_eq!(node_id(&c).await, from);
     assert_eq!(value(&c, "SHOW timezone").await, "Africa/Nairobi");
     assert_eq!(cluster.logins(to, Login::Token), 0);
@@ -651,23 +686,11 @@ async fn crdb_refused_token_is_recoverable() {
 async fn crdb_deserialize_failure_is_recoverable() {
     let cluster = peer(2);
     let proxy = crdb_proxy(&cluster);
-    let c = connect_app(&proxy, "undeserializable").await;
-    c.batch_execute("SET timezone = 'Asia/Kolkata'")
-        .await
-        .expect("set");
-    let from = node_id(&c).await;
+    let (c, from) = session_with_timezone(&proxy, "undeserializable", "Asia/Kolkata").await;
     let to = other(from);
     cluster.set_fault(to, Fault::FailDeserialize);
     let (status, out) = blocking(|| transfer(&proxy, "undeserializable", &to_body(to)));
-    assert_eq!(status, 409, "{out}");
-    assert_eq!(out["outcome"], "recoverable_error", "{out}");
-    assert!(
-        out["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("error deserializing session"),
-        "{out}"
-    );
+    assert_refused(status, &out, "error deserializing session");
     // The new node had the token login, then pgferry dropped it.
     assert_eq!(cluster.logins(to, Login::Token), 1);
     blocking(|| {
@@ -688,29 +711,14 @@ async fn crdb_deserialize_failure_is_recoverable() {
 async fn crdb_old_node_dropping_mid_transfer_gives_08006() {
     let cluster = peer(2);
     let proxy = crdb_proxy(&cluster);
-    let (client, conn) = tokio_config(&proxy, USER, PASSWORD)
-        .application_name("dropped")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let conn = tokio::spawn(conn);
+    let (client, conn) = watched_session(&proxy, "dropped").await;
     let from = node_id(&client).await;
     let to = other(from);
     cluster.set_fault(from, Fault::DropInTransferState);
     let (status, out) = blocking(|| transfer(&proxy, "dropped", &to_body(to)));
     assert_eq!(status, 500, "{out}");
     assert_eq!(out["outcome"], "fatal_error", "{out}");
-    let e = client
-        .simple_query("SELECT 1")
-        .await
-        .expect_err("the session survived");
-    let conn_result = conn.await.expect("join");
-    let code = sqlstate(&e).or_else(|| conn_result.as_ref().err().and_then(sqlstate));
-    assert_eq!(
-        code.as_deref(),
-        Some("08006"),
-        "query: {e}; connection: {conn_result:?}"
-    );
+    assert_eq!(ended_with(&client, conn).await.as_deref(), Some("08006"));
     assert_eq!(proxy.metric(FATAL), 1.0);
     assert_eq!(proxy.metric(RECOVERABLE), 0.0);
     assert_eq!(cluster.logins(to, Login::Token), 0);
@@ -727,28 +735,13 @@ async fn crdb_old_node_dropping_mid_transfer_gives_08006() {
 async fn crdb_old_node_closing_before_it_answers_ends_the_session() {
     let cluster = peer(2);
     let proxy = crdb_proxy(&cluster);
-    let (client, conn) = tokio_config(&proxy, USER, PASSWORD)
-        .application_name("closed")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let conn = tokio::spawn(conn);
+    let (client, conn) = watched_session(&proxy, "closed").await;
     let from = node_id(&client).await;
     cluster.set_fault(from, Fault::CloseOnTransferState);
     let (status, out) = blocking(|| transfer(&proxy, "closed", &to_body(other(from))));
     assert_eq!(status, 410, "{out}");
     assert_eq!(out["outcome"], "session_ended", "{out}");
-    let e = client
-        .simple_query("SELECT 1")
-        .await
-        .expect_err("the session survived");
-    let conn_result = conn.await.expect("join");
-    let code = sqlstate(&e).or_else(|| conn_result.as_ref().err().and_then(sqlstate));
-    assert_eq!(
-        code.as_deref(),
-        Some("08006"),
-        "query: {e}; connection: {conn_result:?}"
-    );
+    assert_eq!(ended_with(&client, conn).await.as_deref(), Some("08006"));
     assert_eq!(proxy.metric(FATAL), 0.0);
     assert_eq!(
         proxy.metric("pgferry_conn_migration_session_ended_total"),
@@ -768,16 +761,10 @@ async fn crdb_late_transfer_state_keeps_the_session_in_step() {
         migration_extra: "capture_timeout = \"300ms\"".into(),
         ..ProxyOptions::bare(cluster.backends())
     });
-    let c = connect_app(&proxy, "late").await;
-    c.batch_execute("SET timezone = 'America/Lima'")
-        .await
-        .expect("set");
-    let from = node_id(&c).await;
+    let (c, from) = session_with_timezone(&proxy, "late", "America/Lima").await;
     cluster.set_fault(from, Fault::SlowTransferState(Duration::from_millis(1500)));
     let (status, out) = blocking(|| transfer(&proxy, "late", &to_body(other(from))));
-    assert_eq!(status, 409, "{out}");
-    let reason = out["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("later than capture_timeout"), "{out}");
+    assert_refused(status, &out, "later than capture_timeout");
     // The next answers are the client's own, from the same node.
     assert_eq!(value(&c, "SELECT 1").await, "1");
     assert_eq!(node_id(&c).await, from);
