@@ -509,6 +509,66 @@ async fn crdb_error_row_gives_409_with_cockroachs_reason() {
     assert_eq!(proxy.metric(SUCCESS), 0.0);
 }
 
+/// Draining a node moves its sessions, each with its own settings, to the
+/// other nodes by token logins; one CockroachDB cannot serialize (a
+/// temporary table) stays, untouched, and the report says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crdb_drain_moves_a_nodes_sessions_and_leaves_the_unmovable_one() {
+    let cluster = peer(3);
+    let proxy = crdb_proxy(&cluster);
+    let mut on_n1 = Vec::new();
+    let mut others = Vec::new();
+    for i in 0..6 {
+        let (c, node) =
+            session_with_timezone(&proxy, &format!("d{i}"), &format!("Etc/GMT+{i}")).await;
+        if node == 1 {
+            on_n1.push((i, c));
+        } else {
+            others.push(c);
+        }
+    }
+    // Least connections: two sessions per node.
+    assert_eq!(on_n1.len(), 2, "sessions per node: {:?}", proxy.backends());
+    let (stuck, _) = &on_n1[0];
+    on_n1[0]
+        .1
+        .batch_execute("CREATE TEMP TABLE scratch(v int)")
+        .await
+        .expect("temp table");
+    let (status, report) = blocking(|| {
+        admin_json(
+            proxy.admin,
+            "POST",
+            "/v1/backends/n1/drain",
+            r#"{"timeout_ms": 3000}"#,
+        )
+    });
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["moved"], 1, "{report}");
+    assert_eq!(report["remaining"], 1, "{report}");
+    let failure = report["failures"][0]["reason"].as_str().unwrap_or_default();
+    assert_eq!(
+        failure, "cannot serialize session with temporary schemas",
+        "{report}"
+    );
+    for (i, c) in &on_n1 {
+        let node = node_id(c).await;
+        if i == stuck {
+            assert_eq!(node, 1, "the session with a temporary table moved");
+        } else {
+            assert_ne!(node, 1, "d{i} is still on n1");
+            assert_eq!(cluster.logins(node, Login::Token), 1);
+        }
+        assert_eq!(value(c, "SHOW timezone").await, format!("Etc/GMT+{i}"));
+    }
+    // The other nodes' sessions were not asked.
+    for c in &others {
+        assert_ne!(node_id(c).await, 1);
+    }
+    assert_eq!(cluster.issued_tokens().len(), 1);
+    assert_eq!(proxy.backends()["n1"]["state"], "draining");
+}
+
 /// A node that serializes the session but issues no token (the system
 /// tenant of every self-hosted cluster, or the setting off): the state is
 /// taken with `serialize_session()` and the target logged in to with the
