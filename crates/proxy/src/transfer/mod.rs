@@ -107,11 +107,7 @@ pub fn choose_target(
                 .get(name)
                 .ok_or_else(|| Recoverable(format!("unknown backend {name:?}")))?;
             if !b.speaks(dialect) {
-                Err(Recoverable(format!(
-                    "backend {name} is {} and this session is on {}",
-                    b.move_dialect().as_str(),
-                    dialect.as_str()
-                )))
+                Err(other_dialect(&b, dialect))
             } else if b.accepts_sessions() && !attrs.allows(b.role()) {
                 Err(Recoverable(format!(
                     "backend {name} is a {} and this session is {}",
@@ -134,6 +130,16 @@ pub fn choose_target(
             .next()
             .ok_or_else(|| Recoverable("no other active backend to move to".into())),
     }
+}
+
+/// A target that speaks another dialect than the session's backend.
+fn other_dialect(target: &Backend, dialect: Dialect) -> TransferError {
+    Recoverable(format!(
+        "backend {} is {} and this session is on {}",
+        target.name,
+        target.move_dialect().as_str(),
+        dialect.as_str()
+    ))
 }
 
 /// Moves the session; on success returns the new backend's name.
@@ -166,12 +172,7 @@ pub async fn transfer(
     };
     // A target no one had logged in to is known now.
     if target.move_dialect() != dialect {
-        return Err(Recoverable(format!(
-            "backend {} is {} and this session is on {}",
-            target.name,
-            target.move_dialect().as_str(),
-            dialect.as_str()
-        )));
+        return Err(other_dialect(&target, dialect));
     }
     let Prepared {
         conn,
