@@ -83,8 +83,9 @@ const NO_TOKEN: [&str; 2] = [
 /// The state alone, as base64 text.
 const SERIALIZE: &str = "SELECT encode(crdb_internal.serialize_session(), 'base64')";
 
-/// Takes the state on the old node, logs in to `target` with its token and
-/// deserializes it there. Any failure drops the new connection and leaves
+/// Takes the state on the old node, logs in to `target` (with the token,
+/// or as for a new session where the node issues none) and deserializes
+/// it there. Any failure drops the new connection and leaves
 /// the session as it was, except the old node dying mid-answer (`Fatal`,
 /// from `ask_old_backend`).
 pub(super) async fn prepare(
@@ -100,14 +101,8 @@ pub(super) async fn prepare(
     // 1. The state, on the old node. Asynchronous messages meanwhile go to
     //    the client (ask_old_backend).
     let key = Uuid::new_v4().to_string();
-    let mut out = BytesMut::new();
-    encode_query(&mut out, &format!("SHOW TRANSFER STATE WITH '{key}'"))
-        .map_err(|e| Recoverable(e.to_string()))?;
-    let answer = timed(
-        phase("capture"),
-        ask_old_backend(ctx, fwd, current, &out, 1),
-    )
-    .await?;
+    let sql = format!("SHOW TRANSFER STATE WITH '{key}'");
+    let answer = ask(ctx, fwd, current, &sql).await?;
     let (serialized, token) = match read_transfer_state(&answer, &key) {
         Ok(TransferState { session, token }) => {
             observe_state(ctx, &answer);
@@ -115,13 +110,7 @@ pub(super) async fn prepare(
         }
         Err(Refused::NoToken(why)) => {
             tracing::debug!(reason = %why, "no revival token; the state moves with a password login");
-            let mut out = BytesMut::new();
-            encode_query(&mut out, SERIALIZE).map_err(|e| Recoverable(e.to_string()))?;
-            let answer = timed(
-                phase("capture"),
-                ask_old_backend(ctx, fwd, current, &out, 1),
-            )
-            .await?;
+            let answer = ask(ctx, fwd, current, SERIALIZE).await?;
             let state = read_serialized(&answer).map_err(Recoverable)?;
             observe_state(ctx, &answer);
             (state, None)
@@ -173,6 +162,19 @@ pub(super) async fn prepare(
         deferred: Vec::new(),
         old_may_have_ended: false,
     })
+}
+
+/// One simple Query of pgferry's own on the old node, timed as the capture.
+async fn ask(
+    ctx: &ProxyContext,
+    fwd: &mut Forwarder<'_>,
+    current: &str,
+    sql: &str,
+) -> Result<Answer, TransferError> {
+    let mut out = BytesMut::new();
+    encode_query(&mut out, sql).map_err(|e| Recoverable(e.to_string()))?;
+    let phase = ctx.metrics.migration_phase.with_label_values(&["capture"]);
+    timed(phase, ask_old_backend(ctx, fwd, current, &out, 1)).await
 }
 
 /// Checks the answer is CockroachDB's: one row under the four columns, for
