@@ -41,9 +41,13 @@ const LISTEN_BACKLOG: i32 = 16;
 
 /// The old process's end: the bound, listening socket.
 pub struct HandoffListener {
-    fd: AsyncFd<Socket>,
-    /// Dropped after `fd` (field order), removing the socket file.
+    /// Dropped before `fd` (field order): the file is removed while the
+    /// socket still listens. A successor binding the same path meanwhile
+    /// finds it alive and waits; were the socket closed first, it could
+    /// take the path (stale) between our "is it still ours?" check and our
+    /// removal, and lose its fresh file to it.
     _file: BoundFile,
+    fd: AsyncFd<Socket>,
 }
 
 /// The socket file we created; removed on drop if the path still names it
@@ -183,8 +187,8 @@ impl HandoffListener {
         socket.listen(LISTEN_BACKLOG)?;
         socket.set_nonblocking(true)?;
         Ok(Self {
-            fd: register(socket, Interest::READABLE)?,
             _file: file,
+            fd: register(socket, Interest::READABLE)?,
         })
     }
 
