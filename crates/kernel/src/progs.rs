@@ -139,6 +139,36 @@ fn redirect_to_peer(p: &mut Program, sockmap: i32) {
         .push(exit());
 }
 
+/// Counts the message whose 5-byte header is at `STK_HDR` (r7 = slot key:
+/// odd is the server side): one in `ST_MSGS`; a sync point (the client's
+/// Query, Sync, FunctionCall; the server's ReadyForQuery) in `ST_SYNCS`;
+/// a ReadyForQuery's status byte, which `load_status` reads to
+/// `STK_STATUS` (r0 = 0 when it could), in `ST_LAST_STATUS`. Every path
+/// but the last goes to `done`; the last falls through.
+fn count_message(p: &mut Program, load_status: impl FnOnce(&mut Program), done: &'static str) {
+    inc(p, ST_MSGS);
+    p.push(ldx(B, R2, R10, STK_HDR as i16))
+        .push(mov(R3, R7))
+        .push(alu64_imm(AND, R3, 1))
+        .jmp_to(JNE, R3, 0, "backend")
+        // Client side: Query, Sync and FunctionCall are sync points.
+        .jmp_to(JEQ, R2, i32::from(b'Q'), "sync")
+        .jmp_to(JEQ, R2, i32::from(b'S'), "sync")
+        .jmp_to(JEQ, R2, i32::from(b'F'), "sync")
+        .goto(done)
+        .label("sync");
+    inc(p, ST_SYNCS);
+    p.goto(done)
+        // Backend side: ReadyForQuery and its status byte.
+        .label("backend")
+        .jmp_to(JNE, R2, i32::from(b'Z'), done);
+    inc(p, ST_SYNCS);
+    load_status(p);
+    p.jmp_to(JNE, R0, 0, done)
+        .push(ldx(B, R1, R10, STK_STATUS))
+        .push(stx(DW, R9, ST_LAST_STATUS, R1));
+}
+
 /// `lock state[off] += 1`.
 fn inc(p: &mut Program, off: i16) {
     p.push(mov_imm(R1, 1)).push(atomic_add64(R9, off, R1));
@@ -244,29 +274,12 @@ pub fn verdict(cookies: i32, state: i32, sockmap: i32) -> Vec<Insn> {
         .jmp_to(JNE, R1, 0, "route");
     load_bytes(&mut p, 0, STK_HDR, 5);
     p.jmp_to(JNE, R0, 0, "bad");
-    inc(&mut p, ST_MSGS);
-    p.push(ldx(B, R2, R10, STK_HDR as i16))
-        .push(mov(R3, R7))
-        .push(alu64_imm(AND, R3, 1))
-        .jmp_to(JNE, R3, 0, "backend")
-        // Client side: Query, Sync and FunctionCall are sync points.
-        .jmp_to(JEQ, R2, i32::from(b'Q'), "sync")
-        .jmp_to(JEQ, R2, i32::from(b'S'), "sync")
-        .jmp_to(JEQ, R2, i32::from(b'F'), "sync")
-        .goto("route")
-        .label("sync");
-    inc(&mut p, ST_SYNCS);
-    p.goto("route")
-        // Backend side: ReadyForQuery and its status byte.
-        .label("backend")
-        .jmp_to(JNE, R2, i32::from(b'Z'), "route");
-    inc(&mut p, ST_SYNCS);
-    load_bytes(&mut p, 5, i32::from(STK_STATUS), 1);
-    p.jmp_to(JNE, R0, 0, "route")
-        .push(ldx(B, R1, R10, STK_STATUS))
-        .push(stx(DW, R9, ST_LAST_STATUS, R1))
-        .goto("route")
-        .label("bad");
+    count_message(
+        &mut p,
+        |p| load_bytes(p, 5, i32::from(STK_STATUS), 1),
+        "route",
+    );
+    p.goto("route").label("bad");
     inc(&mut p, ST_BAD_HDR);
     p.label("route").push(ldx(DW, R1, R9, ST_FRAME_LEN));
     redirect_to_peer(&mut p, sockmap);
@@ -337,32 +350,20 @@ pub fn verdict_segments_counted(cookies: i32, state: i32, sockmap: i32) -> Vec<I
         .push(mov_imm(R4, 5))
         .push(call(HELPER_SKB_LOAD_BYTES))
         .jmp_to(JNE, R0, 0, "bad");
-    inc(&mut p, ST_MSGS);
-    p.push(ldx(B, R2, R10, STK_HDR as i16))
-        .push(mov(R3, R7))
-        .push(alu64_imm(AND, R3, 1))
-        .jmp_to(JNE, R3, 0, "backend")
-        .jmp_to(JEQ, R2, i32::from(b'Q'), "sync")
-        .jmp_to(JEQ, R2, i32::from(b'S'), "sync")
-        .jmp_to(JEQ, R2, i32::from(b'F'), "sync")
-        .goto("next")
-        .label("sync");
-    inc(&mut p, ST_SYNCS);
-    p.goto("next")
-        .label("backend")
-        .jmp_to(JNE, R2, i32::from(b'Z'), "next");
-    inc(&mut p, ST_SYNCS);
-    p.push(mov(R1, R6))
-        .push(ldx(DW, R2, R10, POS))
-        .push(alu64_imm(ADD, R2, 5))
-        .push(mov(R3, R10))
-        .push(alu64_imm(ADD, R3, i32::from(STK_STATUS)))
-        .push(mov_imm(R4, 1))
-        .push(call(HELPER_SKB_LOAD_BYTES))
-        .jmp_to(JNE, R0, 0, "next")
-        .push(ldx(B, R1, R10, STK_STATUS))
-        .push(stx(DW, R9, ST_LAST_STATUS, R1))
-        .label("next")
+    count_message(
+        &mut p,
+        |p| {
+            p.push(mov(R1, R6))
+                .push(ldx(DW, R2, R10, POS))
+                .push(alu64_imm(ADD, R2, 5))
+                .push(mov(R3, R10))
+                .push(alu64_imm(ADD, R3, i32::from(STK_STATUS)))
+                .push(mov_imm(R4, 1))
+                .push(call(HELPER_SKB_LOAD_BYTES));
+        },
+        "next",
+    );
+    p.label("next")
         // pos += 1 + len
         .push(ldx(W, R1, R10, STK_LEN))
         .push(be32(R1))
